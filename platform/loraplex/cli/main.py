@@ -1,0 +1,102 @@
+"""Entry point of the ``loraplex`` console script: the command group and error handling.
+
+Owns: the top-level group, its global options, registering each command, and the rule
+that no traceback reaches a user: a known error prints ``loraplex: error: <one line>``
+and exits with its code (2 for bad input or config), anything unexpected prints one
+line and exits 1 (``--debug`` shows the traceback). Does not own: any command's work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from loraplex import __version__
+from loraplex.cli.context import CliState
+from loraplex.cli.doctor import doctor
+from loraplex.errors import LoraplexError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="loraplex")
+@click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    envvar="LORAPLEX_CONFIG",
+    help="Platform settings YAML (also $LORAPLEX_CONFIG).",
+)
+@click.option(
+    "--home", metavar="DIR", help="Root of the embedded defaults (overrides $LORAPLEX_HOME)."
+)
+@click.option(
+    "--setting",
+    "-s",
+    "settings_overrides",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="Override one setting, e.g. -s ray.num_cpus=4 (repeatable).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks of unexpected errors.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_file: str | None,
+    home: str | None,
+    settings_overrides: tuple[str, ...],
+    debug: bool,
+) -> None:
+    """loraplex: fine-tune, retrieve, serve and evaluate customised open LLMs.
+
+    Settings come from (lowest to highest priority) the embedded defaults under
+    $LORAPLEX_HOME (./.loraplex), --config FILE, LORAPLEX_* variables (LORAPLEX_RAY__NUM_CPUS=4)
+    and --setting flags.
+    """
+    ctx.obj = CliState(
+        config_file=config_file, home=home, settings_overrides=list(settings_overrides)
+    )
+    ctx.meta["debug"] = debug
+
+
+cli.add_command(doctor)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        code = cli.main(args=argv, prog_name="loraplex", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.Abort:
+        click.echo("loraplex: aborted", err=True)
+        code = 130
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        click.echo(f"loraplex: error: {e.format_message()}{hint}", err=True)
+        code = 2
+    except click.ClickException as e:
+        click.echo(f"loraplex: error: {e.format_message()}", err=True)
+        code = e.exit_code
+    except LoraplexError as e:
+        click.echo(f"loraplex: error: {e}", err=True)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        click.echo("loraplex: interrupted", err=True)
+        code = 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        click.echo(
+            f"loraplex: internal error: {type(e).__name__}: {first} "
+            "(re-run with --debug for the traceback)",
+            err=True,
+        )
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

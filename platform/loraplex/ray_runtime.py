@@ -1,0 +1,40 @@
+"""Connecting to Ray the way the settings say: a local Ray in-process, or a cluster.
+
+Owns: :func:`init_ray`, the one place loraplex calls ``ray.init``, so every command and
+test starts Ray the same way (logical CPUs oversubscribed for Ray Serve LLM's CPU
+bundles, no dashboard, usage stats off). Does not own: Ray Train or Serve set-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from loraplex.config import LoraplexConfig
+from loraplex.errors import LoraplexError
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
+    """Start (or join) Ray; returns the cluster's resources. Idempotent within a process."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = cfg.ray.address
+    try:
+        if address in (None, "local"):
+            log.info("starting a local Ray with %s logical CPUs", cfg.ray.num_cpus)
+            ray.init(
+                num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, **kwargs
+            )
+        else:
+            log.info("connecting to the Ray cluster at %s", address)
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoraplexError(f"cannot start or reach Ray ({address or 'local'}): {first}") from None
+    return ray.cluster_resources()

@@ -1,0 +1,50 @@
+"""Shared fixtures: a temporary LORAPLEX_HOME and one local Ray per test session.
+
+Expensive things (Ray, later a served app and the tiny model) are started once per
+session and stopped by the fixture that started them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a model hub or send usage statistics.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+
+@pytest.fixture(scope="session")
+def loraplex_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh LORAPLEX_HOME for the whole session, set in the environment."""
+    home = tmp_path_factory.mktemp("loraplex_home")
+    previous = os.environ.get("LORAPLEX_HOME")
+    os.environ["LORAPLEX_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LORAPLEX_HOME", None)
+    else:
+        os.environ["LORAPLEX_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def settings(loraplex_home: Path):
+    from loraplex.config import load_settings
+
+    return load_settings(env={"LORAPLEX_HOME": str(loraplex_home)})
+
+
+@pytest.fixture(scope="session")
+def ray_local(settings) -> Iterator[dict[str, float]]:
+    """One Ray inside the test process, with oversubscribed logical CPUs (see DESIGN.md)."""
+    import ray
+
+    from loraplex.ray_runtime import init_ray
+
+    resources = init_ray(settings)
+    yield resources
+    ray.shutdown()

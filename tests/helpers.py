@@ -1,0 +1,41 @@
+"""Helpers for tests that drive the ``loraplex`` console script in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test environment without LORAPLEX_* variables, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env.update(overrides)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``loraplex`` console script in a subprocess."""
+    return subprocess.run(
+        [LORAPLEX, *args],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else clean_env(),
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The stderr of a failed command, asserted to be exactly one ``loraplex: error:`` line."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr}"
+    assert lines[0].startswith("loraplex: error: "), lines[0]
+    assert "Traceback" not in proc.stderr
+    return lines[0]

