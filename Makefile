@@ -35,6 +35,7 @@ setup: $(STAMP)
 # nothing resolved again, so next month installs what was tested today.
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check pip==26.3
 ifeq ($(EXTRA),cpu)
 	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
