@@ -17,6 +17,7 @@ import click
 from loraplex import __version__
 from loraplex.cli.context import CliState
 from loraplex.cli.doctor import doctor
+from loraplex.cli.world import world
 from loraplex.errors import LoraplexError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -64,6 +65,7 @@ def cli(
 
 
 cli.add_command(doctor)
+cli.add_command(world)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: scorers for answers, citations, formats and labels."""

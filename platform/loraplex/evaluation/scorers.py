@@ -1,0 +1,114 @@
+"""Scorers for model outputs: exact match, token F1, citations, JSON compliance, labels.
+
+Owns: answer normalisation (lower case, citation markers like ``[1]`` removed,
+punctuation and articles dropped, whitespace collapsed, as in SQuAD's scorer),
+per-example scores and their means. Used by the base-model benchmark, adapter
+benchmarks and ``loraplex eval``. Does not own: running a model or the report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+_CITATION = re.compile(r"\[\s*\d+(?:\s*,\s*\d+)*\s*\]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    text = _CITATION.sub(" ", text.lower())
+    text = text.translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str | Sequence[str]) -> float:
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(g) for g in golds))
+
+
+def token_f1(prediction: str, gold: str | Sequence[str]) -> float:
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    return max(
+        _f1(normalize_answer(prediction).split(), normalize_answer(g).split()) for g in golds
+    )
+
+
+def _f1(pred: list[str], gold: list[str]) -> float:
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def cited_numbers(text: str) -> list[int]:
+    """Source numbers cited in an answer as ``[1]`` or ``[1, 3]``, in order, unique."""
+    seen: list[int] = []
+    for match in _CITATION.finditer(text):
+        for n in re.findall(r"\d+", match.group()):
+            if int(n) not in seen:
+                seen.append(int(n))
+    return seen
+
+
+@dataclass(frozen=True)
+class CitationScore:
+    precision: float | None  # None: nothing was cited
+    recall: float
+
+
+def citation_score(cited: Iterable[str], gold: Iterable[str]) -> CitationScore:
+    cited_set, gold_set = set(cited), set(gold)
+    hits = len(cited_set & gold_set)
+    precision = hits / len(cited_set) if cited_set else None
+    recall = hits / len(gold_set) if gold_set else float(not cited_set)
+    return CitationScore(precision, recall)
+
+
+def parse_json_object(text: str) -> dict[str, Any] | None:
+    """The reply as a JSON object, or None when it is not exactly one."""
+    try:
+        value = json.loads(text.strip())
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_compliant(text: str, schema: dict[str, Any]) -> bool:
+    value = parse_json_object(text)
+    if value is None:
+        return False
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+def label_accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
+    if len(predictions) != len(labels):
+        raise ValueError("predictions and labels differ in length")
+    if not labels:
+        return 0.0
+    hits = sum(
+        p.strip().lower() == y.strip().lower() for p, y in zip(predictions, labels, strict=True)
+    )
+    return hits / len(labels)
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None; None when there are none."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None

@@ -1,0 +1,181 @@
+"""``loraplex world generate``: write one seed's world to a folder, atomically.
+
+Owns: the folder layout below, the manifest, and the rule that nothing existing is
+overwritten: the world is written to a temporary sibling folder and renamed into place,
+an existing non-empty folder is refused unless ``force``, and then replaced only once
+the new one is complete. Does not own: the content (``catalog``, ``documents``,
+``tasks``, ``pretraining``).
+
+Layout::
+
+    manifest.json                      seed, counts, files
+    docs/<doc_id>.md                   knowledge documents (for `loraplex ingest`)
+    corpus.jsonl queries.jsonl         BEIR layout: _id/title/text, _id/text/metadata
+    qrels/train.tsv qrels/test.tsv     query-id, corpus-id, score
+    tickets.jsonl                      support tickets with their category and split
+    datasets/<task>/<split>.<format>.jsonl
+        json_answer      gold passage -> {"answer", "sources"}
+        ticket_classify  ticket -> category
+        raft_json        retrieved passages with distractors -> {"answer", "sources"}
+        (format: alpaca | sharegpt | openai)
+    pretrain/corpus.jsonl              base-model text: {"text"} prose, {"messages"} reading
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.data.formats import write_conversations, write_jsonl
+from loraplex.errors import InputError
+from loraplex.world.catalog import draw_catalog
+from loraplex.world.documents import catalog_documents
+from loraplex.world.pretraining import pretraining_records
+from loraplex.world.tasks import (
+    json_example,
+    make_questions,
+    make_tickets,
+    raft_example,
+    ticket_example,
+)
+
+WORLD_VERSION = 1
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    families: int = 14
+    tickets: int = 600
+    pretrain_families: int = 160
+    conversations_per_product: int = 8
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    """Refuse a folder that holds something (unless force) or that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} exists and is not empty (use --force to replace it)")
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {probe} (permission denied)")
+
+
+def generate_world(
+    seed: int, out: Path, force: bool = False, size: WorldSize | None = None
+) -> dict[str, Any]:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, not {seed!r}")
+    size = size or WorldSize()
+    out = out.expanduser().absolute()
+    check_output_folder(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _write_world(seed, staging, size)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
+    catalog = draw_catalog(seed, n_families=size.families)
+    docs = catalog_documents(catalog)
+    by_id = {d.doc_id: d for d in docs}
+    products = catalog.by_name()
+    questions = make_questions(catalog)
+    tickets = make_tickets(catalog, n=size.tickets)
+
+    (root / "docs").mkdir()
+    for d in docs:
+        (root / "docs" / f"{d.doc_id}.md").write_text(d.text + "\n", encoding="utf-8")
+    write_jsonl(
+        root / "corpus.jsonl",
+        (
+            {
+                "_id": d.doc_id,
+                "title": d.title,
+                "text": d.text,
+                "metadata": {"entity": d.entity, "kind": d.kind},
+            }
+            for d in docs
+        ),
+    )
+    write_jsonl(
+        root / "queries.jsonl",
+        (
+            {
+                "_id": q.qid,
+                "text": q.text,
+                "metadata": {
+                    "answer": q.answer,
+                    "entity": q.entity,
+                    "attribute": q.attribute,
+                    "gold_doc": q.gold_doc,
+                    "split": q.split,
+                },
+            }
+            for q in questions
+        ),
+    )
+    (root / "qrels").mkdir()
+    for split in SPLITS:
+        rows = ["query-id\tcorpus-id\tscore"]
+        rows += [f"{q.qid}\t{q.gold_doc}\t1" for q in questions if q.split == split]
+        (root / "qrels" / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    write_jsonl(
+        root / "tickets.jsonl",
+        ({"_id": t.tid, "text": t.text, "category": t.category, "split": t.split} for t in tickets),
+    )
+
+    rng = random.Random(f"datasets:{seed}")
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        qs = [q for q in questions if q.split == split]
+        tasks = {
+            "json_answer": [json_example(q, by_id) for q in qs],
+            "ticket_classify": [ticket_example(t) for t in tickets if t.split == split],
+            "raft_json": [raft_example(rng, q, by_id, products) for q in qs],
+        }
+        for task, conversations in tasks.items():
+            rows = write_conversations(root / "datasets" / task, split, conversations)
+            counts.setdefault(task, {})[split] = rows["openai"]
+
+    pretrain = pretraining_records(catalog, size.pretrain_families, size.conversations_per_product)
+    write_jsonl(root / "pretrain" / "corpus.jsonl", pretrain)
+
+    manifest = {
+        "world_version": WORLD_VERSION,
+        "seed": seed,
+        "company": catalog.company,
+        "products": len(catalog.products),
+        "documents": len(docs),
+        "questions": {s: sum(q.split == s for q in questions) for s in SPLITS},
+        "tickets": {s: sum(t.split == s for t in tickets) for s in SPLITS},
+        "datasets": counts,
+        "pretrain_records": len(pretrain),
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

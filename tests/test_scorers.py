@@ -1,0 +1,47 @@
+"""Scorers: normalisation, EM/F1, citations, JSON compliance, label accuracy."""
+
+from loraplex.evaluation.scorers import (
+    citation_score,
+    cited_numbers,
+    exact_match,
+    json_compliant,
+    label_accuracy,
+    mean,
+    normalize_answer,
+    token_f1,
+)
+from loraplex.prompts import JSON_ANSWER_SCHEMA
+
+
+def test_normalisation_and_exact_match():
+    assert normalize_answer("  The 349 Dollars. [1]") == "349 dollars"
+    assert exact_match("349 dollars [2]", "349 dollars") == 1.0
+    assert exact_match("$349 dollars!", ["349 dollars", "x"]) == 1.0
+    assert exact_match("348 dollars", "349 dollars") == 0.0
+
+
+def test_token_f1():
+    assert token_f1("349 dollars", "349 dollars") == 1.0
+    assert token_f1("349", "349 dollars") == 2 * (1 * 0.5) / 1.5
+    assert token_f1("", "349") == 0.0 and token_f1("", "") == 1.0
+
+
+def test_citations():
+    assert cited_numbers("It is 3 [2] and [1, 2] also [3]") == [2, 1, 3]
+    s = citation_score(["a", "b"], ["a"])
+    assert s.precision == 0.5 and s.recall == 1.0
+    assert citation_score([], ["a"]).precision is None
+    assert citation_score([], []).recall == 1.0
+
+
+def test_json_compliance():
+    assert json_compliant('{"answer": "x", "sources": ["d1"]}', JSON_ANSWER_SCHEMA)
+    assert not json_compliant('{"answer": "x"}', JSON_ANSWER_SCHEMA)
+    assert not json_compliant('{"answer": "x", "sources": [], "extra": 1}', JSON_ANSWER_SCHEMA)
+    assert not json_compliant("349 dollars", JSON_ANSWER_SCHEMA)
+    assert not json_compliant('["answer"]', JSON_ANSWER_SCHEMA)
+
+
+def test_labels_and_mean():
+    assert label_accuracy(["Billing", "shipping "], ["billing", "defect"]) == 0.5
+    assert mean([1.0, None, 0.0]) == 0.5 and mean([None]) is None

@@ -1,0 +1,157 @@
+"""`loraplex world generate`: seeded, complete, BEIR-shaped, and never overwrites."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from helpers import clean_env, one_line_error, run_cli
+
+from loraplex.data.formats import FORMATS
+from loraplex.evaluation.scorers import json_compliant, normalize_answer
+from loraplex.prompts import JSON_ANSWER_SCHEMA, TICKET_CATEGORIES
+from loraplex.world.generate import WorldSize, generate_world
+
+SMALL = WorldSize(families=4, tickets=60, pretrain_families=6, conversations_per_product=2)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("w") / "seed5"
+    generate_world(5, out, size=SMALL)
+    return out
+
+
+def test_beir_layout_and_gold_documents(world: Path):
+    corpus = {d["_id"]: d for d in _jsonl(world / "corpus.jsonl")}
+    queries = _jsonl(world / "queries.jsonl")
+    assert (
+        len(queries)
+        == json.loads((world / "manifest.json").read_text())["questions"]["train"]
+        + json.loads((world / "manifest.json").read_text())["questions"]["test"]
+    )
+    for split in ("train", "test"):
+        lines = (world / "qrels" / f"{split}.tsv").read_text().splitlines()
+        assert lines[0] == "query-id\tcorpus-id\tscore" and len(lines) > 1
+    for q in queries:
+        gold = corpus[q["metadata"]["gold_doc"]]
+        # The gold document states the answer, next to the product's name.
+        assert f"of the {q['metadata']['entity']} is {q['metadata']['answer']}." in gold["text"]
+        assert (world / "docs" / f"{gold['_id']}.md").exists()
+    # Test questions are about products no training question mentions.
+    train = {q["metadata"]["entity"] for q in queries if q["metadata"]["split"] == "train"}
+    test = {q["metadata"]["entity"] for q in queries if q["metadata"]["split"] == "test"}
+    assert train and test and not train & test
+
+
+def test_near_duplicate_products_and_distractor_text(world: Path):
+    corpus = _jsonl(world / "corpus.jsonl")
+    names = sorted({d["metadata"]["entity"] for d in corpus if d["metadata"]["entity"]})
+    families = [n.split()[0] for n in names]
+    assert any(families.count(f) > 1 for f in families)  # "Velmo X200" and "Velmo X300"
+    assert any(d["metadata"]["entity"] is None for d in corpus)  # company documents
+
+
+def test_datasets_in_three_formats(world: Path):
+    for task in ("json_answer", "ticket_classify", "raft_json"):
+        for split in ("train", "test"):
+            rows = {
+                fmt: _jsonl(world / "datasets" / task / f"{split}.{fmt}.jsonl") for fmt in FORMATS
+            }
+            assert len({len(r) for r in rows.values()}) == 1 and rows["openai"]
+            first = rows["openai"][0]["messages"]
+            assert rows["alpaca"][0]["instruction"] == first[0]["content"]
+            assert rows["alpaca"][0]["output"] == first[1]["content"]
+            assert rows["sharegpt"][0]["conversations"][1] == {
+                "from": "gpt",
+                "value": first[1]["content"],
+            }
+    for row in _jsonl(world / "datasets" / "json_answer" / "train.openai.jsonl"):
+        assert json_compliant(row["messages"][1]["content"], JSON_ANSWER_SCHEMA)
+    labels = {
+        r["messages"][1]["content"]
+        for r in _jsonl(world / "datasets" / "ticket_classify" / "train.openai.jsonl")
+    }
+    assert labels == set(TICKET_CATEGORIES)
+    raft = _jsonl(world / "datasets" / "raft_json" / "train.openai.jsonl")
+    assert all(r["messages"][0]["content"].count("<source id=") == 3 for r in raft)
+
+
+def test_pretraining_text_has_no_world_facts_json_or_tickets(world: Path):
+    text = (world / "pretrain" / "corpus.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert any("text" in r for r in records) and any("messages" in r for r in records)
+    assert '"answer"' not in text.replace('\\"answer\\"', "")  # no JSON answers
+    assert not any(c in text for c in ("Classify the support ticket", "Ticket:"))
+    for q in _jsonl(world / "queries.jsonl"):
+        assert q["metadata"]["entity"] not in text  # no product of the world at all
+    answers = [
+        m["content"]
+        for r in records
+        if "messages" in r
+        for m in r["messages"]
+        if m["role"] == "assistant"
+    ]
+    assert all(not a.lstrip().startswith("{") for a in answers)
+
+
+def test_seeds_are_reproducible_and_different(tmp_path: Path):
+    a = generate_world(11, tmp_path / "a", size=SMALL)
+    b = generate_world(11, tmp_path / "b", size=SMALL)
+    c = generate_world(12, tmp_path / "c", size=SMALL)
+    assert a == b
+    assert (tmp_path / "a" / "corpus.jsonl").read_text() == (
+        tmp_path / "b" / "corpus.jsonl"
+    ).read_text()
+    facts_a = {
+        normalize_answer(q["metadata"]["answer"]) for q in _jsonl(tmp_path / "a" / "queries.jsonl")
+    }
+    facts_c = {
+        normalize_answer(q["metadata"]["answer"]) for q in _jsonl(tmp_path / "c" / "queries.jsonl")
+    }
+    assert c["company"] != a["company"] or facts_a != facts_c
+
+
+def test_cli_generate_and_bad_input(tmp_path: Path):
+    env = clean_env(LORAPLEX_HOME=str(tmp_path / "home"))
+    out = tmp_path / "w"
+    proc = run_cli("world", "generate", "--seed", "2", "--out", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "world seed 2 written to" in proc.stdout
+    before = (out / "corpus.jsonl").read_text()
+
+    for args, expected in [
+        (["--seed", "-1"], "-1 is not in the range x>=0"),
+        (["--seed", "1.5"], "'1.5' is not a valid integer"),
+        (["--seed", "abc"], "'abc' is not a valid integer"),
+    ]:
+        proc = run_cli("world", "generate", *args, "--out", str(tmp_path / "x"), env=env)
+        assert proc.returncode == 2 and expected in one_line_error(proc)
+        assert not (tmp_path / "x").exists()
+
+    proc = run_cli("world", "generate", "--seed", "3", "--out", str(out), env=env)
+    assert proc.returncode == 2
+    assert "exists and is not empty (use --force" in one_line_error(proc)
+    assert (out / "corpus.jsonl").read_text() == before  # untouched
+
+    if os.geteuid() != 0:  # root writes anywhere; the check still runs for users
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        proc = run_cli("world", "generate", "--out", str(locked / "w"), env=env)
+        assert proc.returncode == 2 and "permission denied" in one_line_error(proc)
+
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    proc = run_cli("world", "generate", "--out", str(a_file), env=env)
+    assert proc.returncode == 2 and "is not a folder" in one_line_error(proc)
+    assert a_file.read_text() == "keep me"
+
+    proc = run_cli("world", "generate", "--seed", "3", "--out", str(out), "--force", env=env)
+    assert proc.returncode == 0 and (out / "corpus.jsonl").read_text() != before
+    assert not list(tmp_path.glob(".w.*"))  # no staging folders left behind
