@@ -48,3 +48,30 @@ def ray_local(settings) -> Iterator[dict[str, float]]:
     resources = init_ray(settings)
     yield resources
     ray.shutdown()
+
+
+TINY_PRETRAIN = {
+    "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
+    "phases": [
+        {"name": "copy", "stages": ["copy"], "seq_len": 128, "batch_size": 4, "steps": 20},
+        {"name": "lookup", "stages": ["lookup"], "seq_len": 128, "batch_size": 4, "steps": 10},
+        {
+            "name": "all",
+            "stages": ["copy", "lookup", "read"],
+            "seq_len": 512,
+            "batch_size": 2,
+            "steps": 20,
+        },
+    ],
+    "report_every": 10,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(settings, ray_local):
+    """The real bootstrap (world, tokenizer, Ray Train, MLflow) with a tiny model and few
+    steps: the same code path as `loraplex bootstrap`, minutes instead of ten."""
+    from loraplex.basemodel.bootstrap import bootstrap
+    from loraplex.basemodel.pretrain import PretrainConfig
+
+    return bootstrap(settings, config=PretrainConfig.model_validate(TINY_PRETRAIN))

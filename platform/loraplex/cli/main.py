@@ -15,6 +15,7 @@ import traceback
 import click
 
 from loraplex import __version__
+from loraplex.cli.bootstrap import bootstrap
 from loraplex.cli.context import CliState
 from loraplex.cli.doctor import doctor
 from loraplex.cli.world import world
@@ -64,6 +65,7 @@ def cli(
     ctx.meta["debug"] = debug
 
 
+cli.add_command(bootstrap)
 cli.add_command(doctor)
 cli.add_command(world)
 

@@ -27,13 +27,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplex.data.formats import write_conversations, write_jsonl
 from loraplex.errors import InputError
+from loraplex.folders import replace_folder, staging_folder
 from loraplex.world.catalog import draw_catalog
 from loraplex.world.documents import catalog_documents
 from loraplex.world.pretraining import pretraining_records
@@ -78,26 +78,14 @@ def generate_world(
     size = size or WorldSize()
     out = out.expanduser().absolute()
     check_output_folder(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_folder(out)
     try:
         manifest = _write_world(seed, staging, size)
-        _swap_into_place(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:

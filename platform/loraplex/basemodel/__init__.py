@@ -1,0 +1,1 @@
+"""The embedded tiny base model: tokenizer, architecture, pretraining, bootstrap."""

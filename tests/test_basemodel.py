@@ -1,0 +1,119 @@
+"""The embedded base model: tokenizer and chat template, bootstrap through Ray Train
+into MLflow, a folder that transformers and vLLM load, reuse, and bad input."""
+
+import json
+
+import pytest
+import torch
+from helpers import clean_env, one_line_error, run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import mlflow
+from loraplex.basemodel.architecture import TinyLlamaSpec
+from loraplex.basemodel.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
+from loraplex.basemodel.pretrain import IGNORE, encode_record, pack
+from loraplex.basemodel.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["The price of the Velmo X200 is 349 dollars.", "Who designed the Dramo K300?"] * 50
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def test_digits_are_single_tokens_and_template_marks_answers(tokenizer):
+    assert tokenizer.tokenize(" 349") == ["Ġ", "3", "4", "9"]
+    messages = [
+        {"role": "user", "content": "Question: x?"},
+        {"role": "assistant", "content": "349 dollars [1]"},
+    ]
+    _, labels = encode_record(tokenizer, {"messages": messages})
+    learned = tokenizer.decode([t for t in labels if t != IGNORE])
+    assert learned == "349 dollars [1]<|end|>"
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|user|>\nQuestion: x?<|end|>\n<|assistant|>\n"
+    prose_ids, prose_labels = encode_record(tokenizer, {"text": "The Velmo X200."})
+    assert prose_ids == prose_labels and prose_ids[-1] == tokenizer.eos_token_id
+
+
+def test_packing_keeps_examples_whole():
+    examples = [([1] * 50, [1] * 50), ([2] * 60, [2] * 60), ([3] * 200, [3] * 200)]
+    x, y = pack(examples, 100, pad_id=0)
+    assert x.shape == (2, 100)  # 50 | 60 (does not fit beside 50) ; 200 skipped
+    assert x[0, :50].eq(1).all() and x[0, 50:].eq(0).all() and y[0, 50:].eq(IGNORE).all()
+    assert x[1, :60].eq(2).all()
+
+
+def test_architecture_rejects_head_sizes_vllm_cpu_cannot_serve():
+    with pytest.raises(ValueError, match="head size 48"):
+        TinyLlamaSpec(hidden_size=96, num_heads=2)
+
+
+def test_bootstrap_writes_a_loadable_model_and_an_mlflow_run(tiny_base, settings):
+    assert not tiny_base.reused
+    folder = tiny_base.model_dir
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "loraplex_base.json",
+    ):
+        assert (folder / name).exists(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 64
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Question: hi?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    run = client.get_run(tiny_base.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_size"] == "64"
+    losses = client.get_metric_history(tiny_base.run_id, "loss")
+    assert [m.step for m in losses] == [10, 20, 30, 40, 50]  # the loss curve, from rank 0
+    artifacts = {a.path for a in client.list_artifacts(tiny_base.run_id, "base_model")}
+    assert "base_model/model.safetensors" in artifacts
+    assert (tiny_base.world_dir / "manifest.json").exists()
+
+
+def test_second_bootstrap_reuses_and_says_so(tiny_base, settings):
+    env = clean_env(LORAPLEX_HOME=str(settings.home))
+    before = (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns
+    proc = run_cli("bootstrap", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"base model reused: {tiny_base.model_dir}" in proc.stdout
+    assert (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_bootstrap_bad_settings_fail_before_ray(tmp_path):
+    env = clean_env(LORAPLEX_HOME=str(tmp_path))
+    for args, expected in [
+        (["--set", "model.hidden_size=96", "--set", "model.num_heads=2"], "head size 48"),
+        (["--set", "phases=[]"], "phases: List should have at least 1 item"),
+        (["--set", "lr=-1"], "lr: Input should be greater than 0"),
+        (["--set", "modle.hidden_size=64"], "modle: unknown config key"),
+    ]:
+        proc = run_cli("bootstrap", *args, env=env)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert expected in one_line_error(proc)
+    assert not (tmp_path / "models").exists()
+
+
+def test_vllm_loads_the_model_and_generates(tiny_base):
+    prompts = chat_prompts(
+        tiny_base.model_dir,
+        ["Question: What is the price of the Velmo X200?", "Tell me the color of the Dramo K300."],
+    )
+    from_vllm = vllm_greedy(tiny_base.model_dir, prompts, n_tokens=8)
+    from_hf = hf_greedy(tiny_base.model_dir, prompts, n_tokens=8)
+    assert [len(t) for t in from_vllm] == [8, 8]
+    assert 0.0 <= agreement(from_vllm, from_hf, 8) <= 1.0
