@@ -54,8 +54,10 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The pipeline as far as it exists: health check, then the embedded world and base model.
 demo: setup
 	$(BIN)/loraplex doctor
+	$(BIN)/loraplex bootstrap
 
 lint: setup
 	$(BIN)/ruff check .

@@ -117,3 +117,14 @@ def test_vllm_loads_the_model_and_generates(tiny_base):
     from_hf = hf_greedy(tiny_base.model_dir, prompts, n_tokens=8)
     assert [len(t) for t in from_vllm] == [8, 8]
     assert 0.0 <= agreement(from_vllm, from_hf, 8) <= 1.0
+
+
+def test_shipped_pretraining_config_is_the_default():
+    from helpers import REPO
+
+    from loraplex.basemodel.pretrain import PretrainConfig
+    from loraplex.config import load_model
+
+    assert (
+        load_model(PretrainConfig, REPO / "jobs" / "configs" / "bootstrap.yaml") == PretrainConfig()
+    )

@@ -33,3 +33,18 @@ def test_version_and_usage_errors():
     proc = run_cli("doctor", "--no-such-flag")
     assert proc.returncode == 2
     assert "No such option '--no-such-flag'" in one_line_error(proc)
+
+
+def test_cli_starts_without_importing_the_ml_stack():
+    """`loraplex doctor` must run when torch/transformers are broken: command modules
+    import the heavy libraries inside their commands, never at start-up."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loraplex.cli.main;"
+        "print(sorted(m for m in ('torch', 'transformers', 'ray', 'vllm', 'mlflow') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ from loraplex.evaluation.scorers import json_compliant, normalize_answer
 from loraplex.prompts import JSON_ANSWER_SCHEMA, TICKET_CATEGORIES
 from loraplex.world.generate import WorldSize, generate_world
 
-SMALL = WorldSize(families=4, tickets=60, pretrain_families=6, conversations_per_product=2)
+SMALL = WorldSize(families=4, tickets=60, pretrain_copy=20, pretrain_lookup=20, pretrain_read=20)
 
 
 def _jsonl(path: Path) -> list[dict]:

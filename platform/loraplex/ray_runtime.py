@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
     """Start (or join) Ray; returns the cluster's resources. Idempotent within a process."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train V2 patches print() in workers to log *and* (with redirected stdout)
+    # print, so each progress line reached the driver twice; plain stdout is enough.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
     if ray.is_initialized():

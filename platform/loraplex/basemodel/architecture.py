@@ -7,10 +7,14 @@ Does not own: training (``pretrain``) or the tokenizer (``tokenizer``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field, model_validator
-from transformers import LlamaConfig
 
 from loraplex.config import StrictModel
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -36,6 +40,8 @@ class TinyLlamaSpec(StrictModel):
         return self
 
     def to_hf(self, vocab_size: int, pad_id: int, eos_id: int) -> LlamaConfig:
+        from transformers import LlamaConfig
+
         return LlamaConfig(
             vocab_size=vocab_size,
             hidden_size=self.hidden_size,

@@ -32,6 +32,9 @@ def chat_prompts(model_dir: Path, user_messages: Sequence[str]) -> list[str]:
 
 
 def hf_greedy(model_dir: Path, prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
+    """Plain argmax decoding for ``n_tokens`` steps: the end token is an ordinary token
+    here, exactly as with vLLM's ``ignore_eos`` (``generate(min_new_tokens=...)`` would
+    instead forbid it and so diverge wherever the model wants to stop)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,15 +43,18 @@ def hf_greedy(model_dir: Path, prompts: Sequence[str], n_tokens: int) -> list[li
     out = []
     with torch.no_grad():
         for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-            gen = model.generate(
-                **ids,
-                max_new_tokens=n_tokens,
-                min_new_tokens=n_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )
-            out.append(gen[0, ids["input_ids"].shape[1] :].tolist())
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            result = model(input_ids=ids, use_cache=True)
+            generated: list[int] = []
+            for _ in range(n_tokens):
+                nxt = int(result.logits[0, -1].argmax())
+                generated.append(nxt)
+                result = model(
+                    input_ids=torch.tensor([[nxt]]),
+                    past_key_values=result.past_key_values,
+                    use_cache=True,
+                )
+            out.append(generated)
     return out
 
 

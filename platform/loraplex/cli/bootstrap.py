@@ -10,8 +10,6 @@ from pathlib import Path
 
 import click
 
-from loraplex.basemodel.bootstrap import bootstrap as run_bootstrap
-from loraplex.basemodel.pretrain import PretrainConfig
 from loraplex.cli.context import CliState, pass_state
 from loraplex.config import load_model
 
@@ -43,6 +41,11 @@ def bootstrap(
 
     Example: loraplex bootstrap --set num_workers=2
     """
+    # Imported here: the CLI must start (and `loraplex doctor` run) even when torch or
+    # transformers are broken, which is what doctor is for.
+    from loraplex.basemodel.bootstrap import bootstrap as run_bootstrap
+    from loraplex.basemodel.pretrain import PretrainConfig
+
     settings = state.settings()
     cfg = load_model(PretrainConfig, config_file, overrides)  # validated before Ray starts
     result = run_bootstrap(settings, force=force, config=cfg)

@@ -146,6 +146,7 @@ class Catalog:
     seed: int
     company: str
     products: list[Product]
+    stream: str = "world"
 
     def by_name(self) -> dict[str, Product]:
         return {p.name: p for p in self.products}
@@ -208,4 +209,4 @@ def draw_catalog(
                 "hotline": f"extension {rng.randint(100, 999)}",
             }
             products.append(p)
-    return Catalog(seed=seed, company=company, products=products)
+    return Catalog(seed=seed, company=company, products=products, stream=stream)

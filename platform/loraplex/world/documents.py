@@ -115,7 +115,7 @@ def product_documents(rng: random.Random, product: Product) -> list[Document]:
 
 
 def catalog_documents(catalog: Catalog) -> list[Document]:
-    rng = random.Random(f"documents:{catalog.seed}")
+    rng = random.Random(f"documents:{catalog.stream}:{catalog.seed}")
     docs: list[Document] = []
     for product in catalog.products:
         docs.extend(product_documents(rng, product))

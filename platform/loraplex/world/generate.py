@@ -53,8 +53,9 @@ SPLITS = ("train", "test")
 class WorldSize:
     families: int = 14
     tickets: int = 600
-    pretrain_families: int = 160
-    conversations_per_product: int = 8
+    pretrain_copy: int = 12000
+    pretrain_lookup: int = 20000
+    pretrain_read: int = 12000
 
 
 def check_output_folder(out: Path, force: bool) -> None:
@@ -151,7 +152,9 @@ def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
             rows = write_conversations(root / "datasets" / task, split, conversations)
             counts.setdefault(task, {})[split] = rows["openai"]
 
-    pretrain = pretraining_records(catalog, size.pretrain_families, size.conversations_per_product)
+    pretrain = pretraining_records(
+        catalog, size.pretrain_copy, size.pretrain_lookup, size.pretrain_read
+    )
     write_jsonl(root / "pretrain" / "corpus.jsonl", pretrain)
 
     manifest = {

@@ -29,11 +29,6 @@ from loraplex.world.tasks import ATTRIBUTE_DOC_KIND, question_text, reading_conv
 STAGES = ("copy", "lookup", "read")
 
 
-def pretraining_catalog(world: Catalog, n_families: int) -> Catalog:
-    taken = {p.name for p in world.products} | {p.family for p in world.products}
-    return draw_catalog(world.seed, n_families=n_families, taken_names=taken, stream="pretrain")
-
-
 def copy_conversation(rng: random.Random, product: Product) -> list[dict[str, str]]:
     attributes = rng.sample(ATTRIBUTE_KEYS, rng.randint(1, 3))
     text = " ".join(fact_sentence(product, a) for a in attributes)
@@ -57,28 +52,33 @@ def lookup_conversation(
 
 
 def pretraining_records(
-    world: Catalog,
-    n_families: int = 160,
-    conversations_per_product: int = 8,
-    copies_per_product: int = 6,
+    world: Catalog, copy: int = 12000, lookup: int = 20000, read: int = 12000
 ) -> list[dict[str, Any]]:
-    catalog = pretraining_catalog(world, n_families)
-    docs = {d.doc_id: d for d in catalog_documents(catalog)}
-    products = catalog.by_name()
+    """``copy``/``lookup``/``read`` records, each about a product family drawn afresh
+    (names and facts) for that record alone, so no fact appears twice: a model cannot
+    lower its loss by memorising facts, only by reading the context in front of it.
+    Each read record comes with one of its family's documents as prose."""
+    taken = {p.name for p in world.products} | {p.family for p in world.products}
     rng = random.Random(f"pretraining:{world.seed}")
-    records: list[dict[str, Any]] = [{"stage": "read", "text": d.text} for d in docs.values()]
-    for product in catalog.products:
-        records += [
-            {"stage": "read", "messages": reading_conversation(rng, product, docs, products)}
-            for _ in range(conversations_per_product)
-        ]
-        records += [
-            {"stage": "lookup", "messages": lookup_conversation(rng, product, a)}
-            for a in ATTRIBUTE_KEYS
-        ]
-        records += [
-            {"stage": "copy", "messages": copy_conversation(rng, product)}
-            for _ in range(copies_per_product)
-        ]
+    records: list[dict[str, Any]] = []
+    for i, stage in enumerate(["copy"] * copy + ["lookup"] * lookup + ["read"] * read):
+        family = draw_catalog(world.seed, n_families=1, taken_names=taken, stream=f"pretrain-{i}")
+        product = rng.choice(family.products)
+        if stage == "copy":
+            records.append({"stage": stage, "messages": copy_conversation(rng, product)})
+        elif stage == "lookup":
+            attribute = rng.choice(ATTRIBUTE_KEYS)
+            records.append(
+                {"stage": stage, "messages": lookup_conversation(rng, product, attribute)}
+            )
+        else:
+            docs = {d.doc_id: d for d in catalog_documents(family) if d.entity}
+            records.append({"stage": stage, "text": rng.choice(list(docs.values())).text})
+            records.append(
+                {
+                    "stage": stage,
+                    "messages": reading_conversation(rng, product, docs, family.by_name()),
+                }
+            )
     rng.shuffle(records)
     return records
