@@ -116,7 +116,9 @@ def test_vllm_loads_the_model_and_generates(tiny_base):
     from_vllm = vllm_greedy(tiny_base.model_dir, prompts, n_tokens=8)
     from_hf = hf_greedy(tiny_base.model_dir, prompts, n_tokens=8)
     assert [len(t) for t in from_vllm] == [8, 8]
-    assert 0.0 <= agreement(from_vllm, from_hf, 8) <= 1.0
+    # Same weights, same float32 argmax: the engines agree token for token (the benchmark
+    # measures 50 prompts); one prompt of slack for a near-tie in a barely trained model.
+    assert agreement(from_vllm, from_hf, 8) >= 0.5, (from_vllm, from_hf)
 
 
 def test_shipped_pretraining_config_is_the_default():
