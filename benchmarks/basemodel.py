@@ -9,6 +9,7 @@ Measures, in one run:
 3. greedy agreement of vLLM (CPU) and transformers on the first 16 tokens of 50 prompts.
 
 Usage: .venv/bin/python benchmarks/basemodel.py [--home DIR] [--seed 1000] [--skip-bootstrap]
+       [--set KEY=VALUE ...]   (pretraining overrides, as for `loraplex bootstrap --set`)
 Prints a markdown table to paste into benchmarks/RESULTS.md and writes JSON next to it.
 """
 
@@ -35,11 +36,12 @@ from loraplex.prompts import Source, question_prompt
 from loraplex.world.generate import generate_world
 
 
-def run_bootstrap(home: Path) -> dict:
+def run_bootstrap(home: Path, overrides: list[str]) -> dict:
     env = {**os.environ, "LORAPLEX_HOME": str(home)}
     loraplex = str(Path(sys.executable).with_name("loraplex"))
     start = time.perf_counter()
-    proc = psutil.Popen([loraplex, "bootstrap", "--force"], env=env)
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = psutil.Popen([loraplex, "bootstrap", "--force", *args], env=env)
     peak = 0
     stop = threading.Event()
 
@@ -113,10 +115,19 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-home-")))
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--skip-bootstrap", action="store_true")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Pretraining override passed to `loraplex bootstrap --set`.",
+    )
     args = ap.parse_args()
     results: dict = {"date": time.strftime("%Y-%m-%d"), "home": str(args.home), "seed": args.seed}
     if not args.skip_bootstrap:
-        results |= run_bootstrap(args.home)
+        results |= run_bootstrap(args.home, args.overrides)
+        results["overrides"] = args.overrides
     model_dir = args.home / "models" / "tiny-llama"
     world = Path(tempfile.mkdtemp(prefix="bench-world-")) / f"seed-{args.seed}"
     generate_world(args.seed, world)
