@@ -10,7 +10,7 @@ from helpers import clean_env, one_line_error, run_cli
 
 from loraplex.data.formats import FORMATS
 from loraplex.evaluation.scorers import json_compliant, normalize_answer
-from loraplex.prompts import JSON_ANSWER_SCHEMA, TICKET_CATEGORIES
+from loraplex.prompts import JSON_ANSWER_SCHEMA, JSON_INSTRUCTION, TICKET_CATEGORIES
 from loraplex.world.generate import WorldSize, generate_world
 
 SMALL = WorldSize(families=4, tickets=60, pretrain_copy=20, pretrain_lookup=20, pretrain_read=20)
@@ -86,7 +86,7 @@ def test_pretraining_text_has_no_world_facts_json_or_tickets(world: Path):
     text = (world / "pretrain" / "corpus.jsonl").read_text()
     records = [json.loads(line) for line in text.splitlines()]
     assert any("text" in r for r in records) and any("messages" in r for r in records)
-    assert '"answer"' not in text.replace('\\"answer\\"', "")  # no JSON answers
+    assert JSON_INSTRUCTION.split(":")[0] not in text  # never asked for JSON
     assert not any(c in text for c in ("Classify the support ticket", "Ticket:"))
     for q in _jsonl(world / "queries.jsonl"):
         assert q["metadata"]["entity"] not in text  # no product of the world at all

@@ -117,8 +117,6 @@ def bootstrap(
             outcome = _fit(settings, cfg, phases, hf_config.to_dict(), run.info.run_id)
             staging = staging_folder(mdir)
             shutil.copytree(outcome["checkpoint"], staging, dirs_exist_ok=True)
-            history = json.loads((staging / "train_history.json").read_text())
-            (staging / "train_history.json").unlink()
             tokenizer.save_pretrained(staging)
             _write_generation_config(staging, tokenizer)
             marker = {
@@ -131,7 +129,7 @@ def bootstrap(
             }
             (staging / MARKER).write_text(json.dumps(marker, indent=2))
             replace_folder(staging, mdir)
-        mlflow.log_dict({"history": history}, "train_history.json")
+        mlflow.log_dict({"history": outcome["history"]}, "train_history.json")
         mlflow.log_metrics(
             {
                 "train_seconds": outcome["train_seconds"],

@@ -16,7 +16,6 @@ mean many cheap steps, and it is steps, not tokens, that these circuits need.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -205,7 +204,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             unwrapped = model.module if hasattr(model, "module") else model
             unwrapped.save_pretrained(tmp, safe_serialization=True)
-            (Path(tmp) / "train_history.json").write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(
             {

@@ -26,8 +26,6 @@ from loraplex.world.catalog import ATTRIBUTE_KEYS, Catalog, Product, draw_catalo
 from loraplex.world.documents import catalog_documents, doc_id, fact_sentence
 from loraplex.world.tasks import ATTRIBUTE_DOC_KIND, question_text, reading_conversation
 
-STAGES = ("copy", "lookup", "read")
-
 
 def copy_conversation(rng: random.Random, product: Product) -> list[dict[str, str]]:
     attributes = rng.sample(ATTRIBUTE_KEYS, rng.randint(1, 3))
