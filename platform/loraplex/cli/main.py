@@ -18,6 +18,8 @@ from loraplex import __version__
 from loraplex.cli.bootstrap import bootstrap
 from loraplex.cli.context import CliState
 from loraplex.cli.doctor import doctor
+from loraplex.cli.evaluate import evaluate
+from loraplex.cli.retrieval import ingest, search
 from loraplex.cli.world import world
 from loraplex.errors import LoraplexError
 
@@ -68,6 +70,9 @@ def cli(
 cli.add_command(bootstrap)
 cli.add_command(doctor)
 cli.add_command(world)
+cli.add_command(ingest)
+cli.add_command(search)
+cli.add_command(evaluate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,6 +142,39 @@ class AdapterStorageSettings(StrictModel):
         return v
 
 
+class RetrievalSettings(StrictModel):
+    """How documents become chunks and chunks become search results."""
+
+    collection: str = Field(
+        default="knowledge",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$",
+        description="Default collection for ingest, search and serving routes.",
+    )
+    chunk_size: int = Field(default=1000, ge=100, le=16000, description="Characters per chunk.")
+    chunk_overlap: int = Field(default=150, ge=0, description="Characters shared by neighbours.")
+    max_file_mb: float = Field(default=20.0, gt=0, description="Larger files are refused.")
+    embed_batch_size: int = Field(default=64, ge=1, le=4096)
+    top_k: int = Field(default=5, ge=1, le=1000)
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    rrf_k: int = Field(default=60, ge=1, description="Reciprocal-rank-fusion constant.")
+    fusion: Literal["weighted_rrf", "rrf"] = Field(
+        default="weighted_rrf",
+        description="hybrid: 'rrf' = Milvus hybrid_search with RRFRanker (equal weights); "
+        "'weighted_rrf' = dense and BM25 searches fused with the weights below.",
+    )
+    dense_weight: float = Field(default=1.0, ge=0)
+    bm25_weight: float = Field(default=3.0, ge=0)
+    hnsw_m: int = Field(default=16, ge=4, le=64)
+    hnsw_ef_construction: int = Field(default=200, ge=8)
+    hnsw_ef: int = Field(default=64, ge=1, description="Search-time HNSW breadth.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> RetrievalSettings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("chunk_overlap must be smaller than chunk_size")
+        return self
+
+
 class LoraplexConfig(StrictModel):
     """Everything loraplex commands share. Derived paths are filled in from ``home``."""
 
@@ -151,6 +184,7 @@ class LoraplexConfig(StrictModel):
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     adapters: AdapterStorageSettings = Field(default_factory=AdapterStorageSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
 
     @field_validator("log_level", mode="before")
     @classmethod

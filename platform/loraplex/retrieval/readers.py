@@ -1,0 +1,242 @@
+"""Reading files into documents for ingestion.
+
+Owns: finding files under the paths a user names, telling the supported formats apart
+(markdown, plain text, HTML, PDF, JSONL including BEIR ``corpus.jsonl``), turning each
+into :class:`IngestDocument` s (a stable doc id, a title, text whose structure survives
+as markdown headings and blank-line paragraphs), and refusing what cannot be read with
+a one-line reason (binary or garbage, empty, too large, encrypted or unreadable PDF,
+malformed JSONL). Does not own: chunking (``chunking``) or storage (``store``).
+
+Doc ids: a file's path relative to the folder it was found under (or its name when
+named directly), without the extension, so ``docs/guide/setup.md`` ingested as
+``docs`` is ``guide/setup``; a JSONL line brings its own id (``_id``, ``id`` or
+``doc_id``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraplex.errors import InputError
+
+SUFFIXES = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".txt": "text",
+    ".text": "text",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+    ".jsonl": "jsonl",
+}
+
+
+class Unreadable(Exception):
+    """A file that cannot be ingested; the message is the reason, in words."""
+
+
+@dataclass(frozen=True)
+class IngestDocument:
+    doc_id: str
+    title: str
+    text: str
+    source: str  # the file it came from
+    fmt: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: Path
+    root: Path | None  # the folder it was found under, None when named directly
+
+    @property
+    def named(self) -> bool:
+        return self.root is None
+
+    def doc_id(self) -> str:
+        rel = self.path.relative_to(self.root) if self.root else Path(self.path.name)
+        return rel.with_suffix("").as_posix()
+
+
+def find_files(paths: Iterable[str | Path]) -> tuple[list[FoundFile], list[tuple[Path, str]]]:
+    """Files to read, and (path, reason) for what was passed over in folders.
+
+    A path that does not exist is an :class:`InputError`; a file named directly with
+    an unsupported suffix too; inside folders such files are passed over with a reason.
+    Hidden files and folders (``.git``) are skipped silently.
+    """
+    found: list[FoundFile] = []
+    passed: list[tuple[Path, str]] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise InputError(f"{raw}: no such file or folder")
+        if p.is_file():
+            if p.suffix.lower() not in SUFFIXES:
+                raise InputError(
+                    f"{raw}: unsupported file type {p.suffix or '(none)'}; use {_kinds()}"
+                )
+            found.append(FoundFile(p, None))
+            continue
+        for f in sorted(p.rglob("*")):
+            rel = f.relative_to(p)
+            if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+                continue
+            if f.suffix.lower() in SUFFIXES:
+                found.append(FoundFile(f, p))
+            else:
+                passed.append((f, f"unsupported file type {f.suffix or '(none)'}"))
+    return found, passed
+
+
+def _kinds() -> str:
+    return ", ".join(sorted(SUFFIXES))
+
+
+def read_file(found: FoundFile, max_bytes: int) -> list[IngestDocument]:
+    """The documents in one file, or :class:`Unreadable` with the reason."""
+    path = found.path
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise Unreadable(f"cannot read: {e.strerror}") from None
+    if size == 0:
+        raise Unreadable("empty file")
+    if size > max_bytes:
+        raise Unreadable(
+            f"{size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.1f} MiB limit "
+            "(retrieval.max_file_mb)"
+        )
+    fmt = SUFFIXES[path.suffix.lower()]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise Unreadable(f"cannot read: {e.strerror}") from None
+    if fmt == "pdf":
+        text, title = _pdf_text(data)
+        docs = [IngestDocument(found.doc_id(), title or path.stem, text, str(path), fmt)]
+    elif fmt == "jsonl":
+        docs = list(_jsonl_documents(_decode(data), str(path)))
+    else:
+        text = _decode(data)
+        if fmt == "html":
+            text, title = _html_text(text)
+        else:
+            title = _markdown_title(text) if fmt == "markdown" else ""
+        docs = [IngestDocument(found.doc_id(), title or path.stem, text, str(path), fmt)]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise Unreadable("no text in it")
+    return docs
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 text, or Unreadable for binary data and other encodings."""
+    if b"\x00" in data[:8192]:
+        raise Unreadable("binary file (not text)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise Unreadable(f"not UTF-8 text (invalid byte at offset {e.start})") from None
+    printable = sum(ch.isprintable() or ch in "\n\r\t" for ch in text[:8192])
+    if printable < 0.9 * min(len(text), 8192):
+        raise Unreadable("garbage: mostly control characters")
+    return text
+
+
+def _markdown_title(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return ""
+
+
+def _html_text(html: str) -> tuple[str, str]:
+    """HTML to markdown-ish text: headings become ``#`` lines, blocks become paragraphs."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(html, "html.parser")
+    for tag in soup(["script", "style", "noscript", "template", "nav", "footer"]):
+        tag.decompose()
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    blocks: list[str] = []
+    body = soup.body or soup
+    for el in body.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "th"]):
+        if el.find_parent(["p", "li", "pre", "td", "th"]):
+            continue  # nested blocks are read with their parent
+        words = el.get_text(" ", strip=True)
+        if not words:
+            continue
+        if el.name and el.name[0] == "h" and el.name[1:].isdigit():
+            blocks.append("#" * int(el.name[1:]) + " " + words)
+        elif el.name == "li":
+            blocks.append("- " + words)
+        else:
+            blocks.append(words)
+    if not blocks:  # text outside block elements
+        blocks = [body.get_text(" ", strip=True)]
+    if not title:
+        title = next((b.lstrip("# ") for b in blocks if b.startswith("#")), "")
+    return "\n\n".join(blocks), title
+
+
+def _pdf_text(data: bytes) -> tuple[str, str]:
+    import io
+    import logging
+
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            raise Unreadable("encrypted PDF (decrypt it first)")
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        meta = reader.metadata
+        title = str(meta.title).strip() if meta and meta.title else ""
+    except Unreadable:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
+        raise Unreadable(f"unreadable PDF ({type(e).__name__}: {str(e)[:80]})") from None
+    text = "\n\n".join(p for p in pages if p)
+    if not text:
+        raise Unreadable("PDF has no extractable text (scanned images need OCR first)")
+    return text, title
+
+
+def _jsonl_documents(text: str, source: str) -> Iterator[IngestDocument]:
+    """One document per line: BEIR ``{"_id", "title", "text"}`` or ``id``/``doc_id``."""
+    seen: set[str] = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Unreadable(f"line {n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise Unreadable(f"line {n}: expected a JSON object")
+        doc_id = next((row[k] for k in ("_id", "id", "doc_id") if k in row), None)
+        body = row.get("text", row.get("content"))
+        if not isinstance(doc_id, str | int) or str(doc_id) == "":
+            raise Unreadable(f"line {n}: no document id (_id, id or doc_id)")
+        if not isinstance(body, str):
+            raise Unreadable(f"line {n}: no text (a string field 'text' or 'content')")
+        doc_id = str(doc_id)
+        if doc_id in seen:
+            raise Unreadable(f"line {n}: document id {doc_id!r} appears twice")
+        seen.add(doc_id)
+        meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+        yield IngestDocument(
+            doc_id,
+            str(row.get("title") or ""),
+            body,
+            source,
+            "jsonl",
+            {str(k): str(v) for k, v in meta.items()},
+        )

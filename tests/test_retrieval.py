@@ -1,0 +1,382 @@
+"""Ingestion and search against real Milvus Lite (and a real Milvus gRPC server), with
+the bundled MiniLM model: formats, idempotent upserts, deletes, the three search modes,
+filters, and every bad input the retrieval issue lists."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import one_line_error
+
+GUIDE = """# Kettle guide
+
+The Brava kettle boils water in three minutes.
+
+## Cleaning
+
+Descale the Brava kettle every month with vinegar.
+
+## Safety
+
+Never open the lid while the water boils.
+"""
+
+
+def make_pdf(path: Path, text: str, title: str = "", password: str | None = None) -> None:
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=12)
+    pdf.multi_cell(0, 10, text)
+    if title:
+        pdf.set_title(title)
+    if password:
+        pdf.set_encryption(owner_password=password, user_password=password)
+    pdf.output(str(path))
+
+
+@pytest.fixture(scope="module")
+def knowledge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("knowledge")
+    (root / "guide.md").write_text(GUIDE)
+    (root / "notes.txt").write_text("The warehouse in Zanbel ships orders on Mondays.\n")
+    (root / "faq.html").write_text(
+        "<html><head><title>FAQ</title><script>var x=1;</script></head><body>"
+        "<h1>Questions</h1><p>Refunds take <b>five</b> working days.</p>"
+        "<ul><li>Returns need the original box.</li></ul></body></html>"
+    )
+    make_pdf(root / "manual.pdf", "The Orbin lamp uses a 40 watt bulb.", title="Orbin manual")
+    (root / "more").mkdir()
+    (root / "more" / "corpus.jsonl").write_text(
+        json.dumps({"_id": "policy-1", "title": "Warranty", "text": "Warranty lasts 24 months."})
+        + "\n"
+        + json.dumps({"_id": "policy-2", "title": "Hotline", "text": "Call extension 512."})
+        + "\n"
+    )
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    return root
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("retrieval_home")
+
+
+def cli(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> tuple[int, str, str]:
+    """The real CLI entry point in this process (the embedder stays loaded between calls)."""
+    from loraplex.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--home", str(home), *args])
+    captured = capsys.readouterr()
+    return int(exit_.value.code or 0), captured.out, captured.err
+
+
+def collection_ids(home: Path, collection: str = "kb") -> dict[str, str]:
+    """chunk id -> content hash, read straight from Milvus."""
+    from loraplex.config import load_settings
+    from loraplex.retrieval.store import KnowledgeStore
+
+    settings = load_settings(overrides=[f"home={home}"])
+    with KnowledgeStore.open(settings.milvus, settings.retrieval) as store:
+        if collection not in store.collections():
+            return {}
+        store.info(collection)
+        rows = store.client.query(
+            collection, filter='doc_id != ""', output_fields=["content_hash"], limit=16384
+        )
+    return {r["id"]: r["content_hash"] for r in rows}
+
+
+def test_ingest_every_format_then_search_cites_sources(capsys, home: Path, knowledge: Path) -> None:
+    code, out, err = cli(capsys, home, "ingest", str(knowledge), "-c", "kb", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["created"] is True
+    assert summary["files"] == 5
+    assert summary["documents"] == 6  # md, txt, html, pdf, and two JSONL lines
+    assert summary["added"] >= 6 and summary["updated"] == summary["removed"] == 0
+    assert [Path(p).name for p, _ in summary["skipped"]] == ["logo.png"]
+
+    for mode in ("dense", "bm25", "hybrid"):
+        code, out, err = cli(
+            capsys,
+            home,
+            "search",
+            "What bulb does the Orbin lamp use?",
+            "-c",
+            "kb",
+            "--mode",
+            mode,
+            "-k",
+            "3",
+            "--json",
+        )
+        assert code == 0, err
+        hits = json.loads(out)
+        assert hits[0]["doc_id"] == "manual", (mode, hits)
+        assert hits[0]["source"].endswith("manual.pdf")
+        assert "40 watt" in hits[0]["text"]
+        assert hits[0]["title"] == "Orbin manual"
+
+    code, out, _ = cli(capsys, home, "search", "How long do refunds take?", "-c", "kb", "--json")
+    hit = json.loads(out)[0]
+    assert hit["doc_id"] == "faq" and "five working days" in hit["text"]
+    assert "var x" not in hit["text"]  # scripts are not text
+
+    code, out, _ = cli(capsys, home, "search", "warranty months", "-c", "kb", "--json")
+    assert json.loads(out)[0]["doc_id"] == "policy-1"
+
+    # filters are Milvus expressions over the chunk metadata
+    code, out, _ = cli(
+        capsys, home, "search", "kettle", "-c", "kb", "--filter", 'doc_id == "notes"', "--json"
+    )
+    assert {h["doc_id"] for h in json.loads(out)} == {"notes"}
+
+    # the plain output: rank, score, doc id, source and the chunk's heading
+    code, out, _ = cli(capsys, home, "search", "descale the kettle", "-c", "kb", "-k", "1")
+    assert code == 0
+    assert out.startswith("[1] ") and "guide" in out and "Kettle guide > Cleaning" in out
+
+
+def test_reingest_is_idempotent_and_a_changed_file_replaces_exactly_its_chunks(
+    capsys, home: Path, knowledge: Path, tmp_path: Path
+) -> None:
+    before = collection_ids(home)
+    code, out, err = cli(capsys, home, "ingest", str(knowledge), "-c", "kb", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["added"], s["updated"], s["removed"], s["unchanged"]) == (0, 0, 0, len(before))
+    assert collection_ids(home) == before
+
+    # change the guide: one section edited, one removed; small chunks make three of them
+    edited = tmp_path / "kb"
+    edited.mkdir()
+    (edited / "guide.md").write_text(
+        GUIDE.replace("every month", "every week").split("## Safety")[0]
+    )
+    code, out, err = cli(
+        capsys,
+        home,
+        "-s",
+        "retrieval.chunk_size=100",
+        "-s",
+        "retrieval.chunk_overlap=0",
+        "ingest",
+        str(edited / "guide.md"),
+        "-c",
+        "kb",
+        "--json",
+    )
+    assert code == 0, err
+    s = json.loads(out)
+    after = collection_ids(home)
+    guide_before = {k for k in before if k.startswith("guide#")}
+    guide_after = {k for k in after if k.startswith("guide#")}
+    assert s["added"] + s["updated"] + s["unchanged"] == len(guide_after)
+    assert s["removed"] == max(0, len(guide_before) - len(guide_after))
+    # every other document is untouched, chunk for chunk
+    assert {k: v for k, v in after.items() if not k.startswith("guide#")} == {
+        k: v for k, v in before.items() if not k.startswith("guide#")
+    }
+    code, out, _ = cli(capsys, home, "search", "descale", "-c", "kb", "--mode", "bm25", "--json")
+    texts = [h["text"] for h in json.loads(out) if h["doc_id"] == "guide"]
+    assert any("every week" in t for t in texts) and not any("every month" in t for t in texts)
+
+    code, out, err = cli(capsys, home, "ingest", "--delete", "guide", "-c", "kb")
+    assert code == 0, err
+    assert f"{len(guide_after)} chunks removed" in out
+    remaining = collection_ids(home)
+    assert not any(k.startswith("guide#") for k in remaining)
+    assert len(remaining) == len(after) - len(guide_after)
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {
+        "binary": tmp_path / "blob.txt",
+        "garbage": tmp_path / "noise.md",
+        "empty": tmp_path / "empty.md",
+        "encrypted": tmp_path / "secret.pdf",
+        "broken_pdf": tmp_path / "broken.pdf",
+        "bad_jsonl": tmp_path / "rows.jsonl",
+        "big": tmp_path / "big.txt",
+    }
+    files["binary"].write_bytes(bytes(range(256)) * 4)
+    files["garbage"].write_text("\x01\x02\x03\x04\x05\x06\x07\x08" * 200)
+    files["empty"].write_text("")
+    make_pdf(files["encrypted"], "secret text", password="pw")
+    files["broken_pdf"].write_bytes(b"%PDF-1.4\n garbage that is not a pdf body\n")
+    files["bad_jsonl"].write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": \n')
+    files["big"].write_text("word " * 300_000)
+    return files
+
+
+EXPECTED = {
+    "binary": "binary file",
+    "garbage": "garbage",
+    "empty": "empty file",
+    "encrypted": "encrypted PDF",
+    "broken_pdf": "unreadable PDF",
+    "bad_jsonl": "line 2: not JSON",
+    "big": "over the",
+}
+
+
+def test_bad_files_get_one_line_errors_and_nothing_stored_is_lost(
+    capsys, home: Path, knowledge: Path, bad_files: dict[str, Path]
+) -> None:
+    cli(capsys, home, "ingest", str(knowledge), "-c", "kb")
+    before = collection_ids(home)
+    assert before
+    for name, path in bad_files.items():
+        code, _, err = cli(
+            capsys, home, "-s", "retrieval.max_file_mb=1", "ingest", str(path), "-c", "kb"
+        )
+        proc = subprocess.CompletedProcess([], code, "", err)
+        assert code == 2, (name, err)
+        line = one_line_error(proc)
+        assert EXPECTED[name] in line and path.name in line, (name, line)
+    # inside a folder the same files are skipped with their reasons, and good ones go in
+    folder = bad_files["binary"].parent
+    (folder / "good.md").write_text("# Good\n\nThe Velo bike has 21 gears.\n")
+    code, out, err = cli(
+        capsys, home, "-s", "retrieval.max_file_mb=1", "ingest", str(folder), "-c", "kb", "--json"
+    )
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["documents"] == 1 and s["added"] == 1
+    reasons = {Path(p).name: r for p, r in s["skipped"]}
+    assert set(reasons) == {p.name for p in bad_files.values()}
+    after = collection_ids(home)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert len(after) == len(before) + 1
+
+
+def test_search_errors_are_one_line(capsys, home: Path, knowledge: Path) -> None:
+    cli(capsys, home, "ingest", str(knowledge), "-c", "kb")
+    before = collection_ids(home)
+    cases = [
+        (("search", "x", "-c", "nope"), "unknown collection 'nope'"),
+        (("search", "x", "-c", "kb", "--filter", 'doc_id ==== "a"'), "malformed filter expression"),
+        (
+            ("search", "x", "-c", "kb", "--filter", "no_such_field > 3"),
+            "malformed filter expression",
+        ),
+        (("search", "x", "-c", "bad-name!"), "collection name"),
+        (("search", "   ", "-c", "kb"), "the query is empty"),
+        (("ingest", "/no/such/folder", "-c", "kb"), "no such file or folder"),
+        (("ingest", str(knowledge / "logo.png"), "-c", "kb"), "unsupported file type"),
+        (("ingest", "--delete", "guide", "-c", "nope"), "unknown collection"),
+    ]
+    for args, expected in cases:
+        code, _, err = cli(capsys, home, *args)
+        line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+        assert code == 2 and expected in line, (args, line)
+    assert collection_ids(home) == before
+
+
+def test_embedding_dimension_mismatch_is_refused(capsys, home: Path, knowledge: Path) -> None:
+    from loraplex.config import load_settings
+    from loraplex.retrieval.store import KnowledgeStore
+
+    settings = load_settings(overrides=[f"home={home}"])
+    with KnowledgeStore.open(settings.milvus, settings.retrieval) as store:
+        store.ensure("other_model", "some/other-model", 8)
+    code, _, err = cli(capsys, home, "ingest", str(knowledge), "-c", "other_model")
+    line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert code == 2 and "8-d vectors from some/other-model" in line and "384-d" in line
+    assert collection_ids(home, "other_model") == {}
+
+
+def test_locked_lite_data_dir_names_the_process_holding_it(capsys, tmp_path: Path) -> None:
+    from loraplex.config import load_settings
+
+    home = tmp_path / "home"  # a data dir this test process has never opened
+    settings = load_settings(overrides=[f"home={home}"])
+    Path(settings.milvus.uri).parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pymilvus import MilvusClient\n"
+            f"MilvusClient({settings.milvus.uri!r})\nprint('open', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        before_files = sorted(p.name for p in Path(settings.milvus.uri).iterdir())
+        code, _, err = cli(capsys, home, "search", "kettle", "-c", "kb")
+        line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+        assert code == 1, line
+        assert f"in use by pid {holder.pid}" in line and "one process per data dir" in line
+        assert sorted(p.name for p in Path(settings.milvus.uri).iterdir()) == before_files
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_milvus_server_that_does_not_answer(capsys, home: Path) -> None:
+    port = free_port()
+    code, _, err = cli(capsys, home, "-s", f"milvus.uri=http://127.0.0.1:{port}", "search", "x")
+    line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert code == 1 and "does not answer" in line and str(port) in line
+
+
+def test_same_code_against_a_milvus_server_by_uri(
+    capsys, home: Path, knowledge: Path, tmp_path: Path
+) -> None:
+    """A real Milvus gRPC server (Milvus Lite's server mode) on 127.0.0.1, reached by URI."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("milvus-lite")),
+            "server",
+            "--data-dir",
+            str(tmp_path / "server-data"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        uri = f"milvus.uri=http://127.0.0.1:{port}"
+        code, out, err = cli(
+            capsys, home, "-s", uri, "ingest", str(knowledge), "-c", "remote", "--json"
+        )
+        assert code == 0, err
+        assert json.loads(out)["documents"] == 6
+        code, out, err = cli(
+            capsys, home, "-s", uri, "search", "Orbin lamp bulb", "-c", "remote", "--json"
+        )
+        assert code == 0, err
+        assert json.loads(out)[0]["doc_id"] == "manual"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
