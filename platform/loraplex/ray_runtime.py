@@ -23,6 +23,11 @@ def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
     # Ray Train V2 patches print() in workers to log *and* (with redirected stdout)
     # print, so each progress line reached the driver twice; plain stdout is enough.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # On 2 busy cores Serve's HTTP proxy can take longer than the 5 s readiness check to
+    # start, and is then killed and restarted in a loop; give it time (local Ray only:
+    # the processes of a local Ray inherit this environment).
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
     import ray
 
     if ray.is_initialized():

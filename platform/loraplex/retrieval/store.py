@@ -117,6 +117,10 @@ def check_lite_lock(data_dir: Path) -> None:
 
 # -- connecting ------------------------------------------------------------------
 
+# Milvus Lite runs in-process, one server per data dir shared by every client of this
+# process; the last client to close stops it, which frees the data dir for others.
+_lite_users: dict[str, int] = {}
+
 
 def _server_answers(uri: str, timeout: float) -> None:
     parsed = urlparse(uri)
@@ -158,7 +162,24 @@ def connect(settings: MilvusSettings):
         raise LoraplexError(f"cannot open Milvus at {uri}: {first_line(e)}") from None
     except Exception as e:  # grpc timeouts and the like surface as several types
         raise LoraplexError(f"cannot open Milvus at {uri}: {first_line(e)}") from None
+    if settings.is_lite:
+        _lite_users[uri] = _lite_users.get(uri, 0) + 1
     return client
+
+
+def disconnect(client, settings: MilvusSettings) -> None:
+    """Close a client from :func:`connect`; the last one on a Lite data dir frees it."""
+    with contextlib.suppress(Exception):
+        client.close()
+    if not settings.is_lite:
+        return
+    uri = str(Path(str(settings.uri)).expanduser().absolute())
+    _lite_users[uri] = _lite_users.get(uri, 1) - 1
+    if _lite_users[uri] <= 0:
+        _lite_users.pop(uri, None)
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
 
 
 # -- the store -------------------------------------------------------------------
@@ -200,21 +221,28 @@ def _quote(value: str) -> str:
 class KnowledgeStore:
     """Chunks in Milvus collections: schema, writes, searches."""
 
-    def __init__(self, client, settings: RetrievalSettings) -> None:
+    def __init__(
+        self, client, settings: RetrievalSettings, milvus: MilvusSettings | None = None
+    ) -> None:
         from pymilvus.exceptions import MilvusException
 
         self.client = client
+        self.milvus = milvus
         self.settings = settings
         self._error = MilvusException
         self._ready: set[str] = set()
 
     @classmethod
     def open(cls, milvus: MilvusSettings, retrieval: RetrievalSettings) -> KnowledgeStore:
-        return cls(connect(milvus), retrieval)
+        return cls(connect(milvus), retrieval, milvus)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.close()
+        if self.milvus is not None:
+            disconnect(self.client, self.milvus)
+            self.milvus = None
+        else:
+            with contextlib.suppress(Exception):
+                self.client.close()
 
     def __enter__(self) -> KnowledgeStore:
         return self

@@ -1,0 +1,119 @@
+"""The Retriever Ray Serve deployment on a real local Ray, over real HTTP on 127.0.0.1:
+``/v1/embeddings`` through the official ``openai`` client, ``/v1/retrieve``, the Python
+API through a deployment handle, and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from loraplex.errors import InputError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def retriever_app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    from ray import serve
+
+    from loraplex.config import load_settings
+    from loraplex.retrieval.deployment import build_retriever
+    from loraplex.retrieval.retriever import Retriever
+
+    home = tmp_path_factory.mktemp("serve_home")
+    docs = tmp_path_factory.mktemp("serve_docs")
+    (docs / "lamp.md").write_text("# Orbin lamp\n\nThe Orbin lamp uses a 40 watt bulb.\n")
+    (docs / "kettle.md").write_text("# Brava kettle\n\nThe Brava kettle boils in 3 minutes.\n")
+    settings = load_settings(overrides=[f"home={home}"])
+    with Retriever(settings) as r:  # closing frees the Lite data dir for the replica
+        r.ingest([docs], "kb")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(build_retriever(settings), name="retriever", route_prefix="/retriever")
+    yield handle, f"http://127.0.0.1:{port}/retriever", settings
+    serve.delete("retriever")
+    serve.shutdown()
+
+
+def test_embeddings_through_the_openai_client(retriever_app) -> None:
+    from loraplex.retrieval.embeddings import default_embedder
+
+    _, base, _ = retriever_app
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+    texts = ["The Orbin lamp uses a 40 watt bulb.", "kettle"]
+    # the SDK asks for base64 by default; float is the other encoding
+    for fmt in (openai.NOT_GIVEN, "float"):
+        res = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts, encoding_format=fmt)
+        vectors = np.array([d.embedding for d in res.data])
+        assert vectors.shape == (2, 384)
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+        local = default_embedder().encode(texts)
+        assert np.allclose(vectors, local, atol=1e-4)
+        assert res.usage.prompt_tokens > 4
+    models = [m.id for m in client.models.list()]
+    assert models == ["sentence-transformers/all-MiniLM-L6-v2"]
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="text-embedding-3-large", input="x")
+    assert "not found" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="all-MiniLM-L6-v2", input="")
+    assert "empty" in e.value.message
+
+
+def test_retrieve_route_and_errors(retriever_app) -> None:
+    _, base, _ = retriever_app
+    with httpx.Client(timeout=60) as http:
+        r = http.post(
+            f"{base}/v1/retrieve",
+            json={"query": "Which bulb does the Orbin lamp take?", "collection": "kb", "top_k": 2},
+        )
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data[0]["doc_id"] == "lamp" and data[0]["rank"] == 1
+        assert "40 watt" in data[0]["text"] and data[0]["source"].endswith("lamp.md")
+
+        r = http.post(f"{base}/v1/retrieve", json={"query": "x", "collection": "nope"})
+        assert r.status_code == 404
+        assert "unknown collection" in r.json()["error"]["message"]
+        r = http.post(
+            f"{base}/v1/retrieve", json={"query": "x", "collection": "kb", "filter": "doc_id =="}
+        )
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        r = http.post(f"{base}/v1/retrieve", json={"query": "x", "top_k": 0})
+        assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
+        r = http.post(f"{base}/v1/embeddings", json={"inputs": "typo"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+def test_python_api_through_a_handle(retriever_app) -> None:
+    handle, _, _ = retriever_app
+    hits = handle.search.remote(
+        {"query": "Brava kettle", "collection": "kb", "mode": "bm25", "top_k": 1}
+    ).result(timeout_s=60)
+    assert [h["doc_id"] for h in hits] == ["kettle"]
+    vectors = handle.embed.remote(["a", "b", "c"]).result(timeout_s=60)
+    assert len(vectors) == 3 and len(vectors[0]) == 384
+
+
+def test_lite_refuses_more_than_one_replica(tmp_path: Path) -> None:
+    from loraplex.config import load_settings
+    from loraplex.retrieval.deployment import RetrieverScaling, build_retriever
+
+    settings = load_settings(overrides=[f"home={tmp_path}"])
+    with pytest.raises(InputError, match="one process per data dir"):
+        build_retriever(settings, RetrieverScaling(num_replicas=2))
+    server = load_settings(overrides=[f"home={tmp_path}", "milvus.uri=http://127.0.0.1:19530"])
+    opts = RetrieverScaling(min_replicas=1, max_replicas=3).options(server.milvus.is_lite)
+    assert opts["autoscaling_config"]["max_replicas"] == 3
