@@ -380,3 +380,46 @@ def test_same_code_against_a_milvus_server_by_uri(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_eval_retrieval_on_a_generated_world(capsys, home: Path, tmp_path: Path) -> None:
+    """The BEIR evaluation on a freshly drawn world: a table, JSON and one MLflow run."""
+    import mlflow
+
+    from loraplex.world.generate import WorldSize, generate_world
+
+    world = tmp_path / "world"
+    generate_world(
+        21,
+        world,
+        size=WorldSize(families=4, tickets=12, pretrain_copy=1, pretrain_lookup=1, pretrain_read=1),
+    )
+    code, out, err = cli(capsys, home, "eval", "retrieval", "--data", str(world), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    metrics = result["metrics"]
+    assert set(metrics) == {"dense", "bm25", "hybrid"}
+    for m in metrics.values():
+        assert 0.0 <= m["ndcg_at_10"] <= 1.0 and m["recall_at_10"] >= m["recall_at_1"]
+    assert metrics["hybrid"]["recall_at_5"] >= 0.9
+    assert metrics["hybrid"]["ndcg_at_10"] >= max(
+        metrics["dense"]["ndcg_at_10"], metrics["bm25"]["ndcg_at_10"]
+    ) - 1e-9
+    assert result["collection"] == "eval_world"
+
+    from loraplex.config import load_settings
+
+    mlflow.set_tracking_uri(load_settings(overrides=[f"home={home}"]).mlflow.tracking_uri)
+    run = mlflow.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["hybrid.ndcg_at_10"] == pytest.approx(metrics["hybrid"]["ndcg_at_10"])
+    assert run.data.tags["loraplex.kind"] == "eval-retrieval"
+
+    # the table form, and a second run that writes nothing new
+    code, out, err = cli(capsys, home, "eval", "retrieval", "--data", str(world), "--no-mlflow")
+    assert code == 0, err
+    assert "0 added, 0 updated, 0 removed" in out and "hybrid" in out and "ndcg@10" in out
+
+    (world / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq-unknown\tdoc\t1\n")
+    code, _, err = cli(capsys, home, "eval", "retrieval", "--data", str(world))
+    line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert code == 2 and "q-unknown" in line and "test.tsv:2" in line

@@ -164,4 +164,6 @@ def ingest(
     bar.close()
     # Old chunks go only after their replacements are written.
     store.delete_ids(collection, stale + leftover)
+    if todo or stale or leftover:
+        store.flush(collection)
     return summary

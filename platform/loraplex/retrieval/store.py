@@ -381,6 +381,10 @@ class KnowledgeStore:
         for batch in _batches(rows, WRITE_BATCH):
             self._call("upsert", self.client.upsert, name, batch)
 
+    def flush(self, name: str) -> None:
+        """Seal what was written into indexed segments (durable, and fast to search)."""
+        self._call("flush", self.client.flush, name)
+
     def delete_ids(self, name: str, ids: list[str]) -> None:
         for batch in _batches(ids, WRITE_BATCH):
             self._call("delete", self.client.delete, name, ids=batch)
