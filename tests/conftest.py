@@ -53,11 +53,17 @@ def ray_local(settings) -> Iterator[dict[str, float]]:
 TINY_PRETRAIN = {
     "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
     "phases": [
-        {"name": "copy", "stages": ["copy"], "seq_len": 128, "batch_size": 4, "steps": 20},
-        {"name": "lookup", "stages": ["lookup"], "seq_len": 128, "batch_size": 4, "steps": 10},
+        {"name": "copy", "mix": {"copy": 1}, "seq_len": 128, "batch_size": 4, "steps": 20},
         {
-            "name": "all",
-            "stages": ["copy", "lookup", "read"],
+            "name": "look-ups",
+            "mix": {"lookup": 1, "snippet": 1},
+            "seq_len": 128,
+            "batch_size": 4,
+            "steps": 10,
+        },
+        {
+            "name": "documents",
+            "mix": {"copy": 1, "document": 2, "prose": 1},
             "seq_len": 512,
             "batch_size": 2,
             "steps": 20,

@@ -385,14 +385,13 @@ def test_same_code_against_a_milvus_server_by_uri(
 def test_eval_retrieval_on_a_generated_world(capsys, home: Path, tmp_path: Path) -> None:
     """The BEIR evaluation on a freshly drawn world: a table, JSON and one MLflow run."""
     import mlflow
-
     from loraplex.world.generate import WorldSize, generate_world
 
     world = tmp_path / "world"
     generate_world(
         21,
         world,
-        size=WorldSize(families=4, tickets=12, pretrain_copy=1, pretrain_lookup=1, pretrain_read=1),
+        size=WorldSize(families=4, tickets=12, pretrain={"copy": 1}),
     )
     code, out, err = cli(capsys, home, "eval", "retrieval", "--data", str(world), "--json")
     assert code == 0, err
@@ -402,9 +401,10 @@ def test_eval_retrieval_on_a_generated_world(capsys, home: Path, tmp_path: Path)
     for m in metrics.values():
         assert 0.0 <= m["ndcg_at_10"] <= 1.0 and m["recall_at_10"] >= m["recall_at_1"]
     assert metrics["hybrid"]["recall_at_5"] >= 0.9
-    assert metrics["hybrid"]["ndcg_at_10"] >= max(
-        metrics["dense"]["ndcg_at_10"], metrics["bm25"]["ndcg_at_10"]
-    ) - 1e-9
+    assert (
+        metrics["hybrid"]["ndcg_at_10"]
+        >= max(metrics["dense"]["ndcg_at_10"], metrics["bm25"]["ndcg_at_10"]) - 1e-9
+    )
     assert result["collection"] == "eval_world"
 
     from loraplex.config import load_settings

@@ -12,8 +12,9 @@ from loraplex.data.formats import FORMATS
 from loraplex.evaluation.scorers import json_compliant, normalize_answer
 from loraplex.prompts import JSON_ANSWER_SCHEMA, JSON_INSTRUCTION, TICKET_CATEGORIES
 from loraplex.world.generate import WorldSize, generate_world
+from loraplex.world.pretraining import STAGES
 
-SMALL = WorldSize(families=4, tickets=60, pretrain_copy=20, pretrain_lookup=20, pretrain_read=20)
+SMALL = WorldSize(families=4, tickets=60, pretrain={s: 20 for s in STAGES})
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -7,23 +7,25 @@ rank 0 logging the loss curve to MLflow and printing progress), and writing the
 result as a Hugging Face folder that transformers and vLLM both load.
 Does not own: caching or the MLflow run's lifetime (``bootstrap``).
 
-The curriculum has phases, each a set of record stages (see
+The curriculum has phases, each a weighted mix of record stages (see
 ``loraplex.world.pretraining``) packed into rows of one length: copying first (a small
-model forms its copy heads there, after some two thousand steps), then one-line
-look-ups, then short reads in short rows, then everything in long rows. Short rows
-mean many cheap steps, and it is steps, not tokens, that these circuits need.
+model forms its copy heads there), then look-ups and multi-question reading of short
+snippets in short rows, then whole documents in long rows. Short rows mean many cheap
+steps, and it is steps, not tokens, that these circuits need; many questions per
+source mean many look-ups to learn from per token.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from loraplex.basemodel.architecture import TinyLlamaSpec
 from loraplex.config import StrictModel
@@ -32,14 +34,26 @@ from loraplex.errors import LoraplexError
 IGNORE = -100
 
 
+Stage = Literal["copy", "lookup", "snippet", "document", "prose"]
+
+
 class Phase(StrictModel):
     name: str
-    stages: list[Literal["copy", "lookup", "read"]] = Field(min_length=1)
+    mix: dict[Stage, float] = Field(
+        min_length=1, description="Record stages and their weights (shares of the records)."
+    )
     seq_len: int = Field(
         default=512, ge=32, description="Row length; longer examples are left out."
     )
     batch_size: int = Field(default=4, ge=1)
     steps: int = Field(default=1000, ge=1)
+
+    @field_validator("mix")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w <= 0 for w in v.values()):
+            raise ValueError("every weight must be positive")
+        return v
 
 
 class PretrainConfig(StrictModel):
@@ -47,11 +61,20 @@ class PretrainConfig(StrictModel):
     vocab_size: int = Field(default=1536, ge=300)
     phases: list[Phase] = Field(
         default_factory=lambda: [
-            Phase(name="copy", stages=["copy"], seq_len=128, batch_size=4, steps=2000),
-            Phase(name="lookup", stages=["lookup"], seq_len=128, batch_size=4, steps=2500),
-            Phase(name="short-reads", stages=["read"], seq_len=128, batch_size=4, steps=1500),
+            Phase(name="copy", mix={"copy": 1}, seq_len=128, batch_size=8, steps=1500),
             Phase(
-                name="all", stages=["copy", "lookup", "read"], seq_len=512, batch_size=4, steps=800
+                name="look-ups",
+                mix={"copy": 1, "lookup": 1, "snippet": 3},
+                seq_len=128,
+                batch_size=8,
+                steps=3500,
+            ),
+            Phase(
+                name="documents",
+                mix={"copy": 1, "snippet": 2, "document": 3, "prose": 1},
+                seq_len=512,
+                batch_size=4,
+                steps=1200,
             ),
         ],
         min_length=1,
@@ -109,15 +132,39 @@ def pack(
 def prepare_phase_data(
     cfg: PretrainConfig, tokenizer, records: list[dict[str, Any]], out: Path
 ) -> list[dict[str, Any]]:
-    """Tokenize once on the driver and save each phase's rows for the workers."""
-    encoded = [(r.get("stage", "read"), encode_record(tokenizer, r)) for r in records]
+    """Tokenize once on the driver and save each phase's rows for the workers.
+
+    A phase draws records by its mix weights until it has the tokens its steps need
+    (``steps x batch_size x workers`` rows); each stage's records are used in order and
+    reused from the start only when a stage runs out."""
+    by_stage: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for r in records:
+        by_stage.setdefault(r.get("stage", "prose"), []).append(encode_record(tokenizer, r))
+    cursor = dict.fromkeys(by_stage, 0)
+    rng = random.Random(cfg.seed)
     phases = []
     for phase in cfg.phases:
-        chosen = [e for stage, e in encoded if stage in phase.stages]
+        missing = [s for s in phase.mix if not by_stage.get(s)]
+        if missing:
+            raise LoraplexError(f"phase {phase.name!r}: no pretraining records of stage {missing}")
+        stages, weights = list(phase.mix), list(phase.mix.values())
+        rows_needed = phase.steps * phase.batch_size * cfg.num_workers
+        budget = rows_needed * phase.seq_len
+        chosen: list[tuple[list[int], list[int]]] = []
+        tokens = tried = 0
+        while tokens < budget and tried < 50 * rows_needed:
+            tried += 1
+            stage = rng.choices(stages, weights)[0]
+            pool = by_stage[stage]
+            example = pool[cursor[stage] % len(pool)]
+            cursor[stage] += 1
+            if len(example[0]) <= phase.seq_len:
+                chosen.append(example)
+                tokens += len(example[0])
         x, y = pack(chosen, phase.seq_len, tokenizer.pad_token_id)
         if len(x) == 0:
             raise LoraplexError(
-                f"phase {phase.name!r}: no example of {phase.stages} fits in {phase.seq_len} tokens"
+                f"phase {phase.name!r}: no example of {stages} fits in {phase.seq_len} tokens"
             )
         path = out / f"phase-{phase.name}.pt"
         torch.save({"input_ids": x, "labels": y}, path)

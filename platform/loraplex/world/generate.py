@@ -53,9 +53,7 @@ SPLITS = ("train", "test")
 class WorldSize:
     families: int = 14
     tickets: int = 600
-    pretrain_copy: int = 12000
-    pretrain_lookup: int = 20000
-    pretrain_read: int = 12000
+    pretrain: dict[str, int] | None = None  # records per stage; None: DEFAULT_COUNTS
 
 
 def check_output_folder(out: Path, force: bool) -> None:
@@ -152,9 +150,7 @@ def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
             rows = write_conversations(root / "datasets" / task, split, conversations)
             counts.setdefault(task, {})[split] = rows["openai"]
 
-    pretrain = pretraining_records(
-        catalog, size.pretrain_copy, size.pretrain_lookup, size.pretrain_read
-    )
+    pretrain = pretraining_records(catalog, size.pretrain)
     write_jsonl(root / "pretrain" / "corpus.jsonl", pretrain)
 
     manifest = {

@@ -9,8 +9,9 @@ serves:
   model first forms the attention heads that copy from its context;
 - ``lookup``: one fact line as the source and a question about it, the smallest
   look-up;
-- ``read``: prose (``{"text"}``) and reading conversations over whole documents or
-  snippets, with several questions each.
+- ``snippet`` / ``document``: reading conversations over a few fact lines or over
+  whole documents, several questions each (every answer is a look-up to learn from);
+- ``prose``: documents as plain text.
  Nothing here teaches the JSON format or the ticket categories, and no
 fact of the world (train or test) appears in it. Does not own: tokenization or
 training (``loraplex.basemodel``).
@@ -49,34 +50,51 @@ def lookup_conversation(
     ]
 
 
+STAGES = ("copy", "lookup", "snippet", "document", "prose")
+DEFAULT_COUNTS = {"copy": 28000, "lookup": 5000, "snippet": 16000, "document": 6000, "prose": 2000}
+
+
 def pretraining_records(
-    world: Catalog, copy: int = 12000, lookup: int = 20000, read: int = 12000
+    world: Catalog, counts: dict[str, int] | None = None, turns: int = 6
 ) -> list[dict[str, Any]]:
-    """``copy``/``lookup``/``read`` records, each about a product family drawn afresh
-    (names and facts) for that record alone, so no fact appears twice: a model cannot
-    lower its loss by memorising facts, only by reading the context in front of it.
-    Each read record comes with one of its family's documents as prose."""
+    """Records per stage (``counts``), each about a product family drawn afresh (names
+    and facts) for that record alone, so no fact appears twice: a model cannot lower
+    its loss by memorising facts, only by reading the context in front of it.
+
+    ``snippet``: a few fact lines of one or two sibling products and up to ``turns``
+    questions about them; ``document``: the same over whole documents (title, filler
+    prose, fact lines), the form retrieval hands a model; ``prose``: a document alone."""
+    unknown = set(counts or {}) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown pretraining stages {sorted(unknown)}; use {STAGES}")
+    counts = dict(DEFAULT_COUNTS) if counts is None else {s: counts.get(s, 0) for s in STAGES}
     taken = {p.name for p in world.products} | {p.family for p in world.products}
     rng = random.Random(f"pretraining:{world.seed}")
     records: list[dict[str, Any]] = []
-    for i, stage in enumerate(["copy"] * copy + ["lookup"] * lookup + ["read"] * read):
+    plan = [stage for stage in STAGES for _ in range(counts[stage])]
+    for i, stage in enumerate(plan):
         family = draw_catalog(world.seed, n_families=1, taken_names=taken, stream=f"pretrain-{i}")
         product = rng.choice(family.products)
         if stage == "copy":
             records.append({"stage": stage, "messages": copy_conversation(rng, product)})
-        elif stage == "lookup":
+            continue
+        if stage == "lookup":
             attribute = rng.choice(ATTRIBUTE_KEYS)
-            records.append(
-                {"stage": stage, "messages": lookup_conversation(rng, product, attribute)}
-            )
-        else:
-            docs = {d.doc_id: d for d in catalog_documents(family) if d.entity}
+            messages = lookup_conversation(rng, product, attribute)
+            records.append({"stage": stage, "messages": messages})
+            continue
+        docs = {d.doc_id: d for d in catalog_documents(family) if d.entity}
+        if stage == "prose":
             records.append({"stage": stage, "text": rng.choice(list(docs.values())).text})
-            records.append(
-                {
-                    "stage": stage,
-                    "messages": reading_conversation(rng, product, docs, family.by_name()),
-                }
-            )
+            continue
+        messages = reading_conversation(
+            rng,
+            product,
+            docs,
+            family.by_name(),
+            max_turns=turns,
+            p_snippet=1.0 if stage == "snippet" else 0.0,
+        )
+        records.append({"stage": stage, "messages": messages})
     rng.shuffle(records)
     return records
