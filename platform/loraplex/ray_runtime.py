@@ -33,6 +33,8 @@ def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
     if ray.is_initialized():
         return ray.cluster_resources()
     address = cfg.ray.address
+    if address in (None, "local") and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # inside `ray job submit`: join that cluster
     try:
         if address in (None, "local"):
             log.info("starting a local Ray with %s logical CPUs", cfg.ray.num_cpus)

@@ -1,0 +1,167 @@
+"""``loraplex train`` and ``loraplex adapters list|promote|register``.
+
+Owns: loading and validating a training config (YAML + ``--set``) before anything
+starts, printing a job's outcome, and the registry commands' arguments and tables.
+Does not own: training or the registry conventions (``loraplex.training``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from loraplex.cli.context import CliState, pass_state
+from loraplex.errors import ConfigError, InputError
+
+
+def load_train_config(path: Path, overrides: tuple[str, ...], home: Path):
+    from loraplex.config import load_model
+    from loraplex.training.config import TrainConfig
+
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist")
+    cfg = load_model(TrainConfig, path, overrides)
+    try:
+        return cfg.resolve_paths(path.parent, home)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+@click.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option(
+    "--set",
+    "overrides",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="Override a config key, e.g. --set train.max_steps=20 (repeatable).",
+)
+@click.option("--resume", is_flag=True, help="Continue the job's unfinished last run.")
+@pass_state
+def train(state: CliState, config: Path, overrides: tuple[str, ...], resume: bool) -> None:
+    """Fine-tune a LoRA adapter with Ray Train + HF Trainer + PEFT + DeepSpeed, tracked in
+    MLflow and registered as a new version of the configured model (alias `candidate`).
+
+    \b
+    Examples:
+      loraplex train jobs/configs/json_answer.yaml
+      loraplex train jobs/configs/json_answer.yaml --set train.max_steps=20 --set ray.num_workers=1
+      loraplex train jobs/configs/json_answer.yaml --resume
+    """
+    from loraplex.training.job import run_training
+
+    cfg = load_train_config(config, overrides, state.settings().home)  # before Ray starts
+    result = run_training(cfg, state.settings(), resume=resume)
+    verb = "resumed and finished" if result.resumed else "finished"
+    click.echo(f"run {result.run_name} {verb}: MLflow run {result.mlflow_run_id}")
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()))
+    click.echo(f"metrics: {metrics}")
+    click.echo(
+        f"registered {result.registered_model} version {result.version} "
+        f"(alias {result.alias}); adapter files in {result.adapter_dir}"
+    )
+
+
+@click.group()
+def adapters() -> None:
+    """LoRA adapters in the MLflow model registry."""
+
+
+def _client(state: CliState):
+    import mlflow
+    from loraplex import tracking
+
+    tracking.setup(state.settings())
+    return mlflow.MlflowClient()
+
+
+@adapters.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def list_(state: CliState, as_json: bool) -> None:
+    """Adapter names, versions, aliases, base model, rank and metrics.
+
+    Example: loraplex adapters list
+    """
+    from loraplex.training.registry import list_adapters
+
+    rows = list_adapters(_client(state))
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no adapters registered yet (train one with `loraplex train CONFIG`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for col in ("name", "version", "aliases", "base", "rank", "metrics"):
+        table.add_column(col)
+    for r in rows:
+        metrics = " ".join(f"{k}={v}" for k, v in sorted(r.metrics.items()))
+        table.add_row(r.name, r.version, ",".join(r.aliases), r.base_model, r.rank, metrics)
+    Console(width=160).print(table)
+
+
+@adapters.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", default="production", show_default=True)
+@pass_state
+def promote(state: CliState, name: str, version: str, alias: str) -> None:
+    """Point an alias at a version (serving follows the alias).
+
+    Example: loraplex adapters promote json-answer 3 --alias production
+    """
+    from loraplex.training.registry import promote as do_promote
+
+    if not version.isdigit():
+        raise InputError(f"version must be a number, not {version!r}")
+    before = do_promote(_client(state), name, version, alias)
+    was = f" (was version {before})" if before else ""
+    click.echo(f"{name}@{alias} -> version {version}{was}")
+
+
+@adapters.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--base", "base_model", default="embedded", show_default=True, help="Base model.")
+@click.option("--alias", default="candidate", show_default=True)
+@pass_state
+def register(state: CliState, path: Path, name: str, base_model: str, alias: str) -> None:
+    """Register a LoRA adapter trained elsewhere (a PEFT folder), after checking it fits
+    the base model: files complete and loadable, target modules present, tensor shapes
+    right, rank within the serving maximum.
+
+    Example: loraplex adapters register ./my-adapter --name support-tone
+    """
+    from loraplex import tracking
+    from loraplex.training.job import resolve_base_model
+    from loraplex.training.registry import register_external
+
+    _valid(name, alias)
+    settings = state.settings()
+    base_dir, base_ref = resolve_base_model(base_model, settings)
+    client = _client(state)
+    version = register_external(
+        client, path, name, base_dir, base_ref, alias, tracking.setup(settings)
+    )
+    click.echo(f"registered {name} version {version} (alias {alias}) on base {base_ref}")
+
+
+def _valid(name: str, alias: str) -> bool:
+    from pydantic import ValidationError
+
+    from loraplex.training.config import TrackingConfig
+
+    try:
+        TrackingConfig(registered_model=name, alias=alias)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InputError(
+            f"{'--name' if first['loc'][0] == 'registered_model' else '--alias'}: {first['msg']}"
+        ) from None
+    return True

@@ -1,0 +1,112 @@
+"""Training examples: JSONL conversations -> token ids and assistant-only labels.
+
+Owns: reading the configured files (any of the three formats, validated with line
+numbers), the eval split, the dataset fingerprint logged to MLflow, and tokenization
+with the base model's chat template where only assistant tokens carry loss (from the
+template's ``{% generation %}`` markers, or by tokenizing each prefix when a template
+has none), truncating to ``max_length`` and counting what was truncated.
+Does not own: the formats themselves (``loraplex.data.formats``) or training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.data.formats import Message, read_conversations
+from loraplex.errors import InputError
+from loraplex.training.config import DataConfig
+
+IGNORE = -100
+
+
+@dataclass
+class Examples:
+    train: list[list[Message]]
+    eval: list[list[Message]]
+    fingerprint: dict[str, Any]
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def load_examples(data: DataConfig, seed: int = 0) -> Examples:
+    """Every conversation of the train (and eval) files; InputError names a bad line."""
+    try:
+        train = [c for p in data.train for c in read_conversations(p, data.format)]
+        evals = [c for p in data.eval for c in read_conversations(p, data.format)]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not evals and data.eval_fraction > 0 and len(train) >= 4:
+        rng = random.Random(seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(train) * data.eval_fraction))
+        chosen = set(order[:n_eval])
+        evals = [c for i, c in enumerate(train) if i in chosen]
+        train = [c for i, c in enumerate(train) if i not in chosen]
+    fingerprint = {
+        "sha256": _digest([*data.train, *data.eval]),
+        "train_rows": len(train),
+        "eval_rows": len(evals),
+        "format": data.format,
+        "files": [str(p) for p in [*data.train, *data.eval]],
+    }
+    return Examples(train, evals, fingerprint)
+
+
+def _mask_by_prefixes(tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """Assistant mask for templates without generation markers: each assistant turn is
+    what its conversation adds over the prefix before it (with the generation prompt)."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    mask = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(
+            tokenizer.apply_chat_template(
+                messages[:i], tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
+        end = len(
+            tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        for j in range(start, min(end, len(ids))):
+            mask[j] = 1
+    return list(ids), mask
+
+
+def tokenize(
+    tokenizer, conversations: list[list[Message]], max_length: int
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Rows of ``input_ids``/``labels`` (loss on assistant tokens only), and how many
+    examples were cut at ``max_length``. An example with nothing left to learn from
+    after truncation is dropped (and counted as truncated)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the base model's tokenizer has no chat template")
+    rows, truncated = [], 0
+    for messages in conversations:
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, mask = list(enc["input_ids"]), list(enc.get("assistant_masks") or [])
+        if not any(mask):
+            ids, mask = _mask_by_prefixes(tokenizer, messages)
+        if len(ids) > max_length:
+            truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+        if all(label == IGNORE for label in labels):
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows, truncated

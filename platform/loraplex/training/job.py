@@ -1,0 +1,317 @@
+"""One fine-tuning job, from a validated config to a registered adapter version.
+
+Owns: :func:`run_training`: resolving the base model, loading and tokenizing the data,
+the job's one MLflow run (params, tags, dataset fingerprint; ended with its final
+status), the Ray Train ``TorchTrainer`` (``FailureConfig`` for worker failures,
+checkpoints in Ray's storage path), logging the adapter (the PEFT folder only) and
+registering it; and the job state file that decides between a new run and ``--resume``.
+Does not own: the worker loop (``worker``), the registry conventions (``registry``).
+
+Job state lives in ``<storage>/<job name>/job.json``: every run of the job (its Ray run
+name, MLflow run id and status). A job whose last run finished starts a new run
+(``<name>-<n>``) unless told to resume, and ``--resume`` continues only an unfinished
+run, in the same Ray run folder and the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.config import LoraplexConfig
+from loraplex.errors import InputError, LoraplexError
+from loraplex.training.config import EMBEDDED_BASE, REPO_ROOT, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    name: str
+    run_name: str
+    mlflow_run_id: str
+    registered_model: str
+    version: str
+    alias: str
+    metrics: dict[str, float]
+    adapter_dir: Path
+    resumed: bool
+
+
+def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
+    """(local folder, canonical reference) for 'embedded', a folder, an MLflow artifact
+    URI or a Hugging Face id; a clear error when none of these can be had."""
+    if ref == EMBEDDED_BASE:
+        folder = settings.home / "models" / "tiny-llama"
+        if not (folder / "config.json").exists():
+            raise InputError(f"no embedded base model in {folder}: run `loraplex bootstrap` first")
+        return folder, f"embedded:{folder}"
+    local = Path(ref).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise InputError(f"base_model {ref}: not a Hugging Face model folder (no config.json)")
+        return local.absolute(), str(local.absolute())
+    if ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow
+        from loraplex import tracking
+
+        tracking.setup(settings)
+        cache = settings.home / "cache" / "base-models" / ref.replace(":/", "_").replace("/", "_")
+        if not (cache / "config.json").exists():
+            try:
+                got = Path(mlflow.artifacts.download_artifacts(ref, dst_path=str(cache)))
+            except Exception as e:
+                raise InputError(f"base_model {ref}: cannot download from MLflow ({e})") from None
+            if not (got / "config.json").exists():
+                nested = [p.parent for p in got.rglob("config.json")]
+                if not nested:
+                    raise InputError(f"base_model {ref}: the artifact holds no config.json")
+                return nested[0], ref
+            return got, ref
+        return cache, ref
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref)), ref
+    except Exception as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError(
+            f"base_model {ref!r} is not a local folder or MLflow URI, and the hub cannot "
+            f"provide it ({first})"
+        ) from None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+# -- job state -----------------------------------------------------------------
+
+
+def _state_path(storage: Path, name: str) -> Path:
+    return storage / name / "job.json"
+
+
+def _read_state(storage: Path, name: str) -> dict[str, Any]:
+    p = _state_path(storage, name)
+    return json.loads(p.read_text()) if p.exists() else {"name": name, "runs": []}
+
+
+def _write_state(storage: Path, name: str, state: dict[str, Any]) -> None:
+    p = _state_path(storage, name)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, p)
+
+
+def plan_run(storage: Path, name: str, resume: bool) -> tuple[dict[str, Any], bool]:
+    """The run to do now: (its state entry, resumed?)."""
+    state = _read_state(storage, name)
+    runs = state["runs"]
+    if resume:
+        if not runs:
+            raise InputError(f"job {name!r} has no earlier run to resume")
+        last = runs[-1]
+        if last["status"] == "FINISHED":
+            raise InputError(
+                f"job {name!r} finished (run {last['run_name']}, adapter version "
+                f"{last.get('version', '?')}); nothing to resume: run it without --resume "
+                "for a new run"
+            )
+        return last, True
+    run_name = name if not runs else f"{name}-{len(runs) + 1}"
+    return {"run_name": run_name, "status": "NEW"}, False
+
+
+# -- the job -------------------------------------------------------------------
+
+
+def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = False) -> TrainResult:
+    """Train, log, register. ``cfg`` paths must already be resolved."""
+    from transformers import AutoTokenizer
+
+    import mlflow
+    from loraplex import tracking
+    from loraplex.ray_runtime import init_ray
+    from loraplex.training.dataset import load_examples, tokenize
+    from loraplex.training.registry import log_and_register
+
+    storage = Path(
+        cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
+    )
+    if "://" in str(cfg.ray.storage_path or ""):
+        raise InputError("ray.storage_path: remote storage is set in settings (ray.storage_path)")
+    storage = storage.expanduser().absolute()
+    entry, resumed = plan_run(storage, cfg.name, resume)
+
+    base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    examples = load_examples(cfg.data, cfg.train.seed)
+    train_rows, truncated = tokenize(tokenizer, examples.train, cfg.data.max_length)
+    eval_rows, eval_truncated = tokenize(tokenizer, examples.eval, cfg.data.max_length)
+    if not train_rows:
+        raise InputError("no training example has an assistant turn left to learn from")
+    if truncated or eval_truncated:
+        log.warning(
+            "%d training and %d eval examples were longer than data.max_length=%d and were cut",
+            truncated,
+            eval_truncated,
+            cfg.data.max_length,
+        )
+    log.info(
+        "data: %d training rows, %d eval rows (%s), base model %s",
+        len(train_rows),
+        len(eval_rows),
+        examples.fingerprint["sha256"][:12],
+        base_ref,
+    )
+
+    experiment_id = tracking.setup(settings, cfg.mlflow.experiment)
+    client = mlflow.MlflowClient()
+    if resumed:
+        run_id = entry["mlflow_run_id"]
+        log.info("resuming run %s (MLflow run %s)", entry["run_name"], run_id)
+    else:
+        run = client.create_run(
+            experiment_id,
+            run_name=entry["run_name"],
+            tags={
+                "loraplex.kind": "finetune",
+                "loraplex.job": cfg.name,
+                "loraplex.base_model": base_ref,
+                "loraplex.git_commit": git_commit(),
+                "loraplex.dataset_sha256": examples.fingerprint["sha256"],
+            },
+        )
+        run_id = run.info.run_id
+        for key, value in tracking.flatten_params(cfg.model_dump(mode="json")).items():
+            client.log_param(run_id, key, value)
+        client.log_param(run_id, "dataset.train_rows", len(train_rows))
+        client.log_param(run_id, "dataset.eval_rows", len(eval_rows))
+        client.log_param(run_id, "dataset.truncated", truncated + eval_truncated)
+        client.log_dict(run_id, examples.fingerprint, "dataset_fingerprint.json")
+        entry["mlflow_run_id"] = run_id
+    state = _read_state(storage, cfg.name)
+    state["runs"] = [r for r in state["runs"] if r["run_name"] != entry["run_name"]] + [
+        {**entry, "status": "RUNNING", "started": time.time()}
+    ]
+    _write_state(storage, cfg.name, state)
+
+    init_ray(settings)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from loraplex.training.worker import train_loop_per_worker
+
+    job_dir = storage / cfg.name / entry["run_name"]
+    loop_config = {
+        "base_dir": str(base_dir),
+        "job_dir": str(job_dir),
+        "lora": cfg.lora.model_dump(),
+        "train": cfg.train.model_dump(),
+        "deepspeed": cfg.deepspeed.as_dict(),
+        "use_gpu": cfg.ray.use_gpu,
+        "cpus_per_worker": cfg.ray.cpus_per_worker,
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "run_id": run_id,
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.use_gpu else "cpu")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=entry["run_name"],
+            storage_path=str(storage / cfg.name),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise LoraplexError(f"training run {entry['run_name']} produced no checkpoint")
+        with tempfile.TemporaryDirectory(prefix="loraplex-adapter-") as tmp:
+            with result.checkpoint.as_directory() as d:
+                from loraplex.training.worker import ADAPTER_DIR
+
+                if not (Path(d) / ADAPTER_DIR / "adapter_config.json").exists():
+                    raise LoraplexError("the final checkpoint holds no adapter")
+                adapter = Path(tmp) / ADAPTER_DIR
+                shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
+            metrics = {
+                k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)
+            }
+            version = log_and_register(
+                client,
+                run_id,
+                adapter,
+                cfg.mlflow.registered_model,
+                cfg.mlflow.alias,
+                base_ref=base_ref,
+                lora_rank=cfg.lora.r,
+                metrics=metrics,
+            )
+            kept = job_dir / "final-adapter"
+            if kept.exists():
+                shutil.rmtree(kept)
+            shutil.copytree(adapter, kept)
+        status = "FINISHED"
+    except Exception as e:
+        client.set_terminated(run_id, status="FAILED")
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        _finish_state(storage, cfg.name, entry["run_name"], "FAILED")
+        if isinstance(e, LoraplexError):
+            raise
+        raise LoraplexError(
+            f"training run {entry['run_name']} failed: {first} (rerun with --resume to "
+            "continue from its last checkpoint)"
+        ) from e
+    for key, value in metrics.items():
+        client.log_metric(run_id, f"final_{key}", value)
+    client.set_terminated(run_id, status="FINISHED")
+    _finish_state(storage, cfg.name, entry["run_name"], status, version=version)
+    return TrainResult(
+        cfg.name,
+        entry["run_name"],
+        run_id,
+        cfg.mlflow.registered_model,
+        version,
+        cfg.mlflow.alias,
+        metrics,
+        kept,
+        resumed,
+    )
+
+
+def _finish_state(storage: Path, name: str, run_name: str, status: str, **extra: Any) -> None:
+    state = _read_state(storage, name)
+    for r in state["runs"]:
+        if r["run_name"] == run_name:
+            r.update(status=status, ended=time.time(), **extra)
+    _write_state(storage, name, state)

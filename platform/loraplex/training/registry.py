@@ -1,0 +1,227 @@
+"""Adapters in the MLflow model registry: one registered model per adapter name, one
+version per training run (or registered folder), aliases such as ``candidate`` and
+``production``.
+
+Owns: logging a PEFT folder as the run's ``adapter`` artifact and registering it with
+tags that link the run and the base model (:func:`log_and_register`), listing adapters
+with their versions, aliases, base, rank and metrics, moving aliases, and validating an
+adapter trained elsewhere before it is registered (files complete, loadable tensors,
+base model matches, target modules exist in the base, rank within the serving maximum).
+Does not own: training (``job``) or serving's adapter loading.
+
+Conventions (tags on each model version): ``loraplex.base_model`` (the base reference),
+``loraplex.lora_rank``, ``loraplex.run_id``; the artifact path is ``adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraplex.errors import InputError, LoraplexError
+
+ARTIFACT = "adapter"
+MAX_SERVING_RANK = 64
+_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def _mlflow_error(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def log_and_register(
+    client,
+    run_id: str,
+    adapter_dir: Path,
+    name: str,
+    alias: str,
+    base_ref: str,
+    lora_rank: int,
+    metrics: dict[str, float] | None = None,
+) -> str:
+    """Log ``adapter_dir`` (PEFT files only) to the run and register a new version."""
+    import mlflow
+
+    weights = [p for p in adapter_dir.iterdir() if p.name.startswith("adapter_model")]
+    if not weights or not (adapter_dir / "adapter_config.json").exists():
+        raise LoraplexError(f"{adapter_dir} is not a PEFT adapter folder")
+    for p in adapter_dir.iterdir():  # the PEFT folder only, never base weights
+        if p.is_file() and (p.name.startswith("adapter_") or p.name == "README.md"):
+            client.log_artifact(run_id, str(p), ARTIFACT)
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri}/{ARTIFACT}"
+    tags = {
+        "loraplex.base_model": base_ref,
+        "loraplex.lora_rank": str(lora_rank),
+        "loraplex.run_id": run_id,
+        **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()},
+    }
+    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+@dataclass
+class AdapterVersion:
+    name: str
+    version: str
+    aliases: list[str]
+    base_model: str
+    rank: str
+    metrics: dict[str, str]
+    run_id: str
+    source: str
+
+
+def list_adapters(client) -> list[AdapterVersion]:
+    out = []
+    for rm in client.search_registered_models():
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (rm.aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+            tags = mv.tags or {}
+            if "loraplex.base_model" not in tags:
+                continue
+            out.append(
+                AdapterVersion(
+                    rm.name,
+                    str(mv.version),
+                    sorted(by_version.get(str(mv.version), [])),
+                    tags["loraplex.base_model"],
+                    tags.get("loraplex.lora_rank", "?"),
+                    {
+                        k.removeprefix("metric."): v
+                        for k, v in tags.items()
+                        if k.startswith("metric.")
+                    },
+                    mv.run_id or "",
+                    mv.source,
+                )
+            )
+    return sorted(out, key=lambda a: (a.name, int(a.version)))
+
+
+def promote(client, name: str, version: str, alias: str) -> str | None:
+    """Point ``alias`` at ``version``; returns the version it pointed at before."""
+    if not _ALIAS.match(alias):
+        raise InputError(
+            f"alias {alias!r}: use letters, digits, '_' and '-', starting with a letter"
+        )
+    versions = {a.version for a in list_adapters(client) if a.name == name}
+    if not versions:
+        raise InputError(f"no adapter named {name!r} (see `loraplex adapters list`)")
+    if str(version) not in versions:
+        known = ", ".join(sorted(versions, key=int))
+        raise InputError(f"adapter {name!r} has no version {version} (versions: {known})")
+    try:
+        before = client.get_model_version_by_alias(name, alias).version
+    except Exception:
+        before = None
+    client.set_registered_model_alias(name, alias, str(version))
+    return str(before) if before is not None else None
+
+
+# -- adapters trained elsewhere ----------------------------------------------------
+
+
+def validate_adapter(
+    path: Path, base_dir: Path, max_rank: int = MAX_SERVING_RANK
+) -> dict[str, Any]:
+    """The adapter's config when it fits the base; InputError with the reason otherwise."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder")
+    config_file = path / "adapter_config.json"
+    if not config_file.exists():
+        raise InputError(f"{path}: adapter_config.json is missing (not a PEFT adapter folder)")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_file}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise InputError(
+            f"{path}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters are served"
+        )
+    rank = int(cfg.get("r") or 0)
+    if rank < 1 or rank > max_rank:
+        raise InputError(f"{path}: LoRA rank {rank} is outside 1..{max_rank} (the serving maximum)")
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise InputError(f"{path}: adapter_model.safetensors is missing")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise InputError(f"{weights}: cannot be read as safetensors ({_mlflow_error(e)})") from None
+    if not shapes:
+        raise InputError(f"{weights}: holds no tensors")
+    base_config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config)
+    modules = dict(model.named_modules())
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    leaf_names = {n.rsplit(".", 1)[-1] for n in modules}
+    missing = [t for t in targets if t not in leaf_names and t not in modules]
+    if missing:
+        raise InputError(f"{path}: target modules {missing} do not exist in the base model")
+    for key, shape in shapes.items():
+        m = re.match(
+            r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.weight|\.default\.weight)?$", key
+        )
+        if not m:
+            continue
+        module = modules.get(m.group(1))
+        if module is None or not hasattr(module, "in_features"):
+            raise InputError(
+                f"{path}: tensor {key} targets {m.group(1)}, which the base model lacks"
+            )
+        want = (rank, module.in_features) if m.group(2) == "A" else (module.out_features, rank)
+        if tuple(shape) != want:
+            raise InputError(
+                f"{path}: tensor {key} has shape {list(shape)}, the base model needs {list(want)} "
+                "(trained for a different base?)"
+            )
+    return cfg
+
+
+def register_external(
+    client,
+    path: Path,
+    name: str,
+    base_dir: Path,
+    base_ref: str,
+    alias: str | None,
+    experiment_id: str,
+) -> str:
+    """Validate and register an adapter folder trained elsewhere; returns the version."""
+    cfg = validate_adapter(path, base_dir)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"register-{name}",
+        tags={"loraplex.kind": "adapter-registration", "loraplex.base_model": base_ref},
+    )
+    client.log_param(run.info.run_id, "source_path", str(Path(path).absolute()))
+    client.log_param(run.info.run_id, "lora.r", cfg.get("r"))
+    try:
+        version = log_and_register(
+            client, run.info.run_id, Path(path), name, alias or "candidate", base_ref, int(cfg["r"])
+        )
+    except Exception:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return version

@@ -1,0 +1,203 @@
+"""What each Ray Train worker runs: HF ``Trainer`` + PEFT LoRA + DeepSpeed.
+
+Owns: :func:`train_loop_per_worker` (model and adapter set-up, ``TrainingArguments``
+with the DeepSpeed config, resuming from the checkpoint Ray hands back after a
+failure, the final evaluation, and reporting the finished adapter as the last Ray
+checkpoint), the MLflow callback that logs per-step metrics from rank 0 into the job's
+one run, and the padding collator. Checkpoints go to Ray through
+``RayTrainReportCallback`` every ``save_steps``. Does not own: the MLflow run's
+lifetime, registration (``job``) or the data (``dataset``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex.training.dataset import IGNORE
+
+ADAPTER_DIR = "adapter"
+
+
+class PadCollator:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        attention = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            attention[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def _callbacks(cfg: dict[str, Any], rank: int):
+    from transformers import TrainerCallback
+
+    class ProgressAndMlflow(TrainerCallback):
+        """Rank 0: a progress line per log, and the metrics into the job's MLflow run."""
+
+        def __init__(self) -> None:
+            self.client = None
+            if cfg.get("run_id"):
+                from mlflow.tracking import MlflowClient
+
+                self.client = MlflowClient(cfg["tracking_uri"])
+            self.last: tuple[float, int] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            step = state.global_step
+            metrics = {}
+            names = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+            names |= {"eval_loss": "eval_loss", "num_input_tokens_seen": "tokens"}
+            for key, name in names.items():
+                if isinstance(logs.get(key), int | float):
+                    metrics[name] = float(logs[key])
+            if "eval_loss" in metrics:
+                metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+            now, seen = time.perf_counter(), int(logs.get("num_input_tokens_seen", 0))
+            if seen and self.last and now > self.last[0] and seen > self.last[1]:
+                metrics["tokens_per_s"] = (seen - self.last[1]) / (now - self.last[0])
+            if seen:
+                self.last = (now, seen)
+            if not metrics:
+                return
+            parts = [f"{k} {v:.4g}" for k, v in metrics.items() if k != "tokens"]
+            print(f"[train] step {step}/{state.max_steps} " + " ".join(parts), flush=True)
+            if self.client:
+                stamp = int(time.time() * 1000)
+                from mlflow.entities import Metric
+
+                self.client.log_batch(
+                    cfg["run_id"],
+                    metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()],
+                )
+
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    return [RayTrainReportCallback(), *([ProgressAndMlflow()] if rank == 0 else [])]
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    from peft import LoraConfig, get_peft_model
+    from ray.train.huggingface.transformers import prepare_trainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(cfg["cpus_per_worker"])
+    # Where the worker process is, for operators (and the fault-tolerance test).
+    pid_dir = Path(cfg["job_dir"]) / "workers"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["base_dir"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_dir"], dtype=torch.float32)
+    lora = cfg["lora"]
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            use_dora=lora["use_dora"],
+            use_rslora=lora["use_rslora"],
+            bias=lora["bias"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    hp = cfg["train"]
+    work = Path(tempfile.mkdtemp(prefix=f"loraplex-train-rank{rank}-"))
+    has_eval = bool(cfg["eval_rows"])
+    args = TrainingArguments(
+        output_dir=str(work / "hf"),
+        per_device_train_batch_size=hp["per_device_batch_size"],
+        per_device_eval_batch_size=hp["per_device_batch_size"],
+        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
+        learning_rate=hp["learning_rate"],
+        num_train_epochs=hp["epochs"],
+        max_steps=hp["max_steps"],
+        lr_scheduler_type=hp["lr_scheduler"],
+        warmup_ratio=hp["warmup_ratio"],
+        weight_decay=hp["weight_decay"],
+        logging_steps=hp["logging_steps"],
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=hp["eval_steps"],
+        save_strategy="steps",
+        save_steps=hp["save_steps"],
+        save_total_limit=2,
+        seed=hp["seed"],
+        report_to=[],
+        deepspeed=cfg["deepspeed"],
+        use_cpu=not cfg["use_gpu"],
+        ddp_backend=None if cfg["use_gpu"] else "gloo",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen=True,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=cfg["train_rows"],
+        eval_dataset=cfg["eval_rows"] or None,
+        data_collator=PadCollator(tokenizer.pad_token_id or 0),
+        callbacks=_callbacks(cfg, rank),
+    )
+    trainer = prepare_trainer(trainer)
+    checkpoint = ray.train.get_checkpoint()
+    start = time.perf_counter()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            resume = Path(d) / "checkpoint"
+            if rank == 0:
+                print(
+                    f"[train] resuming from the checkpoint of step {_step_of(resume)}", flush=True
+                )
+            trainer.train(resume_from_checkpoint=str(resume))
+    else:
+        trainer.train()
+    train_seconds = time.perf_counter() - start
+    final = trainer.evaluate() if has_eval else {}
+    eval_loss = final.get("eval_loss")
+    # Every rank takes part in saving (ZeRO-3 gathers the shards); rank 0 writes.
+    adapter_root = work / "final"
+    trainer.save_model(str(adapter_root / ADAPTER_DIR))
+    metrics = {
+        "step": trainer.state.global_step,
+        "train_seconds": train_seconds,
+        **(
+            {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
+            if eval_loss is not None
+            else {}
+        ),
+    }
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(str(adapter_root)) if rank == 0 else None,
+    )
+    return metrics
+
+
+def _step_of(checkpoint_dir: Path) -> str:
+    import json
+
+    state = checkpoint_dir / "trainer_state.json"
+    return str(json.loads(state.read_text()).get("global_step", "?")) if state.exists() else "?"

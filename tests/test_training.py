@@ -1,0 +1,368 @@
+"""Fine-tuning end to end on real components: Ray Train workers running HF Trainer + PEFT
+LoRA + DeepSpeed ZeRO-2 on the tiny base model, one MLflow run per job, adapters as
+registered model versions with aliases, recovery from a killed worker, `ray job submit`
+against a Ray head started here, adapters trained elsewhere, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, clean_env, one_line_error
+
+import mlflow
+
+pytestmark = pytest.mark.slow
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    from loraplex.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return int(exit_.value.code or 0), out.out, out.err
+
+
+def write_config(folder: Path, name: str, **changes) -> Path:
+    cfg = {
+        "name": name,
+        "base_model": "embedded",
+        "data": {
+            "train": "{home}/worlds/seed-0/datasets/json_answer/train.openai.jsonl",
+            "eval": "{home}/worlds/seed-0/datasets/json_answer/test.openai.jsonl",
+            "format": "openai",
+            "max_length": 384,
+        },
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "deepspeed": {"stage": 2},
+        "ray": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "train": {
+            "max_steps": 8,
+            "per_device_batch_size": 2,
+            "learning_rate": 0.001,
+            "logging_steps": 1,
+            "eval_steps": 4,
+            "save_steps": 4,
+        },
+        "mlflow": {"registered_model": name},
+    }
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def load(path: Path, home: Path):
+    from loraplex.config import load_model
+    from loraplex.training.config import TrainConfig
+
+    return load_model(TrainConfig, path).resolve_paths(path.parent, home)
+
+
+def metric_steps(run_id: str, key: str = "loss") -> list[int]:
+    return sorted({m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)})
+
+
+def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.training.job import run_training
+
+    cfg = load(write_config(tmp_path, "json-tiny"), settings.home)
+    result = run_training(cfg, settings)
+    assert result.version == "1" and result.run_name == "json-tiny"
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [client.get_experiment_by_name(settings.mlflow.experiment).experiment_id],
+        "tags.`loraplex.job` = 'json-tiny'",
+    )
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "4" and run.data.params["deepspeed.stage"] == "2"
+    assert run.data.tags["loraplex.base_model"].startswith("embedded:")
+    assert len(run.data.tags["loraplex.dataset_sha256"]) == 64
+    assert metric_steps(run.info.run_id) == list(range(1, 9))
+    for key in ("lr", "grad_norm", "eval_loss", "eval_perplexity", "tokens_per_s"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert artifacts == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+
+    mv = client.get_model_version_by_alias("json-tiny", "candidate")
+    assert mv.version == "1" and mv.run_id == run.info.run_id
+    assert mv.tags["loraplex.lora_rank"] == "4"
+
+    # the registered adapter loads on the base and changes its outputs
+    local = mlflow.artifacts.download_artifacts(
+        "models:/json-tiny@candidate", dst_path=str(tmp_path / "dl")
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_base.model_dir)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base.model_dir), local
+    )
+    import torch
+
+    x = torch.tensor([[1, 2, 3, 4]])
+    assert not torch.allclose(base(x).logits, tuned(x).logits)
+
+    # list and promote through the CLI
+    code, out, err = cli(capsys, "adapters", "list", "--json")
+    assert code == 0, err
+    row = next(r for r in json.loads(out) if r["name"] == "json-tiny")
+    assert row["aliases"] == ["candidate"] and row["rank"] == "4" and "eval_loss" in row["metrics"]
+    code, out, err = cli(capsys, "adapters", "promote", "json-tiny", "1", "--alias", "production")
+    assert code == 0, err
+    assert client.get_model_version_by_alias("json-tiny", "production").version == "1"
+    for args, expected in [
+        (("adapters", "promote", "json-tiny", "7"), "has no version 7"),
+        (("adapters", "promote", "nope", "1"), "no adapter named 'nope'"),
+        (("adapters", "promote", "json-tiny", "1", "--alias", "bad alias"), "alias"),
+    ]:
+        code, _, err = cli(capsys, *args)
+        line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+        assert code == 2 and expected in line, line
+
+    # a finished job is never silently overwritten: --resume refuses, a rerun is a new run
+    from loraplex.errors import InputError
+
+    with pytest.raises(InputError, match="nothing to resume"):
+        run_training(cfg, settings, resume=True)
+    again = run_training(cfg, settings)
+    assert again.run_name == "json-tiny-2" and again.version == "2"
+    assert again.mlflow_run_id != run.info.run_id
+    assert client.get_model_version_by_alias("json-tiny", "production").version == "1"
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tiny_base, settings, tmp_path):
+    from loraplex.training.job import run_training
+
+    cfg = load(
+        write_config(tmp_path, "fault-tiny", train__max_steps=40, train__save_steps=5),
+        settings.home,
+    )
+    storage = Path(settings.ray.storage_path)
+    pid_file = storage / "fault-tiny" / "fault-tiny" / "workers" / "rank-1.pid"
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run_training(cfg, settings)
+        except BaseException as e:  # reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and thread.is_alive():
+        state = storage / "fault-tiny" / "job.json"
+        if state.exists() and pid_file.exists():
+            run_id = json.loads(state.read_text())["runs"][-1].get("mlflow_run_id")
+            steps = metric_steps(run_id) if run_id else []
+            if steps and max(steps) >= 12:
+                killed = int(pid_file.read_text())
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.5)
+    thread.join(timeout=900)
+    assert killed, "the run ended before a worker could be killed"
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert int(pid_file.read_text()) != killed  # a new worker took its place
+
+    steps = metric_steps(result.mlflow_run_id)
+    assert steps[-1] == 40
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert max(gaps) <= 5, steps
+    runs = json.loads((storage / "fault-tiny" / "job.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["FINISHED"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_finetune_entry_point(tiny_base, settings, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/finetune.py CONFIG` against a Ray head
+    started here (its own processes, stopped by pid), logging into the same MLflow."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs, dash = free_port(), free_port()
+    temp = tmp_path / "ray"
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=8",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+        start_new_session=True,
+    )
+    config = write_config(REPO / "jobs" / "configs", "submitted-tiny-test")
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        env_vars = {
+            "LORAPLEX_HOME": str(settings.home),
+            "HF_HUB_OFFLINE": "1",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        }
+        proc = subprocess.run(
+            [
+                ray_bin,
+                "job",
+                "submit",
+                f"--address={address}",
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps({"env_vars": env_vars}),
+                "--",
+                sys.executable,
+                "jobs/finetune.py",
+                f"jobs/configs/{config.name}",
+                "--set",
+                "ray.num_workers=1",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=clean_env(),
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "registered submitted-tiny-test version 1" in proc.stdout
+    finally:
+        config.unlink(missing_ok=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias("submitted-tiny-test", "candidate").version == "1"
+
+
+def test_bad_training_configs_fail_before_ray_starts(tiny_base, settings, tmp_path, capsys):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    bad_jsonl.write_text(
+        f"{good}\n{good}\n" + '{"messages": [{"role": "robot", "content": "x"}]}\n'
+    )
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    cases = [
+        (write_config(tmp_path, "a", lora__rank=3), "lora.rank: unknown config key"),
+        (
+            write_config(tmp_path, "b", data__train="/no/such.jsonl"),
+            "data file /no/such.jsonl does not exist",
+        ),
+        (
+            write_config(tmp_path, "c", deepspeed__offload_params=True),
+            "offload_params needs stage 3",
+        ),
+        (
+            write_config(tmp_path, "d", data__train=str(bad_jsonl), data__eval=[]),
+            "bad.jsonl:3: messages[0]: 'role'",
+        ),
+        (
+            write_config(tmp_path, "e", data__train=str(no_answer), data__eval=[]),
+            "no_answer.jsonl:1",
+        ),
+        (write_config(tmp_path, "f", base_model=str(tmp_path)), "not a Hugging Face model folder"),
+        (write_config(tmp_path, "g", name="bad name!"), "name"),
+        (tmp_path / "missing.yaml", "does not exist"),
+    ]
+    for path, expected in cases:
+        code, _, err = cli(capsys, "--home", str(settings.home), "train", str(path))
+        line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+        assert code == 2 and expected in line, (path.name, line)
+
+
+def test_register_an_adapter_trained_elsewhere(tiny_base, settings, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base.model_dir)
+    good = tmp_path / "good"
+    get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(good)
+    code, out, err = cli(capsys, "adapters", "register", str(good), "--name", "imported")
+    assert code == 0, err
+    assert "registered imported version 1" in out
+    assert mlflow.MlflowClient().get_model_version_by_alias("imported", "candidate").version == "1"
+
+    # the same adapter shapes for a different (wider) base
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=base.config.vocab_size,
+            hidden_size=96,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+        )
+    )
+    wrong_base = tmp_path / "wrong-base"
+    get_peft_model(other, LoraConfig(r=8, target_modules=["q_proj"])).save_pretrained(wrong_base)
+    high_rank = tmp_path / "high-rank"
+    shutil.copytree(good, high_rank)
+    cfg = json.loads((high_rank / "adapter_config.json").read_text())
+    (high_rank / "adapter_config.json").write_text(json.dumps({**cfg, "r": 128}))
+    bad_target = tmp_path / "bad-target"
+    shutil.copytree(good, bad_target)
+    (bad_target / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["qkv"]}))
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(good, no_weights)
+    (no_weights / "adapter_model.safetensors").unlink()
+    garbage = tmp_path / "garbage"
+    shutil.copytree(good, garbage)
+    (garbage / "adapter_model.safetensors").write_bytes(b"not a tensor file")
+    cases = [
+        (wrong_base, "has shape"),
+        (high_rank, "rank 128 is outside 1..64"),
+        (bad_target, "target modules ['qkv'] do not exist"),
+        (no_weights, "adapter_model.safetensors is missing"),
+        (garbage, "cannot be read as safetensors"),
+        (tmp_path, "adapter_config.json is missing"),
+    ]
+    for path, expected in cases:
+        code, _, err = cli(capsys, "adapters", "register", str(path), "--name", "imported")
+        line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+        assert code == 2 and expected in line, (path.name, line)
+    # nothing was added by the refused ones
+    versions = mlflow.MlflowClient().search_model_versions("name = 'imported'")
+    assert [v.version for v in versions] == ["1"]
