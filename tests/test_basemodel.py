@@ -3,12 +3,12 @@ into MLflow, a folder that transformers and vLLM load, reuse, and bad input."""
 
 import json
 
+import mlflow
 import pytest
 import torch
 from helpers import clean_env, one_line_error, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mlflow
 from loraplex.basemodel.architecture import TinyLlamaSpec
 from loraplex.basemodel.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
 from loraplex.basemodel.pretrain import IGNORE, encode_record, pack

@@ -385,6 +385,7 @@ def test_same_code_against_a_milvus_server_by_uri(
 def test_eval_retrieval_on_a_generated_world(capsys, home: Path, tmp_path: Path) -> None:
     """The BEIR evaluation on a freshly drawn world: a table, JSON and one MLflow run."""
     import mlflow
+
     from loraplex.world.generate import WorldSize, generate_world
 
     world = tmp_path / "world"

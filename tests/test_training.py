@@ -17,11 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from helpers import REPO, clean_env, one_line_error
-
-import mlflow
 
 pytestmark = pytest.mark.slow
 
@@ -285,11 +284,25 @@ def test_bad_training_configs_fail_before_ray_starts(tiny_base, settings, tmp_pa
     )
     no_answer = tmp_path / "no_answer.jsonl"
     no_answer.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    from transformers import AutoConfig
+
+    bert = tmp_path / "bert"
+    AutoConfig.for_model("bert").save_pretrained(bert)
+    port = free_port()  # nothing listens there
     cases = [
         (write_config(tmp_path, "a", lora__rank=3), "lora.rank: unknown config key"),
+        (write_config(tmp_path, "a2", lora__r=0), "lora.r"),
+        (write_config(tmp_path, "a3", deepspeed__stage=4), "deepspeed.stage"),
+        (write_config(tmp_path, "a4", data__format="csv"), "data.format"),
         (
             write_config(tmp_path, "b", data__train="/no/such.jsonl"),
-            "data file /no/such.jsonl does not exist",
+            "/no/such.jsonl does not exist",
+        ),
+        (
+            write_config(tmp_path, "b2", data__train=str(empty), data__eval=[]),
+            "empty.jsonl: no records",
         ),
         (
             write_config(tmp_path, "c", deepspeed__offload_params=True),
@@ -304,13 +317,36 @@ def test_bad_training_configs_fail_before_ray_starts(tiny_base, settings, tmp_pa
             "no_answer.jsonl:1",
         ),
         (write_config(tmp_path, "f", base_model=str(tmp_path)), "not a Hugging Face model folder"),
+        (write_config(tmp_path, "f2", base_model="/no/model"), "folder /no/model does not exist"),
+        (write_config(tmp_path, "f3", base_model=str(bert)), "not a causal LM"),
+        (
+            write_config(tmp_path, "f4", lora__target_modules=["query_key_value"]),
+            "['query_key_value'] do not exist in the base model",
+        ),
         (write_config(tmp_path, "g", name="bad name!"), "name"),
+        (write_config(tmp_path, "h", mlflow__registered_model="a/b:c"), "mlflow.registered_model"),
         (tmp_path / "missing.yaml", "does not exist"),
     ]
+    storage = Path(settings.ray.storage_path)
+    before = sorted(p.name for p in storage.iterdir()) if storage.exists() else []
+    code, _, err = cli(
+        capsys,
+        "--home",
+        str(settings.home),
+        "-s",
+        f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+        "train",
+        str(write_config(tmp_path, "m")),
+    )
+    line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert code == 1 and "does not answer" in line, line
     for path, expected in cases:
         code, _, err = cli(capsys, "--home", str(settings.home), "train", str(path))
         line = one_line_error(subprocess.CompletedProcess([], code, "", err))
         assert code == 2 and expected in line, (path.name, line)
+    # nothing started, nothing registered
+    after = sorted(p.name for p in storage.iterdir()) if storage.exists() else []
+    assert after == before
 
 
 def test_register_an_adapter_trained_elsewhere(tiny_base, settings, tmp_path, capsys):

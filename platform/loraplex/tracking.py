@@ -23,6 +23,13 @@ def setup(settings: LoraplexConfig, experiment: str | None = None) -> str:
     import mlflow
 
     uri = settings.mlflow.tracking_uri or ""
+    if uri.startswith(("http://", "https://")):
+        # MLflow's own client retries an unreachable server for minutes; ask once.
+        from loraplex.doctor import check_mlflow
+
+        check = check_mlflow(settings)
+        if not check.ok:
+            raise LoraplexError(f"MLflow: {check.detail}; {check.fix}")
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

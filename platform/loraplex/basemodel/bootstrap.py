@@ -90,6 +90,7 @@ def bootstrap(
     tokenizer = train_tokenizer(_texts(records), vocab_size=cfg.vocab_size)
 
     import mlflow
+
     from loraplex import tracking
 
     experiment_id = tracking.setup(settings)

@@ -71,6 +71,7 @@ def adapters() -> None:
 
 def _client(state: CliState):
     import mlflow
+
     from loraplex import tracking
 
     tracking.setup(state.settings())

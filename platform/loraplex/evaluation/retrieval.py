@@ -129,6 +129,7 @@ def evaluate_retrieval(
 def log_to_mlflow(settings, data: BeirData, collection: str, results: dict) -> str:
     """One MLflow run with every mode's metrics; returns the run id."""
     import mlflow
+
     from loraplex.tracking import setup
 
     experiment_id = setup(settings)

@@ -59,8 +59,11 @@ def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
         if not (local / "config.json").exists():
             raise InputError(f"base_model {ref}: not a Hugging Face model folder (no config.json)")
         return local.absolute(), str(local.absolute())
+    if ref.startswith(("/", "./", "../", "~")):
+        raise InputError(f"base_model folder {ref} does not exist")
     if ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
+
         from loraplex import tracking
 
         tracking.setup(settings)
@@ -87,6 +90,40 @@ def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
             f"base_model {ref!r} is not a local folder or MLflow URI, and the hub cannot "
             f"provide it ({first})"
         ) from None
+
+
+def check_base_model(base_dir: Path, target_modules: list[str]) -> None:
+    """A causal LM whose modules include every LoRA target (built on the meta device:
+    no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+    except Exception as e:
+        raise InputError(f"base model {base_dir}: unreadable config.json ({e})") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        raise InputError(
+            f"base model {base_dir} is a {config.model_type!r} model, not a causal LM"
+        ) from None
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise InputError(
+            f"lora.target_modules {missing} do not exist in the base model "
+            f"(its linear layers: {', '.join(sorted(_linear_names(model)))})"
+        )
+
+
+def _linear_names(model) -> set[str]:
+    import torch
+
+    return {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
 
 
 def git_commit() -> str:
@@ -146,9 +183,9 @@ def plan_run(storage: Path, name: str, resume: bool) -> tuple[dict[str, Any], bo
 
 def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = False) -> TrainResult:
     """Train, log, register. ``cfg`` paths must already be resolved."""
+    import mlflow
     from transformers import AutoTokenizer
 
-    import mlflow
     from loraplex import tracking
     from loraplex.ray_runtime import init_ray
     from loraplex.training.dataset import load_examples, tokenize
@@ -163,6 +200,7 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
     entry, resumed = plan_run(storage, cfg.name, resume)
 
     base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
+    check_base_model(base_dir, cfg.lora.target_modules)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     examples = load_examples(cfg.data, cfg.train.seed)
     train_rows, truncated = tokenize(tokenizer, examples.train, cfg.data.max_length)
