@@ -103,7 +103,7 @@ def plain_hf(cfg, base_dir: Path, rows: list, eval_rows: list, steps: int) -> di
             learning_rate=cfg.train.learning_rate,
             max_steps=steps,
             logging_steps=LOG_EVERY,
-            include_num_input_tokens_seen=True,
+            include_num_input_tokens_seen="all",
             save_strategy="no",
             report_to=[],
             use_cpu=True,

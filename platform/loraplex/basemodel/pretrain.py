@@ -61,20 +61,20 @@ class PretrainConfig(StrictModel):
     vocab_size: int = Field(default=1536, ge=300)
     phases: list[Phase] = Field(
         default_factory=lambda: [
-            Phase(name="copy", mix={"copy": 1}, seq_len=128, batch_size=8, steps=1500),
+            Phase(name="copy", mix={"copy": 1}, seq_len=128, batch_size=8, steps=1300),
             Phase(
                 name="look-ups",
                 mix={"copy": 1, "lookup": 1, "snippet": 3},
                 seq_len=128,
                 batch_size=8,
-                steps=3500,
+                steps=3200,
             ),
             Phase(
                 name="documents",
                 mix={"copy": 1, "snippet": 2, "document": 3, "prose": 1},
                 seq_len=512,
                 batch_size=4,
-                steps=1200,
+                steps=1100,
             ),
         ],
         min_length=1,

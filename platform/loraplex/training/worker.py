@@ -134,7 +134,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         num_train_epochs=hp["epochs"],
         max_steps=hp["max_steps"],
         lr_scheduler_type=hp["lr_scheduler"],
-        warmup_ratio=hp["warmup_ratio"],
+        warmup_steps=hp["warmup_ratio"],  # a float in [0, 1) is a ratio of the total
         weight_decay=hp["weight_decay"],
         logging_steps=hp["logging_steps"],
         eval_strategy="steps" if has_eval else "no",
@@ -149,7 +149,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         ddp_backend=None if cfg["use_gpu"] else "gloo",
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="all",
         disable_tqdm=True,
         save_only_model=False,
     )
