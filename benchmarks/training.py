@@ -129,10 +129,15 @@ LOG_EVERY = 5
 def steady_rate(points: list[tuple[int, float, float]], skip: int = 10) -> float:
     """Tokens/s between the log at step >= ``skip`` and the last log: start-up
     (DeepSpeed engine, JIT-built ops, first batches) left out of both sides alike."""
-    points = sorted(points)
-    first = next(p for p in points if p[0] >= skip)
-    last = points[-1]
-    return (last[2] - first[2]) / (last[1] - first[1])
+    # one point per step, its first log: an eval or summary log of the same step comes
+    # later with the same token count and would charge evaluation time to training
+    by_step: dict[int, tuple[float, float]] = {}
+    for step, t, tokens in sorted(points):
+        by_step.setdefault(step, (t, tokens))
+    steps = sorted(by_step)
+    first = by_step[next(s for s in steps if s >= skip)]
+    last = by_step[steps[-1]]
+    return (last[1] - first[1]) / (last[0] - first[0])
 
 
 def loraplex_run(cfg, settings, name: str, workers: int, cpus: int, steps: int) -> dict:

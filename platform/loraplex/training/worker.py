@@ -161,6 +161,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         data_collator=PadCollator(tokenizer.pad_token_id or 0),
         callbacks=_callbacks(cfg, rank),
     )
+    # our progress line replaces the raw log dicts HF prints when tqdm is off
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()
     start = time.perf_counter()
