@@ -420,33 +420,28 @@ class KnowledgeStore:
         sparse_param = {"metric_type": "BM25", "params": {}}
         if mode not in ("dense", "bm25", "hybrid"):
             raise InputError(f"unknown search mode {mode!r}; use dense, bm25 or hybrid")
+        params = {"dense": dense_param, "bm25": sparse_param}
+
+        def route(which: str, limit: int) -> list:
+            """One Milvus search: the dense vector field or the BM25 sparse field."""
+            return self.client.search(
+                name,
+                data=[vector if which == "dense" else query],
+                anns_field="dense" if which == "dense" else "sparse",
+                limit=limit,
+                filter=expr,
+                search_params=params[which],
+                output_fields=OUTPUT_FIELDS,
+            )[0]
+
+        # each route brings more candidates than k, so fusion has something to fuse
+        pool = max(k * 4, 20)
         try:
             if mode == "hybrid" and self.settings.fusion == "weighted_rrf":
-                # each route brings more candidates than k, so fusion has something to fuse
-                pool = max(k * 4, 20)
-                dense = self.client.search(
-                    name,
-                    data=[vector],
-                    anns_field="dense",
-                    limit=pool,
-                    filter=expr,
-                    search_params=dense_param,
-                    output_fields=OUTPUT_FIELDS,
-                )
-                sparse = self.client.search(
-                    name,
-                    data=[query],
-                    anns_field="sparse",
-                    limit=pool,
-                    filter=expr,
-                    search_params=sparse_param,
-                    output_fields=OUTPUT_FIELDS,
-                )
-                res = [self._weighted_rrf(dense[0], sparse[0], k)]
+                res = [self._weighted_rrf(route("dense", pool), route("bm25", pool), k)]
             elif mode == "hybrid":
                 from pymilvus import AnnSearchRequest, RRFRanker
 
-                pool = max(k * 4, 20)
                 reqs = [
                     AnnSearchRequest([vector], "dense", dense_param, pool, expr=expr or None),
                     AnnSearchRequest([query], "sparse", sparse_param, pool, expr=expr or None),
@@ -455,16 +450,7 @@ class KnowledgeStore:
                     name, reqs, RRFRanker(self.settings.rrf_k), limit=k, output_fields=OUTPUT_FIELDS
                 )
             else:
-                dense_mode = mode == "dense"
-                res = self.client.search(
-                    name,
-                    data=[vector if dense_mode else query],
-                    anns_field="dense" if dense_mode else "sparse",
-                    limit=k,
-                    filter=expr,
-                    search_params=dense_param if dense_mode else sparse_param,
-                    output_fields=OUTPUT_FIELDS,
-                )
+                res = [route(mode, k)]
         except self._error as e:
             msg = first_line(e)
             if name not in self.collections():
