@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert lines[0].startswith("loraplex: error: "), lines[0]
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import one_line_error
+from helpers import free_port, one_line_error
 
 GUIDE = """# Kettle guide
 
@@ -324,12 +324,6 @@ def test_locked_lite_data_dir_names_the_process_holding_it(capsys, tmp_path: Pat
     finally:
         holder.kill()
         holder.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_milvus_server_that_does_not_answer(capsys, home: Path) -> None:

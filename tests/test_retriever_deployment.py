@@ -4,7 +4,6 @@ API through a deployment handle, and OpenAI-shaped errors."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +11,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from helpers import free_port
 
 from loraplex.errors import InputError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

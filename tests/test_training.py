@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from helpers import REPO, clean_env, one_line_error
+from helpers import REPO, clean_env, free_port, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -209,12 +209,6 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tiny_base, 
     assert max(gaps) <= 5, steps
     runs = json.loads((storage / "fault-tiny" / "job.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["FINISHED"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_runs_the_finetune_entry_point(tiny_base, settings, tmp_path):

@@ -92,9 +92,9 @@ def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
         ) from None
 
 
-def check_base_model(base_dir: Path, target_modules: list[str]) -> None:
-    """A causal LM whose modules include every LoRA target (built on the meta device:
-    no weights are read)."""
+def meta_model(base_dir: Path):
+    """The base model built on the meta device (no weights read): its module tree.
+    InputError when the folder is not a causal LM."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,26 +104,28 @@ def check_base_model(base_dir: Path, target_modules: list[str]) -> None:
         raise InputError(f"base model {base_dir}: unreadable config.json ({e})") from None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except ValueError:
         raise InputError(
             f"base model {base_dir} is a {config.model_type!r} model, not a causal LM"
         ) from None
+
+
+def check_base_model(base_dir: Path, target_modules: list[str]) -> None:
+    """A causal LM whose modules include every LoRA target."""
+    import torch
+
+    model = meta_model(base_dir)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in target_modules if t not in names]
     if missing:
+        linear = {
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        }
         raise InputError(
             f"lora.target_modules {missing} do not exist in the base model "
-            f"(its linear layers: {', '.join(sorted(_linear_names(model)))})"
+            f"(its linear layers: {', '.join(sorted(linear))})"
         )
-
-
-def _linear_names(model) -> set[str]:
-    import torch
-
-    return {
-        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-    }
 
 
 def git_commit() -> str:
@@ -289,7 +291,6 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    status = "FAILED"
     try:
         result = trainer.fit()
         if result.checkpoint is None:
@@ -319,7 +320,6 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
             if kept.exists():
                 shutil.rmtree(kept)
             shutil.copytree(adapter, kept)
-        status = "FINISHED"
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
@@ -333,7 +333,7 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
     for key, value in metrics.items():
         client.log_metric(run_id, f"final_{key}", value)
     client.set_terminated(run_id, status="FINISHED")
-    _finish_state(storage, cfg.name, entry["run_name"], status, version=version)
+    _finish_state(storage, cfg.name, entry["run_name"], "FINISHED", version=version)
     return TrainResult(
         cfg.name,
         entry["run_name"],

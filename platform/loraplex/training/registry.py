@@ -137,9 +137,9 @@ def validate_adapter(
     path: Path, base_dir: Path, max_rank: int = MAX_SERVING_RANK
 ) -> dict[str, Any]:
     """The adapter's config when it fits the base; InputError with the reason otherwise."""
-    import torch
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraplex.training.job import meta_model
 
     path = Path(path)
     if not path.is_dir():
@@ -168,10 +168,7 @@ def validate_adapter(
         raise InputError(f"{weights}: cannot be read as safetensors ({_mlflow_error(e)})") from None
     if not shapes:
         raise InputError(f"{weights}: holds no tensors")
-    base_config = AutoConfig.from_pretrained(base_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base_config)
-    modules = dict(model.named_modules())
+    modules = dict(meta_model(base_dir).named_modules())
     targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     leaf_names = {n.rsplit(".", 1)[-1] for n in modules}
