@@ -20,6 +20,7 @@ from loraplex.cli.context import CliState
 from loraplex.cli.doctor import doctor
 from loraplex.cli.evaluate import evaluate
 from loraplex.cli.retrieval import ingest, search
+from loraplex.cli.serving import chat, serve
 from loraplex.cli.training import adapters, train
 from loraplex.cli.world import world
 from loraplex.errors import LoraplexError
@@ -76,6 +77,8 @@ cli.add_command(search)
 cli.add_command(evaluate)
 cli.add_command(train)
 cli.add_command(adapters)
+cli.add_command(serve)
+cli.add_command(chat)
 
 
 def main(argv: list[str] | None = None) -> None:

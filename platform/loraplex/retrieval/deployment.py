@@ -67,13 +67,14 @@ class RetrieverScaling(StrictModel):
         return opts
 
 
-def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
     code = {400: "bad_request", 404: "not_found", 503: "unavailable"}.get(status)
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": kind, "param": param, "code": code}},
-    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_body(status, message, param))
 
 
 app = FastAPI(title="loraplex retriever")
@@ -88,8 +89,6 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     )
 
 
-@serve.deployment(name="Retriever")
-@serve.ingress(app)
 class RetrieverDeployment:
     def __init__(self, settings: dict[str, Any]) -> None:
         from loraplex.retrieval.retriever import Retriever
@@ -129,46 +128,58 @@ class RetrieverDeployment:
             "data": [{"id": name, "object": "model", "owned_by": "loraplex", "dimensions": dim}],
         }
 
-    @app.post("/v1/embeddings")
-    def embeddings(self, body: EmbeddingRequest) -> Any:
+    def openai_embeddings(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, OpenAI-shaped body) for an embeddings request; also used by the
+        serving ingress through a handle."""
+        try:
+            req = EmbeddingRequest.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            return 400, _error_body(400, f"{where}: {first['msg']}", where)
         name, dim = self.retriever.model
-        if body.model not in (None, name, name.split("/")[-1]):
-            return openai_error(
-                404, f"model {body.model!r} not found; this endpoint embeds with {name}", "model"
+        if req.model not in (None, name, name.split("/")[-1]):
+            return 404, _error_body(
+                404, f"model {req.model!r} not found; this endpoint embeds with {name}", "model"
             )
-        if body.dimensions not in (None, dim):
-            return openai_error(
+        if req.dimensions not in (None, dim):
+            return 400, _error_body(
                 400,
-                f"{name} makes {dim}-d vectors; dimensions={body.dimensions} is not supported",
+                f"{name} makes {dim}-d vectors; dimensions={req.dimensions} is not supported",
                 "dimensions",
             )
-        texts = [body.input] if isinstance(body.input, str) else body.input
+        texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts or not all(isinstance(t, str) for t in texts):
-            return openai_error(
+            return 400, _error_body(
                 400,
                 "input must be a non-empty string or list of strings (token ids are not supported)",
                 "input",
             )
         if len(texts) > MAX_INPUTS:
-            return openai_error(400, f"at most {MAX_INPUTS} inputs per request", "input")
+            return 400, _error_body(400, f"at most {MAX_INPUTS} inputs per request", "input")
         if any(not t.strip() for t in texts):
-            return openai_error(400, "input contains an empty string", "input")
+            return 400, _error_body(400, "input contains an empty string", "input")
         vectors = np.asarray(self.retriever.embed(texts), dtype=np.float32)
         tokens = self.retriever.embedder.count_tokens(texts)
         data = []
         for i, v in enumerate(vectors):
             emb: Any = (
                 base64.b64encode(v.tobytes()).decode()
-                if body.encoding_format == "base64"
+                if req.encoding_format == "base64"
                 else v.tolist()
             )
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {
+        return 200, {
             "object": "list",
             "data": data,
             "model": name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+    @app.post("/v1/embeddings")
+    def embeddings(self, body: dict[str, Any]) -> Any:
+        status, content = self.openai_embeddings(body)
+        return JSONResponse(status_code=status, content=content)
 
     @app.post("/v1/retrieve")
     def retrieve(self, body: dict[str, Any]) -> Any:
@@ -182,11 +193,22 @@ class RetrieverDeployment:
         return {"object": "list", "data": [{"rank": i, **h} for i, h in enumerate(hits, 1)]}
 
 
-def build_retriever(settings: LoraplexConfig, scaling: RetrieverScaling | None = None):
-    """The bound deployment (an Application) for a settings object."""
+# The same class twice: with its HTTP routes (an application of its own), and without
+# them (a backend of the serving application, whose ingress owns the HTTP surface;
+# Ray Serve allows one FastAPI ingress per application).
+RetrieverApp = serve.deployment(name="Retriever")(serve.ingress(app)(RetrieverDeployment))
+RetrieverBackend = serve.deployment(name="Retriever")(RetrieverDeployment)
+
+
+def build_retriever(
+    settings: LoraplexConfig, scaling: RetrieverScaling | None = None, http: bool = True
+):
+    """The bound deployment (an Application) for a settings object; ``http=False`` for
+    the serving application's backend (Python API only)."""
     scaling = scaling or RetrieverScaling()
     options = scaling.options(lite=settings.milvus.is_lite)
-    return RetrieverDeployment.options(**options).bind(settings.model_dump())
+    deployment = RetrieverApp if http else RetrieverBackend
+    return deployment.options(**options).bind(settings.model_dump())
 
 
 class RetrieverAppArgs(StrictModel):

@@ -1,0 +1,184 @@
+"""Adapters from the MLflow registry into vLLM: alias resolution and the downloader.
+
+Owns: :class:`AliasResolver` (ingress side: ``json-answer@production`` -> version ``3``,
+re-read every ``alias_refresh_s`` so a promotion reaches new requests within that
+time) and :class:`RegistryLoraLoader` (replica side: Ray Serve LLM's
+``model_downloader``; it downloads ``models:/name/version`` into the adapter cache,
+checks the files against the base model, and hands the folder to vLLM). Each version
+is its own multiplexed model id, ``<base>:<name>/<version>``, so requests already
+running on the old version finish on it while new ones load the new one; Serve's
+multiplexing keeps at most ``max_adapters_per_replica`` per replica (LRU).
+Does not own: registering or promoting adapters (``loraplex.training.registry``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loraplex.config import LoraplexConfig, load_settings
+from loraplex.errors import InputError, LoraplexError
+from loraplex.serving import metrics
+from loraplex.serving.config import parse_registry_ref
+from loraplex.serving.ray_llm import DiskMultiplexConfig, LoraModelLoader, get_lora_id
+
+log = logging.getLogger("loraplex.serving")
+
+
+class AdapterLoadError(LoraplexError):
+    """An adapter version that cannot be served (missing, corrupted, wrong base)."""
+
+
+def multiplexed_id(base: str, name: str, version: str) -> str:
+    return f"{base}:{name}/{version}"
+
+
+def _mlflow_client(settings: LoraplexConfig):
+    from mlflow import MlflowClient
+
+    return MlflowClient(
+        tracking_uri=settings.mlflow.tracking_uri, registry_uri=settings.mlflow.registry_uri
+    )
+
+
+class AliasResolver:
+    """``name@alias`` / ``name/version`` -> version, with a short cache per alias."""
+
+    def __init__(self, settings: LoraplexConfig, refresh_s: float) -> None:
+        self.settings = settings
+        self.refresh_s = refresh_s
+        self._cache: dict[str, tuple[float, str]] = {}
+        self._client: Any = None
+
+    def _lookup(self, name: str, alias: str | None, version: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        if self._client is None:
+            self._client = _mlflow_client(self.settings)
+        try:
+            if alias is not None:
+                return str(self._client.get_model_version_by_alias(name, alias).version)
+            return str(self._client.get_model_version(name, version).version)
+        except MlflowException as e:
+            first = (e.message or str(e)).splitlines()[0]
+            raise InputError(
+                f"adapter {name}@{alias or version} is not in the registry: {first}"
+            ) from None
+
+    async def resolve(self, ref: str) -> tuple[str, str]:
+        """(registered name, version); InputError when the registry has no such version."""
+        name, alias, version = parse_registry_ref(ref)
+        if version is not None:
+            return name, version
+        now = time.monotonic()
+        cached = self._cache.get(ref)
+        if cached and now - cached[0] < self.refresh_s:
+            return name, cached[1]
+        got = await asyncio.to_thread(self._lookup, name, alias, None)
+        if cached and cached[1] != got:
+            log.info("adapter %s now resolves to version %s (was %s)", ref, got, cached[1])
+        self._cache[ref] = (now, got)
+        return name, got
+
+    def check(self, ref: str) -> str:
+        """Blocking variant for start-up checks."""
+        name, alias, version = parse_registry_ref(ref)
+        return self._lookup(name, alias, version)
+
+
+class LoadedAdapter(DiskMultiplexConfig):
+    """What Serve's multiplexing caches per replica; its eviction is counted."""
+
+    def __del__(self) -> None:  # called by Serve when the LRU evicts this adapter
+        metrics.adapter_evictions.inc(tags={"adapter": self.model_id})
+        log.info("adapter %s evicted from this replica", self.model_id)
+
+
+class RegistryLoraLoader(LoraModelLoader):
+    """Ray Serve LLM ``model_downloader`` that reads the MLflow registry."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = load_settings()  # LORAPLEX_* variables set by the builder
+        uri = self.settings.adapters.uri or str(self.settings.home / "adapters")
+        self.cache_root = Path(uri.removeprefix("file://")) / "cache"
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
+        base_dir = Path(str(llm_config.model_loading_config.model_source))
+        started = time.perf_counter()
+        path = await asyncio.to_thread(self._fetch, lora_model_id, base_dir)
+        metrics.adapter_loads.inc(tags={"adapter": lora_model_id})
+        log.info(
+            "adapter %s ready from %s in %.2f s",
+            lora_model_id,
+            path,
+            time.perf_counter() - started,
+        )
+        return LoadedAdapter.model_validate(
+            {
+                "model_id": lora_model_id,
+                "max_total_tokens": None,
+                "local_path": str(path),
+                "lora_assigned_int_id": _next_int_id(),
+            }
+        )
+
+    def _fetch(self, lora_model_id: str, base_dir: Path) -> Path:
+        from loraplex.training.registry import validate_adapter
+
+        lora = get_lora_id(lora_model_id)
+        try:
+            name, _, version = parse_registry_ref(lora)
+        except ValueError as e:
+            raise AdapterLoadError(str(e)) from None
+        if version is None:
+            raise AdapterLoadError(f"{lora_model_id}: a served adapter id names a version")
+        target = self.cache_root / name / version
+        if not (target / "adapter_config.json").exists():
+            self._download(name, version, target)
+        try:
+            validate_adapter(target, base_dir)
+        except InputError as e:
+            shutil.rmtree(target, ignore_errors=True)  # fetched again on the next request
+            raise AdapterLoadError(
+                f"adapter {name} version {version} cannot be served: {e}"
+            ) from None
+        return target
+
+    def _download(self, name: str, version: str, target: Path) -> None:
+        import mlflow
+
+        client = _mlflow_client(self.settings)
+        try:
+            source = client.get_model_version(name, version).source
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{version}-") as tmp:
+                mlflow.set_tracking_uri(self.settings.mlflow.tracking_uri)
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+                if not (got / "adapter_config.json").exists():
+                    nested = [p.parent for p in got.rglob("adapter_config.json")]
+                    got = nested[0] if nested else got
+                got.rename(target)
+        except OSError as e:
+            if target.exists():  # another download of the same version won the race
+                return
+            raise AdapterLoadError(
+                f"adapter {name} version {version}: cannot download ({e})"
+            ) from None
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AdapterLoadError(
+                f"adapter {name} version {version}: cannot download ({first})"
+            ) from None
+
+
+_int_ids = iter(range(1, 1 << 30))
+
+
+def _next_int_id() -> int:
+    return next(_int_ids)

@@ -1,0 +1,153 @@
+"""Serving config -> checks -> Ray Serve application (the Ray Serve LLM way).
+
+Owns: :func:`check` (everything that can be wrong before Ray starts: base model
+folders, adapters in the registry, keys), :func:`llm_config` (one ``LLMConfig`` per
+base model: vLLM engine settings, CPU or GPU, LoRA limits, replicas/autoscaling, the
+``LORAPLEX_*`` environment its adapter downloader needs), :func:`build` (LLMServer
+deployments + the Retriever + :class:`~loraplex.serving.ingress.LoraplexIngress`) and
+:func:`build_app`, the import path for ``serve run`` / ``serve deploy`` / a RayService
+``serveConfigV2``. Does not own: request handling (``ingress``) or starting Serve
+(``loraplex serve``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from loraplex.config import LoraplexConfig, StrictModel, load_settings
+from loraplex.errors import InputError
+from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_config
+
+log = logging.getLogger("loraplex.serving")
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_CONFIG = REPO / "serving" / "local.yaml"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What :func:`check` found: base model folders, adapter versions, key digests."""
+
+    base_dirs: dict[str, Path]
+    adapter_versions: dict[str, str]
+    key_digests: dict[str, dict[str, Any]]
+
+
+def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
+    """Fail fast, with the reason, on anything the application could not serve."""
+    from loraplex.serving.adapters import AliasResolver
+    from loraplex.training.job import resolve_base_model
+
+    base_dirs = {m.id: resolve_base_model(m.source, settings)[0] for m in cfg.models}
+    resolver = AliasResolver(settings, cfg.alias_refresh_s)
+    versions = {}
+    for a in cfg.adapters:
+        versions[f"{a.base}:{a.name}"] = resolver.check(a.registry)
+    try:
+        digests = cfg.key_digests()
+    except ValueError as e:
+        raise InputError(f"auth: {e}") from None
+    return Checked(base_dirs, versions, digests)
+
+
+def settings_env(settings: LoraplexConfig) -> dict[str, str]:
+    """The ``LORAPLEX_*`` variables that let a replica rebuild the settings it needs."""
+    env = {
+        "LORAPLEX_HOME": str(settings.home),
+        "LORAPLEX_MLFLOW__TRACKING_URI": str(settings.mlflow.tracking_uri),
+        "LORAPLEX_ADAPTERS__URI": str(settings.adapters.uri),
+    }
+    if settings.mlflow.registry_uri:
+        env["LORAPLEX_MLFLOW__REGISTRY_URI"] = settings.mlflow.registry_uri
+    return env
+
+
+def llm_config(spec: BaseModelSpec, base_dir: Path, settings: LoraplexConfig, with_lora: bool):
+    from loraplex.serving.ray_llm import LLMConfig
+
+    engine: dict[str, Any] = {"max_model_len": spec.max_model_len, "dtype": spec.dtype}
+    env = {**settings_env(settings), "TOKENIZERS_PARALLELISM": "false"}
+    if spec.accelerator == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
+    else:
+        engine["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    if with_lora:
+        engine.update(
+            enable_lora=True,
+            max_loras=spec.max_adapters_per_replica,
+            max_cpu_loras=spec.max_adapters_per_replica,
+            max_lora_rank=spec.max_lora_rank,
+        )
+    engine.update(spec.engine_kwargs)
+    deployment = spec.scaling.deployment_config()
+    deployment["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+    kwargs: dict[str, Any] = {
+        "model_loading_config": {"model_id": spec.id, "model_source": str(base_dir)},
+        "engine_kwargs": engine,
+        "deployment_config": deployment,
+        "runtime_env": {"env_vars": env},
+        "log_engine_metrics": True,
+    }
+    if spec.accelerator == "cpu":
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+    elif spec.accelerator_type:
+        kwargs["accelerator_type"] = spec.accelerator_type
+    if with_lora:
+        kwargs["lora_config"] = {"max_num_adapters_per_replica": spec.max_adapters_per_replica}
+    return LLMConfig(**kwargs)
+
+
+def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None = None):
+    """The Serve application (ingress bound to the LLM servers and the retriever)."""
+    from ray import serve
+
+    from loraplex.retrieval.deployment import build_retriever
+    from loraplex.serving.adapters import RegistryLoraLoader
+    from loraplex.serving.ingress import ENDPOINTS, LoraplexIngress
+    from loraplex.serving.ray_llm import build_llm_deployment, make_fastapi_ingress
+
+    checked = checked or check(cfg, settings)
+    with_lora = {a.base for a in cfg.adapters}
+    deployments = {}
+    cards = {}
+    for spec in cfg.models:
+        conf = llm_config(spec, checked.base_dirs[spec.id], settings, spec.id in with_lora)
+        deployments[spec.id] = build_llm_deployment(
+            conf, bind_kwargs={"model_downloader": RegistryLoraLoader}
+        )
+        cards[spec.id] = {"id": spec.id}
+    retriever = (
+        build_retriever(settings, cfg.retriever, http=False) if cfg.retriever is not None else None
+    )
+    ingress_cls = make_fastapi_ingress(LoraplexIngress, endpoint_map=ENDPOINTS)
+    options = cfg.ingress.deployment_config()
+    options["ray_actor_options"] = {"num_cpus": 0.5}
+    return serve.deployment(ingress_cls, name="LoraplexIngress", **options).bind(
+        llm_deployments=deployments,
+        model_cards=cards,
+        serving=cfg.model_dump(mode="json"),
+        settings=settings.model_dump(mode="json"),
+        key_digests=checked.key_digests,
+        retriever=retriever,
+    )
+
+
+class AppArgs(StrictModel):
+    """Arguments of ``serve run loraplex.serving.builder:build_app`` (and RayService)."""
+
+    config: str = Field(default=str(DEFAULT_CONFIG), description="Serving config YAML.")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE for the config.")
+    settings_file: str | None = None
+    settings: list[str] = Field(default_factory=list, description="KEY=VALUE settings.")
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """Ray Serve application builder: ``import_path: loraplex.serving.builder:build_app``."""
+    parsed = AppArgs.model_validate(args or {})
+    cfg = load_serving_config(parsed.config, parsed.overrides)
+    settings = load_settings(parsed.settings_file, parsed.settings)
+    return build(cfg, settings)

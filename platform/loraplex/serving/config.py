@@ -1,0 +1,279 @@
+"""The serving config: base models, adapters, routes, replicas, keys, HTTP.
+
+Owns: :class:`ServingConfig` and its parts, loaded from YAML (``serving/local.yaml``)
+with ``--set`` overrides and validated before Ray starts: names unique, every route's
+base model and adapter defined, registry references well formed, keys usable. Does not
+own: turning the config into deployments (``builder``) or checking that the registry
+really holds the adapters (done by ``builder.check`` before anything starts).
+
+A route is what a client names in ``model``: a base model, optionally an adapter
+(a registry reference such as ``json-answer@production`` or ``json-answer/3``),
+optional retrieval (collection, top_k, mode, filter) and an optional system prompt.
+Every base model is also reachable as itself, and every adapter as ``base:adapter``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from loraplex.config import StrictModel, load_model
+from loraplex.retrieval.deployment import RetrieverScaling
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+REGISTRY_REF = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[1-9][0-9]{0,8}))$"
+)
+
+
+def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``name@alias`` -> (name, alias, None); ``name/3`` -> (name, None, '3')."""
+    m = REGISTRY_REF.match(ref)
+    if not m:
+        raise ValueError(
+            f"{ref!r} is not a registry reference: use NAME@ALIAS (json-answer@production) "
+            "or NAME/VERSION (json-answer/3)"
+        )
+    return m["name"], m["alias"], m["version"]
+
+
+class Scaling(StrictModel):
+    """Replicas of one deployment: fixed, or Ray Serve autoscaling when min/max are set."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Scaling:
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    def deployment_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests}
+        if self.min_replicas is not None or self.max_replicas is not None:
+            cfg["autoscaling_config"] = {
+                "min_replicas": self.min_replicas if self.min_replicas is not None else 1,
+                "max_replicas": self.max_replicas or max(1, self.min_replicas or 1),
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            cfg["num_replicas"] = self.num_replicas
+        return cfg
+
+
+class BaseModelSpec(StrictModel):
+    """One base model served by vLLM, with the adapters it may carry."""
+
+    id: str = Field(pattern=NAME, description="The name clients use in `model`.")
+    source: str = Field(
+        default="embedded",
+        description="'embedded' (the bootstrap model), a local HF folder, runs:/ or models:/ "
+        "MLflow URI, or a hub id where the hub is reachable.",
+    )
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator_type: str | None = Field(default=None, description="e.g. H100, L4 (GPU only).")
+    max_model_len: int = Field(default=1024, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kv_cache_gib: float = Field(
+        default=1.0, gt=0, description="CPU: VLLM_CPU_KVCACHE_SPACE. GPU: ignored."
+    )
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to vLLM's engine as they are."
+    )
+    max_adapters_per_replica: int = Field(
+        default=8, ge=1, description="Adapters kept loaded per replica (least recently used out)."
+    )
+    max_lora_rank: int = Field(default=64, ge=1, le=512)
+    max_n: int = Field(default=8, ge=1, description="Largest `n` a request may ask for.")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
+    scaling: Scaling = Field(default_factory=Scaling)
+
+
+class AdapterSpec(StrictModel):
+    """An adapter from the MLflow registry, served on one base model."""
+
+    name: str = Field(pattern=NAME, description="Clients use `<base>:<name>`.")
+    base: str = Field(pattern=NAME, description="The id of a base model above.")
+    registry: str = Field(description="NAME@ALIAS (follows promotion) or NAME/VERSION (pinned).")
+
+    @field_validator("registry")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        parse_registry_ref(v)
+        return v
+
+
+class RouteRetrieval(StrictModel):
+    """Retrieval for a route (and the shape of the per-request `retrieval` field)."""
+
+    collection: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$",
+        description="Default: retrieval.collection of the settings.",
+    )
+    top_k: int = Field(default=5, ge=1, le=50)
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    filter: str = Field(default="", max_length=4000, description="A Milvus boolean expression.")
+    tenant: str | None = Field(default=None, max_length=128)
+    on_unavailable: Literal["error", "answer_without_context"] = Field(
+        default="error",
+        description="When Milvus cannot be reached: 503 (error), or answer without sources "
+        "and say so in the response (answer_without_context).",
+    )
+
+
+class Route(StrictModel):
+    """A named assistant: base model + optional adapter + optional retrieval."""
+
+    name: str = Field(pattern=NAME)
+    base: str = Field(pattern=NAME)
+    adapter: str | None = Field(default=None, description="The name of an adapter above.")
+    retrieval: RouteRetrieval | None = None
+    system_prompt: str | None = Field(default=None, max_length=8000)
+    task: Literal["chat", "json_answer", "classify_ticket"] = Field(
+        default="chat",
+        description="How the user turn is framed: as it is (chat), with the instruction to "
+        'reply {"answer": ..., "sources": [...]} (json_answer), or as a support ticket to '
+        "classify (classify_ticket): the prompts the adapters were trained on.",
+    )
+
+
+class ApiKey(StrictModel):
+    """One API key, kept only as its SHA-256, allowed to use the listed models/routes."""
+
+    name: str = Field(pattern=NAME, description="Who the key belongs to (shown in logs).")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="Read the key from this environment variable at start-up and hash it.",
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="Routes, base models or base:adapter ids this key may use; '*' for all.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError("give exactly one of sha256 and env")
+        return self
+
+    def digest(self) -> str:
+        if self.sha256:
+            return self.sha256
+        value = os.environ.get(self.env or "", "")
+        if not value:
+            raise ValueError(f"key {self.name}: environment variable {self.env} is not set")
+        return hash_key(value)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class AuthConfig(StrictModel):
+    keys: list[ApiKey] = Field(default_factory=list)
+    keys_env: str = Field(
+        default="LORAPLEX_API_KEYS",
+        description="Also read comma-separated keys (allowed everything) from this variable.",
+    )
+
+
+class HttpConfig(StrictModel):
+    host: str | None = Field(
+        default=None, description="Default: 0.0.0.0 with keys, 127.0.0.1 without (forced)."
+    )
+    port: int = Field(default=8000, ge=1, le=65535)
+    request_timeout_s: float = Field(default=300, gt=0)
+
+
+class ServingConfig(StrictModel):
+    """What `loraplex serve` runs: one application, one OpenAI-compatible endpoint."""
+
+    name: str = Field(default="loraplex", pattern=NAME, description="Serve application name.")
+    models: list[BaseModelSpec] = Field(min_length=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    retriever: RetrieverScaling | None = Field(
+        default_factory=RetrieverScaling,
+        description="The retriever deployment; null to serve without retrieval.",
+    )
+    ingress: Scaling = Field(default_factory=lambda: Scaling(max_ongoing_requests=1000))
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    alias_refresh_s: float = Field(
+        default=10.0, gt=0, le=30, description="How often an alias is re-read from the registry."
+    )
+    log_prompts: bool = Field(default=False, description="Log prompt text (off by default).")
+
+    @model_validator(mode="after")
+    def _references(self) -> ServingConfig:
+        bases = [m.id for m in self.models]
+        _unique("models", bases)
+        _unique("adapters", [a.name for a in self.adapters])
+        _unique("routes", [r.name for r in self.routes])
+        adapters = {a.name: a for a in self.adapters}
+        for a in self.adapters:
+            if a.base not in bases:
+                raise ValueError(f"adapter {a.name}: base {a.base!r} is not one of {bases}")
+        for r in self.routes:
+            if r.name in bases or ":" in r.name:
+                raise ValueError(f"route {r.name}: the name of a base model cannot be a route")
+            if r.base not in bases:
+                raise ValueError(f"route {r.name}: base {r.base!r} is not one of {bases}")
+            if r.adapter is not None:
+                if r.adapter not in adapters:
+                    raise ValueError(
+                        f"route {r.name}: adapter {r.adapter!r} is not one of {sorted(adapters)}"
+                    )
+                if adapters[r.adapter].base != r.base:
+                    raise ValueError(
+                        f"route {r.name}: adapter {r.adapter} belongs to {adapters[r.adapter].base}"
+                    )
+            if r.retrieval is not None and self.retriever is None:
+                raise ValueError(f"route {r.name}: has retrieval but `retriever` is null")
+        known = (
+            set(bases)
+            | {r.name for r in self.routes}
+            | {f"{a.base}:{a.name}" for a in self.adapters}
+        )
+        for k in self.auth.keys:
+            unknown = [m for m in k.models if m != "*" and m not in known]
+            if unknown:
+                raise ValueError(f"key {k.name}: unknown models {unknown}")
+        return self
+
+    def key_digests(self, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """sha256 -> {name, models}; the plain keys never leave this function."""
+        env = dict(os.environ) if env is None else env
+        out = {k.digest(): {"name": k.name, "models": k.models} for k in self.auth.keys}
+        for i, key in enumerate(filter(None, env.get(self.auth.keys_env, "").split(","))):
+            out[hash_key(key.strip())] = {"name": f"{self.auth.keys_env}[{i}]", "models": ["*"]}
+        return out
+
+
+def _unique(what: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what}: duplicate names {dupes}")
+
+
+def load_serving_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()):
+    """YAML file (or the embedded default, ``serving/local.yaml``) + ``--set`` overrides."""
+    return load_model(ServingConfig, path, overrides)

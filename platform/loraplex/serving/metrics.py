@@ -1,0 +1,45 @@
+"""Prometheus metrics of the serving application, exported on Ray's metrics endpoint.
+
+Owns: the metric objects (``ray.util.metrics``; Ray exports them with the prefix
+``ray_``): requests, errors, prompt and completion tokens, request latency and
+retrieval latency per route and adapter, and adapter loads and evictions per adapter.
+Does not own: Ray Serve's and vLLM's own metrics, which are exported beside these.
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Histogram
+
+ROUTE_TAGS = ("route", "adapter")
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+
+requests = Counter(
+    "loraplex_requests", "Requests per route and adapter.", tag_keys=(*ROUTE_TAGS, "endpoint")
+)
+errors = Counter(
+    "loraplex_request_errors",
+    "Requests answered with an error, per route, adapter and HTTP status.",
+    tag_keys=(*ROUTE_TAGS, "status"),
+)
+prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens.", tag_keys=ROUTE_TAGS)
+completion_tokens = Counter("loraplex_completion_tokens", "Completion tokens.", tag_keys=ROUTE_TAGS)
+latency = Histogram(
+    "loraplex_request_latency_s",
+    "Seconds from request to last token.",
+    boundaries=LATENCY_BOUNDARIES,
+    tag_keys=ROUTE_TAGS,
+)
+retrieval_latency = Histogram(
+    "loraplex_retrieval_latency_s",
+    "Seconds spent in retrieval (embedding + Milvus search).",
+    boundaries=LATENCY_BOUNDARIES,
+    tag_keys=ROUTE_TAGS,
+)
+adapter_loads = Counter(
+    "loraplex_adapter_loads", "Adapter versions loaded into a replica.", tag_keys=("adapter",)
+)
+adapter_evictions = Counter(
+    "loraplex_adapter_evictions",
+    "Adapter versions evicted from a replica (least recently used).",
+    tag_keys=("adapter",),
+)
