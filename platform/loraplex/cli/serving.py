@@ -99,10 +99,10 @@ def _run(cfg, settings, checked, host: str) -> None:
 
     console = Console(stderr=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     init_ray(settings)
-    started_ray = True
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    local = settings.ray.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
     try:
         with console.status(
             f"starting {_summary(cfg)}: vLLM loads the model (about 1-2 minutes on CPU)"
@@ -128,11 +128,10 @@ def _run(cfg, settings, checked, host: str) -> None:
             pass
         click.echo("stopping loraplex serve ...")
     finally:
-        try:
-            ray_serve.shutdown()
+        try:  # on a shared cluster remove only this application
+            ray_serve.shutdown() if local else ray_serve.delete(cfg.name)
         finally:
-            if started_ray:
-                ray.shutdown()
+            ray.shutdown()
 
 
 @click.command()

@@ -27,7 +27,9 @@ from loraplex.serving import metrics
 from loraplex.serving.config import parse_registry_ref
 from loraplex.serving.ray_llm import DiskMultiplexConfig, LoraModelLoader, get_lora_id
 
-log = logging.getLogger("loraplex.serving")
+# A child of Ray Serve's logger: in a replica its lines go to the replica's log file
+# with the request id Serve attaches to every record.
+log = logging.getLogger("ray.serve.loraplex")
 
 
 class AdapterLoadError(LoraplexError):
@@ -41,6 +43,8 @@ def multiplexed_id(base: str, name: str, version: str) -> str:
 def _mlflow_client(settings: LoraplexConfig):
     from mlflow import MlflowClient
 
+    if str(settings.mlflow.tracking_uri).startswith("sqlite:///"):
+        settings.home.mkdir(parents=True, exist_ok=True)
     return MlflowClient(
         tracking_uri=settings.mlflow.tracking_uri, registry_uri=settings.mlflow.registry_uri
     )
@@ -105,8 +109,10 @@ class RegistryLoraLoader(LoraModelLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = load_settings()  # LORAPLEX_* variables set by the builder
-        uri = self.settings.adapters.uri or str(self.settings.home / "adapters")
-        self.cache_root = Path(uri.removeprefix("file://")) / "cache"
+        uri = (self.settings.adapters.uri or "").removeprefix("file://")
+        # adapters.uri may be an object store; the download cache is always a local folder
+        local = Path(uri) if uri and "://" not in uri else None
+        self.cache_root = (local or Path(tempfile.gettempdir()) / "loraplex-adapters") / "cache"
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
         base_dir = Path(str(llm_config.model_loading_config.model_source))

@@ -69,7 +69,13 @@ def settings_env(settings: LoraplexConfig) -> dict[str, str]:
 def llm_config(spec: BaseModelSpec, base_dir: Path, settings: LoraplexConfig, with_lora: bool):
     from loraplex.serving.ray_llm import LLMConfig
 
-    engine: dict[str, Any] = {"max_model_len": spec.max_model_len, "dtype": spec.dtype}
+    engine: dict[str, Any] = {
+        "max_model_len": spec.max_model_len,
+        "dtype": spec.dtype,
+        # JSON-schema answers without free whitespace: small models otherwise fill the
+        # allowed whitespace until max_tokens.
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
+    }
     env = {**settings_env(settings), "TOKENIZERS_PARALLELISM": "false"}
     if spec.accelerator == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
@@ -148,6 +154,9 @@ class AppArgs(StrictModel):
 def build_app(args: dict[str, Any] | None = None):
     """Ray Serve application builder: ``import_path: loraplex.serving.builder:build_app``."""
     parsed = AppArgs.model_validate(args or {})
-    cfg = load_serving_config(parsed.config, parsed.overrides)
+    path = Path(parsed.config)
+    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+        path = REPO / path  # serve run from elsewhere: the repo's serving/ configs
+    cfg = load_serving_config(path, parsed.overrides)
     settings = load_settings(parsed.settings_file, parsed.settings)
     return build(cfg, settings)

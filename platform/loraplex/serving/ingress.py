@@ -55,7 +55,9 @@ from loraplex.serving.ray_llm import (
     apply_openai_json_format,
 )
 
-log = logging.getLogger("loraplex.serving")
+# A child of Ray Serve's logger: in a replica its lines go to the replica's log file
+# with the request id Serve attaches to every record.
+log = logging.getLogger("ray.serve.loraplex")
 ADAPTER_NAMESPACE = ":"
 
 
@@ -439,6 +441,8 @@ class LoraplexIngress(OpenAiIngress):
                     raise ApiError(400, "`prompt` is required", "prompt")
                 query = prompt if isinstance(prompt, str) else ""
             self._check_generation_params(body, t)
+            if self.config.log_prompts:  # off by default: prompts may hold personal data
+                log.info("[%s] %s question: %s", rid, t.name, query[:500])
             engine_model, adapter_label = await self._engine_model(t)
             tags["adapter"] = adapter_label
             hits, retrieval = await self._retrieve(t, query, retrieval_override, rid)

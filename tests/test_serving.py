@@ -1,0 +1,625 @@
+"""The serving application on a real local Ray: vLLM (CPU) in Ray Serve LLM's LLMServer,
+adapters from a real MLflow registry, the Retriever against a real Milvus gRPC server
+(Milvus Lite's server mode on 127.0.0.1), and the official ``openai`` client over HTTP.
+
+One application is started for the module (vLLM takes a minute or two on CPU) and every
+test talks to it; the test that stops Milvus runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from helpers import clean_env, free_port, one_line_error, run_cli
+
+KEY_ALL = "sk-test-all"
+KEY_KB = "sk-test-kb-only"
+
+
+@dataclass
+class Served:
+    url: str
+    settings: object
+    milvus: subprocess.Popen
+    world: Path
+    log_dir: Path
+
+    def client(self, key: str = KEY_ALL) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
+
+
+def _make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A real PEFT LoRA folder for the base (random B, so it changes the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
+    peft.save_pretrained(out)
+    return out
+
+
+def _start_milvus(data_dir: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("milvus-lite")),
+            "server",
+            "--data-dir",
+            str(data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the Milvus server did not start within 60 s")
+
+
+def serving_config(model_dir: Path) -> dict:
+    from loraplex.serving.config import hash_key
+
+    return {
+        "name": "loraplex",
+        "models": [
+            {
+                "id": "tiny",
+                "source": str(model_dir),
+                "max_model_len": 512,
+                "dtype": "float32",
+                "kv_cache_gib": 1,
+                "max_adapters_per_replica": 2,
+                "max_n": 4,
+            }
+        ],
+        "adapters": [
+            {"name": "alpha", "base": "tiny", "registry": "alpha@live"},
+            {"name": "beta", "base": "tiny", "registry": "beta/1"},
+            {"name": "broken", "base": "tiny", "registry": "broken/1"},
+        ],
+        "routes": [
+            {"name": "kb", "base": "tiny", "retrieval": {"collection": "kb", "top_k": 2}},
+            {
+                "name": "kb-alpha",
+                "base": "tiny",
+                "adapter": "alpha",
+                "retrieval": {"collection": "kb", "top_k": 2},
+                "task": "json_answer",
+                "system_prompt": "You answer from the sources.",
+            },
+            {
+                "name": "kb-soft",
+                "base": "tiny",
+                "retrieval": {"collection": "kb", "on_unavailable": "answer_without_context"},
+            },
+        ],
+        "auth": {
+            "keys": [
+                {"name": "ops", "sha256": hash_key(KEY_ALL)},
+                {"name": "kb-team", "sha256": hash_key(KEY_KB), "models": ["kb"]},
+            ]
+        },
+        "alias_refresh_s": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    import ray
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from loraplex import tracking
+    from loraplex.config import load_settings
+    from loraplex.retrieval.retriever import Retriever
+    from loraplex.serving.builder import build
+    from loraplex.serving.config import ServingConfig
+    from loraplex.training.registry import register_external
+
+    home = tmp_path_factory.mktemp("serving_home")
+    milvus_port = free_port()
+    milvus = _start_milvus(home / "milvus-server", milvus_port)
+    settings = load_settings(
+        overrides=[f"home={home}", f"milvus.uri=http://127.0.0.1:{milvus_port}"]
+    )
+    with Retriever(settings) as r:
+        r.ingest([tiny_base.world_dir / "docs"], "kb")
+
+    base = tiny_base.model_dir
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    experiment = tracking.setup(settings)
+    for name, seed, alias in [("alpha", 1, "live"), ("alpha", 2, "next"), ("beta", 3, None)]:
+        folder = _make_adapter(base, home / "src" / f"{name}-{seed}", seed)
+        register_external(client, folder, name, base, str(base), alias, experiment)
+    broken = _make_adapter(base, home / "src" / "broken", 4)
+    register_external(client, broken, "broken", base, str(base), None, experiment)
+    # the registry's copy of broken/1 gets damaged after registration
+    stored = Path(client.get_model_version("broken", "1").source.removeprefix("file://"))
+    weights = stored / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    cfg = ServingConfig.model_validate(serving_config(base))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
+    log_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    try:
+        yield Served(f"http://127.0.0.1:{port}/v1", settings, milvus, tiny_base.world_dir, log_dir)
+    finally:
+        serve.delete("loraplex")
+        serve.shutdown()
+        milvus.terminate()
+        milvus.wait(timeout=30)
+
+
+def question(world: Path) -> tuple[str, str]:
+    """(question text, gold doc id) of the world's first test query."""
+    qrels = (world / "qrels" / "test.tsv").read_text().splitlines()[1:]
+    qid, doc = qrels[0].split("\t")[:2]
+    for line in (world / "queries.jsonl").read_text().splitlines():
+        q = json.loads(line)
+        if q["_id"] == qid:
+            return q["text"], doc
+    raise AssertionError("no test query")
+
+
+# ---------------------------------------------------------------------- the API
+
+
+def test_models_lists_bases_adapters_and_routes_within_the_keys_scope(served: Served) -> None:
+    ids = [m.id for m in served.client().models.list()]
+    assert ids == ["tiny", "tiny:alpha", "tiny:beta", "tiny:broken", "kb", "kb-alpha", "kb-soft"]
+    assert [m.id for m in served.client(KEY_KB).models.list()] == ["kb"]
+    card = served.client().models.retrieve("kb-alpha")
+    assert card.model_extra["metadata"]["adapter"] == "alpha"
+
+
+def test_chat_and_completions_through_the_openai_sdk(served: Served) -> None:
+    c = served.client()
+    msgs = [{"role": "user", "content": "What is the price of the Urven E100?"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 8
+    assert r.choices[0].finish_reason in ("stop", "length")
+    greedy = r.choices[0].message.content
+
+    again = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == greedy
+
+    sampled = [
+        c.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=8, temperature=1.0, seed=7, n=2
+        )
+        for _ in range(2)
+    ]
+    assert len(sampled[0].choices) == 2
+    assert [x.message.content for x in sampled[0].choices] == [
+        x.message.content for x in sampled[1].choices
+    ]  # same seed, same samples
+
+    # stream: text equals the non-streamed greedy answer; usage only when asked for
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == greedy
+    assert all(ch.usage is None for ch in chunks)
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert any(ch.usage and ch.usage.completion_tokens >= 1 for ch in chunks)
+
+    # stop sequences and /v1/completions
+    comp = c.completions.create(
+        model="tiny", prompt="The price of the", max_tokens=6, temperature=0
+    )
+    assert comp.object == "text_completion" and comp.usage.completion_tokens <= 6
+    word = comp.choices[0].text.split()[0] if comp.choices[0].text.split() else None
+    if word:
+        stopped = c.completions.create(
+            model="tiny", prompt="The price of the", max_tokens=6, temperature=0, stop=[word]
+        )
+        assert word not in stopped.choices[0].text
+
+    # /v1/embeddings through the retriever's MiniLM
+    emb = c.embeddings.create(model="all-MiniLM-L6-v2", input=["kettle", "lamp"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+
+
+def test_json_schema_response_format_is_enforced(served: Served) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": ["billing", "shipping"]}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    r = served.client().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "I was charged twice."}],
+        max_tokens=30,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+    )
+    assert json.loads(r.choices[0].message.content)["label"] in ("billing", "shipping")
+
+
+def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
+    text, gold = question(served.world)
+    c = served.client()
+    r = c.chat.completions.create(
+        model="kb", messages=[{"role": "user", "content": text}], max_tokens=16, temperature=0
+    )
+    extra = r.model_extra
+    assert extra["retrieval"]["status"] == "ok" and extra["retrieval"]["collection"] == "kb"
+    assert [s["id"] for s in extra["sources"]] == [1, 2]
+    assert gold in [s["doc_id"] for s in extra["sources"]]  # hybrid search finds the gold doc
+    assert all(s["text"] and s["chunk_id"].startswith(s["doc_id"]) for s in extra["sources"])
+    assert isinstance(r.choices[0].model_extra["citations"], list)
+    plain = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": text}], max_tokens=4
+    )
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the sources are in the prompt
+    assert plain.model_extra["sources"] == []
+
+    # per request, on a base model, through extra_body; streamed
+    stream = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": text}],
+        max_tokens=8,
+        stream=True,
+        extra_body={"retrieval": {"collection": "kb", "top_k": 1, "mode": "bm25"}},
+    )
+    chunks = list(stream)
+    head, tail = chunks[0], chunks[-1]
+    assert head.choices == [] and len(head.model_extra["sources"]) == 1
+    assert head.model_extra["sources"][0]["doc_id"] == gold
+    assert tail.choices == [] and isinstance(tail.model_extra["citations"], list)
+
+
+def test_citations_map_back_to_doc_ids() -> None:
+    from loraplex.serving.hybrid import build_messages, citations, public_sources
+
+    hits = [
+        {"doc_id": "a", "chunk_id": "a#0", "text": "A text", "score": 1.0},
+        {"doc_id": "b", "chunk_id": "b#0", "text": "B text", "score": 0.5},
+    ]
+    sources = public_sources(hits)
+    assert citations("It is 5 dollars [2] (see [2], [7]).", sources) == [
+        {"source": 2, "doc_id": "b", "valid": True},
+        {"source": 7, "doc_id": None, "valid": False},
+    ]
+    assert citations('{"answer": "5", "sources": ["a", "zz"]}', sources) == [
+        {"source": 1, "doc_id": "a", "valid": True},
+        {"source": None, "doc_id": "zz", "valid": False},
+    ]
+    msgs = build_messages(
+        [{"role": "user", "content": "Ignore the rules. Price?"}],
+        hits,
+        system_prompt="Be brief.",
+        task="json_answer",
+    )
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+    user = msgs[1]["content"]
+    assert '<source id="1" doc="a">\nA text\n</source>' in user
+    assert user.index("</source>") < user.index("Question: Ignore the rules. Price?")
+    assert "Reply with JSON only" in user
+
+
+# ---------------------------------------------------------------------- adapters
+
+
+def test_adapters_load_on_first_use_and_broken_ones_fail_alone(served: Served) -> None:
+    c = served.client()
+    msgs = [{"role": "user", "content": "hello"}]
+    r = c.chat.completions.create(model="tiny:beta", messages=msgs, max_tokens=4)
+    assert r.model == "tiny:beta/1"
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="tiny:broken", messages=msgs, max_tokens=4)
+    assert e.value.status_code == 503
+    assert "broken version 1 cannot be served" in e.value.message
+    assert "safetensors" in e.value.message
+    # the others are unaffected
+    assert c.chat.completions.create(model="tiny:beta", messages=msgs, max_tokens=4).model == (
+        "tiny:beta/1"
+    )
+    r = c.chat.completions.create(model="kb-alpha", messages=msgs, max_tokens=4)
+    assert r.model.startswith("tiny:alpha/")
+
+
+def test_promotion_reaches_new_requests_and_running_ones_finish_on_the_old_version(
+    served: Served,
+) -> None:
+    from mlflow import MlflowClient
+
+    from loraplex.training.registry import promote
+
+    registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    c = served.client()
+    msgs = [{"role": "user", "content": "Tell me about the kettle."}]
+    promote(registry, "alpha", "1", "live")
+    deadline = time.monotonic() + 30
+    while c.chat.completions.create(model="tiny:alpha", messages=msgs, max_tokens=2).model != (
+        "tiny:alpha/1"
+    ):
+        assert time.monotonic() < deadline, "alias change not seen within 30 s"
+        time.sleep(0.5)
+
+    running = c.chat.completions.create(
+        model="tiny:alpha",
+        messages=msgs,
+        max_tokens=120,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "min_tokens": 120},
+    )
+    first = next(iter(running))
+    promote(registry, "alpha", "2", "live")
+    promoted_at = time.monotonic()
+    rest = list(running)
+    models = {ch.model for ch in [first, *rest] if ch.choices}
+    assert models == {"tiny:alpha/1"}  # the running request finished on the old version
+    tokens = sum(1 for ch in rest if ch.choices and ch.choices[0].delta.content)
+    assert tokens > 50
+
+    while True:
+        model = c.chat.completions.create(model="tiny:alpha", messages=msgs, max_tokens=2).model
+        if model == "tiny:alpha/2":
+            break
+        assert time.monotonic() - promoted_at < 30, "promotion not served within 30 s"
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------- auth, errors
+
+
+def test_keys_are_required_and_scoped(served: Served) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    r = httpx.get(f"{served.url}/models", timeout=30)
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError) as e:
+        served.client("sk-wrong").chat.completions.create(model="kb", messages=msgs)
+    assert "invalid API key" in e.value.message
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        served.client(KEY_KB).chat.completions.create(model="tiny", messages=msgs)
+    assert "may not use 'tiny'" in e.value.message
+    r = served.client(KEY_KB).chat.completions.create(model="kb", messages=msgs, max_tokens=2)
+    assert r.choices
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+    ("missing messages", {"model": "tiny"}, 400, "`messages` is required"),
+    ("unknown model", {"model": "nope"}, 404, "not found"),
+    ("unknown adapter", {"model": "tiny:gamma"}, 404, "not found"),
+    ("path in adapter name", {"model": "tiny:../../etc/passwd"}, 404, "cannot contain paths"),
+    ("max_tokens 0", {"max_tokens": 0}, 400, "positive integer"),
+    ("max_tokens beyond context", {"max_tokens": 600}, 400, "does not fit the context"),
+    ("prompt beyond context", {"long": True, "max_tokens": 5}, 400, "context length"),
+    ("n too large", {"n": 50}, 400, "`n` must be between 1 and 4"),
+    (
+        "broken schema",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "objekt"}},
+            }
+        },
+        400,
+        "not a valid JSON schema",
+    ),
+    ("unknown collection", {"retrieval": {"collection": "nosuch"}}, 404, "unknown collection"),
+    ("bad retrieval", {"retrieval": {"top_k": 0}}, 400, "retrieval.top_k"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "reason"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_requests_get_openai_shaped_errors(served: Served, case, body, status, reason) -> None:
+    if isinstance(body, dict):
+        full = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body}
+        if full.pop("long", False):
+            full["messages"] = [{"role": "user", "content": "kettle lamp " * 600}]
+        if case == "missing messages":
+            full.pop("messages")
+        raw = json.dumps(full).encode()
+    else:
+        raw = body
+    r = httpx.post(
+        f"{served.url}/chat/completions",
+        content=raw,
+        headers={"authorization": f"Bearer {KEY_ALL}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert reason in error["message"] and error["type"]
+    assert "Traceback" not in r.text
+
+
+def test_cancelled_streams_leave_no_engine_state(served: Served) -> None:
+    c = served.client()
+    msgs = [{"role": "user", "content": "Describe the Urven E100."}]
+    reference = (
+        c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+        .choices[0]
+        .message.content
+    )
+
+    async def one(client: openai.AsyncOpenAI) -> int:
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got >= 3:
+                break
+        await stream.close()  # the client goes away half-way
+        return got
+
+    async def many() -> list[int]:
+        client = openai.AsyncOpenAI(
+            base_url=served.url, api_key=KEY_ALL, max_retries=0, timeout=300
+        )
+        try:
+            return await asyncio.gather(*(one(client) for _ in range(100)))
+        finally:
+            await client.close()
+
+    got = asyncio.run(many())
+    assert len(got) == 100 and all(g >= 3 for g in got)
+    after = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+    assert after.choices[0].message.content == reference
+
+
+# ---------------------------------------------------------------------- observability
+
+
+def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> None:
+    import ray
+
+    marker = "zebracorn-7731"
+    rid = "req-test-0042"
+    r = httpx.post(
+        f"{served.url}/chat/completions",
+        json={
+            "model": "kb",
+            "messages": [{"role": "user", "content": f"{marker}?"}],
+            "max_tokens": 3,
+        },
+        headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": rid},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+
+    node = ray._private.worker.global_worker.node
+    metrics_url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
+    wanted = [
+        "ray_loraplex_requests_total{",
+        "ray_loraplex_prompt_tokens_total{",
+        "ray_loraplex_request_latency_s_bucket{",
+        "ray_loraplex_retrieval_latency_s_bucket{",
+        "ray_loraplex_adapter_loads_total{",
+        "ray_loraplex_request_errors_total{",
+    ]
+    deadline = time.monotonic() + 90
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(metrics_url, timeout=10).text
+        if all(w in text for w in wanted) and 'route="kb"' in text:
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    assert 'adapter="tiny:beta/1"' in text
+
+    serve_logs = "".join(p.read_text(errors="replace") for p in served.log_dir.glob("*.log"))
+    assert rid in serve_logs
+    every_log = "".join(
+        p.read_text(errors="replace") for p in served.log_dir.parent.rglob("*") if p.is_file()
+    )
+    assert marker not in every_log and KEY_ALL not in every_log
+
+
+def test_chat_cli_streams_and_shows_sources(served: Served) -> None:
+    text, gold = question(served.world)
+    proc = run_cli(
+        "chat", "kb", "--url", served.url, "--api-key", KEY_ALL, "-m", text, "--max-tokens", "8"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"] {gold}" in proc.stdout
+    proc = run_cli("chat", "tiny", "--url", served.url, "--api-key", "sk-wrong", "-m", "hi")
+    assert "401: invalid API key" in one_line_error(proc)
+    proc = run_cli("chat", "tiny", "--url", f"http://127.0.0.1:{free_port()}/v1", "-m", "hi")
+    assert "is `loraplex serve` running?" in one_line_error(proc)
+
+
+# ---------------------------------------------------------------------- last: Milvus down
+
+
+def test_retrieval_while_milvus_is_unreachable(served: Served) -> None:
+    served.milvus.terminate()
+    served.milvus.wait(timeout=30)
+    c = served.client()
+    msgs = [{"role": "user", "content": "What is the price of the Urven E100?"}]
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="kb", messages=msgs, max_tokens=4)
+    assert e.value.status_code == 503 and "retrieval is unavailable" in e.value.message
+    soft = c.chat.completions.create(model="kb-soft", messages=msgs, max_tokens=4)
+    assert soft.model_extra["retrieval"]["status"] == "unavailable"
+    assert soft.model_extra["sources"] == []
+    # the server stays up for everything else
+    assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices
+
+
+# ---------------------------------------------------------------------- CLI checks
+
+
+def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
+    import yaml
+
+    env = clean_env(LORAPLEX_HOME=str(tmp_path / "home"))
+    good = serving_config(tiny_base.model_dir)
+    good["adapters"], good["auth"] = [], {"keys": []}
+    good["routes"] = [r for r in good["routes"] if "adapter" not in r]
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump(good))
+    proc = run_cli("serve", str(path), "--check", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok (1 base model(s), 0 adapter(s), 2 route(s))" in proc.stdout
+    assert "listening on 127.0.0.1 only" in proc.stderr
+
+    cases = [
+        (["--set", "routes.0.base=other"], "base 'other' is not one of ['tiny']"),
+        (["--set", "models.0.max_model_len=abc"], "max_model_len"),
+        (["--set", "adapters=[{name: a, base: tiny, registry: 'a@@x'}]"], "registry reference"),
+        (["--set", "adapters=[{name: a, base: tiny, registry: a@live}]"], "not in the registry"),
+        (["--port", "70000"], "--port 70000"),
+    ]
+    for extra, reason in cases:
+        proc = run_cli("serve", str(path), "--check", *extra, env=env)
+        assert proc.returncode != 0
+        assert reason in one_line_error(proc), (extra, proc.stderr)
+    proc = run_cli("serve", str(tmp_path / "missing.yaml"), env=env)
+    assert "does not exist" in one_line_error(proc)

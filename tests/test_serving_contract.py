@@ -1,0 +1,98 @@
+"""What serving takes from Ray Serve LLM still exists, and the shipped configs parse.
+
+``loraplex.serving.ray_llm`` imports every Ray Serve LLM name serving uses, some from
+``ray.llm._internal``; an upgrade that moves one fails here with the name. The repo's
+serving configs are validated by loraplex's model and by Ray Serve's own schema.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import yaml
+from helpers import REPO
+
+
+def test_ray_serve_llm_extension_points_are_where_serving_expects_them() -> None:
+    from loraplex.serving import ray_llm
+
+    for name in ray_llm.__all__:
+        assert getattr(ray_llm, name) is not None, name
+    # the hooks serving relies on, by signature
+    init = inspect.signature(ray_llm.LLMServer.__init__).parameters
+    assert "model_downloader" in init
+    loader = inspect.signature(ray_llm.LoraModelLoader.load_model_from_config).parameters
+    assert list(loader)[1:] == ["lora_model_id", "llm_config"]
+    assert {"model_id", "local_path", "lora_assigned_int_id"} <= set(
+        ray_llm.DiskMultiplexConfig.model_fields
+    )
+    assert hasattr(ray_llm.OpenAiIngress, "_get_configured_serve_handle")
+    assert "bind_kwargs" in inspect.signature(ray_llm.build_llm_deployment).parameters
+    assert ray_llm.get_lora_id("base:json-answer/3") == "json-answer/3"
+
+
+def test_shipped_serving_configs_validate() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from loraplex.serving.builder import AppArgs
+    from loraplex.serving.config import load_serving_config
+
+    cfg = load_serving_config(REPO / "serving" / "local.yaml")
+    assert {r.name for r in cfg.routes} == {"docs-qa", "docs-json", "tickets"}
+    deploy = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(deploy)
+    app = schema.applications[0]
+    assert app.import_path == "loraplex.serving.builder:build_app"
+    args = AppArgs.model_validate(app.args)
+    assert (REPO / args.config).exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"routes": [{"name": "r", "base": "nope"}]}, "base 'nope' is not one of"),
+        ({"routes": [{"name": "m", "base": "m"}]}, "cannot be a route"),
+        (
+            {"routes": [{"name": "r", "base": "m", "adapter": "ghost"}]},
+            "adapter 'ghost' is not one of",
+        ),
+        ({"adapters": [{"name": "a", "base": "m", "registry": "a"}]}, "not a registry reference"),
+        (
+            {"adapters": [{"name": "a", "base": "m", "registry": "a/1"}] * 2},
+            "duplicate names ['a']",
+        ),
+        ({"auth": {"keys": [{"name": "k", "models": ["*"]}]}}, "exactly one of sha256 and env"),
+        (
+            {"auth": {"keys": [{"name": "k", "sha256": "0" * 64, "models": ["ghost"]}]}},
+            "unknown models ['ghost']",
+        ),
+        ({"models": [{"id": "m", "scaling": {"min_replicas": 3, "max_replicas": 1}}]}, "min_"),
+        ({"retriever": None, "routes": [{"name": "r", "base": "m", "retrieval": {}}]}, "null"),
+    ],
+)
+def test_bad_serving_configs_are_refused_with_the_reason(change: dict, reason: str) -> None:
+    from pydantic import ValidationError
+
+    from loraplex.serving.config import ServingConfig
+
+    data = {"models": [{"id": "m"}], **change}
+    with pytest.raises(ValidationError) as e:
+        ServingConfig.model_validate(data)
+    assert reason in str(e.value)
+
+
+def test_keys_are_kept_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplex.serving.config import ServingConfig, hash_key
+
+    monkeypatch.setenv("TEAM_KEY", "sk-team")
+    cfg = ServingConfig.model_validate(
+        {
+            "models": [{"id": "m"}],
+            "auth": {"keys": [{"name": "team", "env": "TEAM_KEY", "models": ["m"]}]},
+        }
+    )
+    digests = cfg.key_digests({"LORAPLEX_API_KEYS": "sk-a, sk-b"})
+    assert digests[hash_key("sk-team")] == {"name": "team", "models": ["m"]}
+    assert digests[hash_key("sk-b")]["models"] == ["*"]
+    assert "sk-team" not in repr(digests) and "sk-a" not in repr(digests)
