@@ -84,6 +84,8 @@ cli.add_command(chat)
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per HTTP request is not for users
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code = cli.main(args=argv, prog_name="loraplex", standalone_mode=False)
     except click.exceptions.Exit as e:

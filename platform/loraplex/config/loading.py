@@ -210,16 +210,37 @@ def _flatten(nested: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c``; a numeric part indexes an existing list (``models.0.max_n=4``)."""
     parts = dotted.split(".")
-    node = target
-    for part in parts[:-1]:
+    node: Any = target
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            continue
         child = node.get(part)
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             child = {}
             node[part] = child
         node = child
-    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+    last = parts[-1]
+    if isinstance(node, list):
+        _list_item(node, last, dotted)
+        index = int(last)
+        if isinstance(value, dict) and isinstance(node[index], dict):
+            for k, v in _flatten(value):
+                _set_dotted(node[index], k, v)
+        else:
+            node[index] = value
+    elif isinstance(value, dict) and isinstance(node.get(last), dict):
         for k, v in _flatten(value):
-            _set_dotted(node[parts[-1]], k, v)
+            _set_dotted(node[last], k, v)
     else:
-        node[parts[-1]] = value
+        node[last] = value
+
+
+def _list_item(items: list[Any], part: str, dotted: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"{dotted}: the list has {len(items)} item(s); use an index 0-{len(items) - 1}"
+        )
+    return items[int(part)]

@@ -73,11 +73,10 @@ class ApiError(Exception):
         self.param = param
         self.code = code
 
-    def response(self, request_id: str) -> JSONResponse:
+    def response(self) -> JSONResponse:
         kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
         return JSONResponse(
             status_code=self.status,
-            headers={"x-request-id": request_id},
             content={
                 "error": {
                     "message": self.message,
@@ -330,24 +329,22 @@ class LoraplexIngress(OpenAiIngress):
     # ---------------------------------------------------------------- endpoints
 
     async def models(self, request: Request) -> Response:
-        rid = _request_id(request)
         try:
             key = self._authorize(request)
         except ApiError as e:
-            return e.response(rid)
+            return e.response()
         return JSONResponse(
             {"object": "list", "data": [c for c in self._cards() if self._allowed(key, c["id"])]}
         )
 
     async def model_data(self, model: str, request: Request) -> Response:
-        rid = _request_id(request)
         try:
             key = self._authorize(request)
             card = next((c for c in self._cards() if c["id"] == model), None)
             if card is None or not self._allowed(key, model):
                 raise ApiError(404, f"model {model!r} not found", "model", "model_not_found")
         except ApiError as e:
-            return e.response(rid)
+            return e.response()
         return JSONResponse(card)
 
     def _cards(self) -> list[dict[str, Any]]:
@@ -401,7 +398,6 @@ class LoraplexIngress(OpenAiIngress):
         return await self._generate(request, "completions")
 
     async def embeddings(self, request: Request) -> Response:
-        rid = _request_id(request)
         try:
             self._authorize(request)
             body = await _json_body(request)
@@ -409,8 +405,8 @@ class LoraplexIngress(OpenAiIngress):
                 raise ApiError(404, "this server has no embedding model (retriever: null)", "model")
             status, content = await self.retriever.openai_embeddings.remote(body)
         except ApiError as e:
-            return e.response(rid)
-        return JSONResponse(content, status_code=status, headers={"x-request-id": rid})
+            return e.response()
+        return JSONResponse(content, status_code=status)
 
     async def _generate(self, request: Request, call: str) -> Response:
         rid = _request_id(request)
@@ -485,12 +481,11 @@ class LoraplexIngress(OpenAiIngress):
             return StreamingResponse(
                 self._stream(first, gen, sources, extra, client_usage, tags, rid, started),
                 media_type="text/event-stream",
-                headers={"x-request-id": rid},
             )
         except ApiError as e:
             metrics.errors.inc(tags={**tags, "status": str(e.status)})
             log.info("[%s] %s %s -> %d %s", rid, call, tags["route"], e.status, e.message)
-            return e.response(rid)
+            return e.response()
 
     def _complete(
         self, first: Any, sources: list, extra: dict, tags: dict, rid: str, started: float
@@ -503,7 +498,7 @@ class LoraplexIngress(OpenAiIngress):
         data.update(extra)
         usage = data.get("usage") or {}
         self._record(tags, usage, started, rid)
-        return JSONResponse(data, headers={"x-request-id": rid})
+        return JSONResponse(data)
 
     async def _stream(
         self,

@@ -1,0 +1,318 @@
+"""Benchmark of serving (issue: Serving). Same tiny model, same prompts, one run.
+
+1. bare ``vllm serve`` (vLLM's own OpenAI server) against loraplex (Ray Serve + the
+   loraplex ingress + LLMServer) on the base model without retrieval, at concurrency
+   1, 8 and 32: throughput (completion tokens/s) and p50/p95 request latency;
+2. through loraplex: 8 adapters mixed round-robin against the base model alone;
+3. the first (cold) request to each adapter against a second (warm) one;
+4. a retrieval route against the same adapter without retrieval, on a collection of
+   10,000 chunks (real MiniLM embeddings), per search mode.
+
+Every request asks for exactly ``--tokens`` completion tokens (``ignore_eos``), so both
+servers generate the same amount. The two servers run one after the other on the same
+machine, never together.
+
+Usage: .venv/bin/python benchmarks/serving.py --home HOME   (HOME: `loraplex bootstrap` done)
+Prints markdown tables for benchmarks/RESULTS.md and writes serving.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+
+PROMPTS = [
+    "What is the price of the Urven E100?",
+    "Tell me the warranty of the Brava K2.",
+    "Who makes the Orbin lamp?",
+    "What is the release year of the Zelt Z1000?",
+    "Describe the support extension of the Urven line.",
+    "What colour is the Junmo M5?",
+    "How heavy is the Tarsi T3?",
+    "What is the model code of the Velo V7?",
+]
+
+
+def pct(values: list[float], p: float) -> float:
+    return float(np.percentile(np.array(values), p)) if values else float("nan")
+
+
+async def load(
+    url: str,
+    models: list[str],
+    concurrency: int,
+    n: int,
+    tokens: int,
+    key: str = "none",
+    extra: dict | None = None,
+) -> dict:
+    """n chat requests, ``concurrency`` at a time, models round-robin."""
+    latencies: list[float] = []
+    retrieval_ms: list[float] = []
+    completion = 0
+    queue = list(range(n))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal completion
+        while queue:
+            i = queue.pop()
+            body = {
+                "model": models[i % len(models)],
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                **(extra or {}),
+            }
+            t = time.perf_counter()
+            r = await client.post(f"{url}/chat/completions", json=body)
+            latencies.append(time.perf_counter() - t)
+            r.raise_for_status()
+            data = r.json()
+            completion += data["usage"]["completion_tokens"]
+            if (data.get("retrieval") or {}).get("latency_ms") is not None:
+                retrieval_ms.append(data["retrieval"]["latency_ms"])
+
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "tokens_per_s": completion / wall,
+        "requests_per_s": n / wall,
+        "p50_s": pct(latencies, 50),
+        "p95_s": pct(latencies, 95),
+        "retrieval_p50_ms": pct(retrieval_ms, 50),
+    }
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def levels(url: str, model: str, args) -> list[dict]:
+    out = []
+    asyncio.run(load(url, [model], 2, 4, args.tokens))  # warm-up
+    for c in args.concurrency:
+        res = asyncio.run(load(url, [model], c, max(args.requests, 2 * c), args.tokens))
+        print(f"  c={c}: {res['tokens_per_s']:.0f} tok/s, p50 {res['p50_s']:.2f} s")
+        out.append(res)
+    return out
+
+
+def bare_vllm(model_dir: Path, port: int, args) -> list[dict]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "1024",
+        "--dtype",
+        "float32",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-log-requests",
+    ]
+    log = open(Path(tempfile.gettempdir()) / "bench-vllm-serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_ready(url)
+        print("bare vllm serve:")
+        return levels(url, "tiny", args)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, required=True)
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=32, help="Requests per level (≥ 2 x c).")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--chunks", type=int, default=10_000)
+    ap.add_argument("--out", type=Path, default=Path("serving.json"))
+    args = ap.parse_args()
+
+    import ray
+    from helpers import free_port
+    from mlflow import MlflowClient
+    from ray import serve
+    from retrieval import write_corpus
+    from test_serving import _make_adapter
+
+    from loraplex import tracking
+    from loraplex.config import load_settings
+    from loraplex.ray_runtime import init_ray
+    from loraplex.retrieval.retriever import Retriever
+    from loraplex.serving.builder import build
+    from loraplex.serving.config import ServingConfig
+    from loraplex.training.job import resolve_base_model
+    from loraplex.training.registry import register_external
+
+    settings = load_settings(overrides=[f"home={args.home}"])
+    model_dir, _ = resolve_base_model("embedded", settings)
+    results: dict = {"tokens_per_request": args.tokens}
+
+    # 10k chunks of product documents, real embeddings (idempotent on a second run)
+    collection = f"bench_{args.chunks}"
+    with Retriever(settings) as r:
+        if collection not in r.store.collections():
+            files, _ = write_corpus(args.chunks, Path(tempfile.mkdtemp()) / "corpus")
+            r.ingest(files, collection)
+        results["chunks"] = r.store.info(collection).rows
+
+    # 8 adapters in the registry (random LoRA weights: the cost is the same)
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    experiment = tracking.setup(settings)
+    names = [f"bench-{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        try:
+            client.get_model_version_by_alias(name, "live")
+        except Exception:
+            folder = _make_adapter(model_dir, Path(tempfile.mkdtemp()) / name, i)
+            register_external(client, folder, name, model_dir, str(model_dir), "live", experiment)
+
+    results["bare_vllm"] = bare_vllm(model_dir, free_port(), args)
+
+    cfg = ServingConfig.model_validate(
+        {
+            "models": [
+                {
+                    "id": "tiny",
+                    "source": str(model_dir),
+                    "max_model_len": 1024,
+                    "dtype": "float32",
+                    "kv_cache_gib": 1,
+                    "max_adapters_per_replica": 8,
+                    "scaling": {"max_ongoing_requests": 256},
+                }
+            ],
+            "adapters": [{"name": n, "base": "tiny", "registry": f"{n}@live"} for n in names],
+            "routes": [
+                {
+                    "name": f"rag-{mode}",
+                    "base": "tiny",
+                    "adapter": "bench-0",
+                    "retrieval": {"collection": collection, "top_k": 3, "mode": mode},
+                }
+                for mode in ("dense", "bm25", "hybrid")
+            ]
+            + [{"name": "plain", "base": "tiny", "adapter": "bench-0"}],
+        }
+    )
+    init_ray(settings)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        print("loraplex:")
+        results["loraplex"] = levels(url, "tiny", args)
+
+        cold, warm = [], []
+        for name in names:
+            one = {
+                "model": f"tiny:{name}",
+                "max_tokens": 4,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": PROMPTS[0]}],
+            }
+            for bucket in (cold, warm):
+                t = time.perf_counter()
+                httpx.post(f"{url}/chat/completions", json=one, timeout=300).raise_for_status()
+                bucket.append(time.perf_counter() - t)
+        results["adapter_cold_s"] = statistics.median(cold)
+        results["adapter_warm_s"] = statistics.median(warm)
+        print(
+            f"adapter first request {results['adapter_cold_s']:.2f} s, warm "
+            f"{results['adapter_warm_s']:.2f} s"
+        )
+
+        mixed = {}
+        for c in (8, 32):
+            n = max(args.requests, 2 * c)
+            base = asyncio.run(load(url, ["tiny"], c, n, args.tokens))
+            mix = asyncio.run(load(url, [f"tiny:{x}" for x in names], c, n, args.tokens))
+            mixed[c] = {
+                "base": base,
+                "adapters": mix,
+                "ratio": mix["tokens_per_s"] / base["tokens_per_s"],
+            }
+            print(f"8 adapters vs base at c={c}: ratio {mixed[c]['ratio']:.2f}")
+        results["adapters_mixed"] = mixed
+
+        rag = {}
+        plain = asyncio.run(load(url, ["plain"], 1, 40, args.tokens))
+        for mode in ("dense", "bm25", "hybrid"):
+            res = asyncio.run(load(url, [f"rag-{mode}"], 1, 40, args.tokens))
+            rag[mode] = {
+                "p50_s": res["p50_s"],
+                "plain_p50_s": plain["p50_s"],
+                "added_p50_ms": (res["p50_s"] - plain["p50_s"]) * 1000,
+                "retrieval_stage_p50_ms": res["retrieval_p50_ms"],
+            }
+            print(
+                f"retrieval {mode}: stage p50 {res['retrieval_p50_ms']:.1f} ms, "
+                f"added p50 {rag[mode]['added_p50_ms']:.1f} ms"
+            )
+        results["retrieval"] = rag
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    args.out.write_text(json.dumps(results, indent=2))
+    print(
+        "\n| concurrency | bare vLLM tok/s | loraplex tok/s | ratio | bare p50/p95 s | "
+        "loraplex p50/p95 s |\n|---|---|---|---|---|---|"
+    )
+    for b, lp in zip(results["bare_vllm"], results["loraplex"], strict=True):
+        print(
+            f"| {b['concurrency']} | {b['tokens_per_s']:.0f} | {lp['tokens_per_s']:.0f} | "
+            f"{lp['tokens_per_s'] / b['tokens_per_s']:.2f} | {b['p50_s']:.2f} / "
+            f"{b['p95_s']:.2f} | {lp['p50_s']:.2f} / {lp['p95_s']:.2f} |"
+        )
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
