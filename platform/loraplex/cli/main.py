@@ -84,7 +84,8 @@ cli.add_command(chat)
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "httpcore"):  # one line per HTTP request is not for users
+    # a line per HTTP request is not for users (openai uses httpx2 in this stack)
+    for noisy in ("httpx", "httpx2", "httpcore", "openai", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code = cli.main(args=argv, prog_name="loraplex", standalone_mode=False)

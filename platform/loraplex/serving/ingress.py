@@ -58,7 +58,7 @@ from loraplex.serving.ray_llm import (
 # A child of Ray Serve's logger: in a replica its lines go to the replica's log file
 # with the request id Serve attaches to every record.
 log = logging.getLogger("ray.serve.loraplex")
-ADAPTER_NAMESPACE = ":"
+TASKS = ("chat", "json_answer", "classify_ticket")
 
 
 class ApiError(Exception):
@@ -422,6 +422,11 @@ class LoraplexIngress(OpenAiIngress):
                     403, f"this API key may not use {t.name!r}", "model", "permission_denied"
                 )
             retrieval_override = body.pop("retrieval", None)
+            task = body.pop("task", None)
+            if task is not None:
+                if task not in TASKS:
+                    raise ApiError(400, f"`task` must be one of {', '.join(TASKS)}", "task")
+                t.task = task
             if call == "chat":
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
