@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import clean_env, free_port, one_line_error, run_cli
+from helpers import LORAPLEX, clean_env, free_port, one_line_error, run_cli
 
 KEY_ALL = "sk-test-all"
 KEY_KB = "sk-test-kb-only"
@@ -573,6 +573,134 @@ def test_chat_cli_streams_and_shows_sources(served: Served) -> None:
     assert "401: invalid API key" in one_line_error(proc)
     proc = run_cli("chat", "tiny", "--url", f"http://127.0.0.1:{free_port()}/v1", "-m", "hi")
     assert "is `loraplex serve` running?" in one_line_error(proc)
+
+
+# ---------------------------------------------------------------------- the four-way evaluation
+
+
+def test_four_way_evaluation_against_the_endpoint(served: Served, tmp_path: Path) -> None:
+    import mlflow
+
+    out = tmp_path / "report"
+    env = clean_env(LORAPLEX_HOME=str(served.settings.home), LORAPLEX_API_KEY=KEY_ALL)
+    queries = served.world / "queries.jsonl"
+    proc = run_cli(
+        "eval",
+        "--questions",
+        str(queries),
+        "--split",
+        "test",
+        "--limit",
+        "4",
+        "--url",
+        served.url,
+        "--adapter",
+        "alpha",
+        "--collection",
+        "kb",
+        "--out",
+        str(out),
+        "--max-tokens",
+        "16",
+        "--json",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    summary = result["summary"]
+    assert list(summary) == ["base", "base+rag", "adapter", "adapter+rag"]
+    for name, s in summary.items():
+        assert s["questions"] == 4 and s["errors"] == 0, (name, s)
+        assert 0 <= s["accuracy"] <= 1 and s["latency_p50_s"] > 0 and s["prompt_tokens"] > 0
+    assert summary["adapter"]["compliance"] is not None and summary["base"]["compliance"] is None
+    assert summary["base+rag"]["prompt_tokens"] > summary["base"]["prompt_tokens"] + 20
+    assert summary["adapter+rag"]["served_versions"][0].startswith("tiny:alpha/")
+    assert {p.name for p in out.iterdir()} == {"report.md", "chart.png", "results.json"}
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Recommendation" in (out / "report.md").read_text()
+    answers = json.loads((out / "results.json").read_text())["answers"]
+    assert len(answers) == 16
+
+    mlflow.set_tracking_uri(served.settings.mlflow.tracking_uri)
+    run = mlflow.get_run(result["mlflow_run_id"])
+    assert run.data.tags["loraplex.collection"] == "kb"
+    assert "tiny:alpha/" in run.data.tags["loraplex.adapter_versions"]
+    assert "base_rag.accuracy" in run.data.metrics and "adapter.compliance" in run.data.metrics
+
+    # routes and models are configurations too
+    proc = run_cli(
+        "eval",
+        "--questions",
+        str(queries),
+        "--limit",
+        "2",
+        "--url",
+        served.url,
+        "--configs",
+        "kb,tiny:beta+rag",
+        "--collection",
+        "kb",
+        "--no-mlflow",
+        "--out",
+        str(tmp_path / "r2"),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| kb |" in proc.stdout and "| tiny:beta+rag |" in proc.stdout
+
+
+def test_evaluation_bad_input_and_interruption(served: Served, tmp_path: Path) -> None:
+    import signal
+
+    env = clean_env(LORAPLEX_HOME=str(served.settings.home), LORAPLEX_API_KEY=KEY_ALL)
+    queries = served.world / "queries.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok?", "answer": "x"}\n{"question": \n[1, 2]\n')
+    cases = [
+        (["--questions", str(bad)], f"{bad}:2"),
+        (["--questions", str(queries), "--configs", "base,nope"], "unknown configuration 'nope'"),
+        (
+            ["--questions", str(queries), "--url", f"http://127.0.0.1:{free_port()}/v1"],
+            "does not answer",
+        ),
+        (["--questions", str(queries), "--api-key", "sk-wrong"], "rejects the API key"),
+        (["--questions", str(tmp_path / "none.jsonl")], "does not exist"),
+    ]
+    for args, reason in cases:
+        url = [] if "--url" in args else ["--url", served.url]
+        proc = run_cli("eval", *url, *args, env=env)
+        assert proc.returncode != 0, args
+        assert reason in one_line_error(proc), (args, proc.stderr)
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [
+            LORAPLEX,
+            "eval",
+            "--questions",
+            str(queries),
+            "--url",
+            served.url,
+            "--adapter",
+            "alpha",
+            "--collection",
+            "kb",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "evaluating:" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.read(64) or ""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
 # ---------------------------------------------------------------------- last: Milvus down

@@ -17,9 +17,60 @@ from loraplex.cli.context import CliState, pass_state
 from loraplex.cli.retrieval import collection_name
 
 
-@click.group(name="eval")
-def evaluate() -> None:
-    """Evaluate retrieval (and, with a served endpoint, models) on your own data."""
+@click.group(name="eval", invoke_without_command=True)
+@click.option(
+    "--questions",
+    type=click.Path(path_type=Path),
+    help="JSONL: question/text, answer, gold_doc_ids, label (or a BEIR queries.jsonl).",
+)
+@click.option(
+    "--configs",
+    default="base,base+rag,adapter,adapter+rag",
+    show_default=True,
+    help="Comma-separated: base, base+rag, adapter, adapter+rag, routes or models (+rag).",
+)
+@click.option("--url", help="Endpoint (default: $LORAPLEX_URL or http://127.0.0.1:8000/v1).")
+@click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
+@click.option("--base", "base_model", help="Base model id (default: the endpoint's first).")
+@click.option("--adapter", default="json-answer", show_default=True, help="Adapter name.")
+@click.option("--collection", help="Collection for +rag (default: retrieval.collection).")
+@click.option("--top-k", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--mode", type=click.Choice(["dense", "bm25", "hybrid"]), default="hybrid")
+@click.option("--split", help="Only questions of this split (a BEIR queries.jsonl's).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many questions.")
+@click.option("--schema", type=click.Path(path_type=Path, dir_okay=False), help="JSON schema.")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder (must not exist).")
+@click.option("--no-mlflow", is_flag=True, help="Write the report only.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def evaluate(ctx: click.Context, questions: Path | None, **options) -> None:
+    """Evaluate configurations of a served endpoint on your questions (the four-way
+    comparison: base, base+rag, adapter, adapter+rag), or retrieval alone (`eval retrieval`).
+
+    \b
+    Examples:
+      loraplex eval --questions .loraplex/worlds/seed-7/queries.jsonl --split test
+      loraplex eval --questions q.jsonl --configs docs-qa,docs-json --url http://host:8000/v1
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if questions is None:
+        raise click.UsageError("give --questions FILE (or a subcommand: eval retrieval)")
+    from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
+
+    state = ctx.find_object(CliState) or CliState()
+    opts = EvalOptions(questions=questions, **options)
+    result = evaluate_endpoint(state.settings(), opts, progress=not options["as_json"])
+    if options["as_json"]:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(result["markdown_table"])
+    click.echo(result["recommendation"])
+    click.echo(f"report: {result['report']}")
+    if result.get("mlflow_run_id"):
+        click.echo(f"MLflow run: {result['mlflow_run_id']}")
 
 
 @evaluate.command()

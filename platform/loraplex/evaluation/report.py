@@ -1,0 +1,197 @@
+"""The evaluation report: a markdown table, a PNG chart, JSON, and a recommendation.
+
+Owns: turning the per-configuration summary into ``report.md`` (table, targets met,
+recommendation), ``chart.png`` (matplotlib: accuracy, JSON compliance and citation
+precision per configuration, p50 latency beside them) and ``results.json`` (summary +
+every answer), written into a ``.partial`` folder and renamed only when complete, so an
+interrupted evaluation never leaves a report that looks finished; and the
+recommendation, derived from the measured trade-off. Does not own: the measurements
+(``evaluation.endpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+# The targets of the four standard configurations (issue "The decision, measured").
+TARGETS: dict[str, dict[str, tuple[str, float]]] = {
+    "adapter+rag": {
+        "accuracy": (">=", 0.8),
+        "compliance": (">=", 0.95),
+        "citation_precision": (">=", 0.8),
+    },
+    "base+rag": {"accuracy": (">=", 0.7)},
+    "adapter": {"compliance": (">=", 0.95), "accuracy": ("<=", 0.15)},
+    "base": {"accuracy": ("<=", 0.15)},
+}
+COLUMNS = [
+    ("accuracy", "accuracy (EM)", "{:.2f}"),
+    ("f1", "F1", "{:.2f}"),
+    ("compliance", "JSON compliance", "{:.2f}"),
+    ("citation_precision", "citation P", "{:.2f}"),
+    ("citation_recall", "citation R", "{:.2f}"),
+    ("label_accuracy", "label acc.", "{:.2f}"),
+    ("latency_p50_s", "p50 s", "{:.2f}"),
+    ("latency_p95_s", "p95 s", "{:.2f}"),
+    ("prompt_tokens", "prompt tok", "{:.0f}"),
+    ("completion_tokens", "completion tok", "{:.0f}"),
+    ("errors", "errors", "{:d}"),
+]
+
+
+def fmt(value: Any, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def target_checks(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, bool | None]]:
+    """(configuration, metric, target, met) for every target whose configuration ran."""
+    out = []
+    for config, targets in TARGETS.items():
+        if config not in summary:
+            continue
+        for metric, (op, bound) in targets.items():
+            value = summary[config].get(metric)
+            met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+            out.append((config, metric, f"{op} {bound}", met))
+    return out
+
+
+def recommend(summary: dict[str, dict[str, Any]], format_required: bool) -> str:
+    """A few sentences: which configuration to use, and what retrieval and the adapter buy."""
+    if not summary:
+        return "Nothing was measured."
+    lines = []
+    acc = {k: v["accuracy"] for k, v in summary.items()}
+    if "base" in acc and "base+rag" in acc:
+        gain = acc["base+rag"] - acc["base"]
+        extra = _delta(summary, "base", "base+rag", "prompt_tokens")
+        lines.append(
+            f"Retrieval adds {gain:+.0%} accuracy on the base model"
+            + (f" for {extra:+.0f} prompt tokens per question" if extra is not None else "")
+            + (": the knowledge has to come from retrieval." if gain >= 0.2 else ".")
+        )
+    if "adapter" in summary and summary["adapter"].get("compliance") is not None:
+        base_c = (summary.get("base") or {}).get("compliance")
+        lines.append(
+            f"The adapter gives {summary['adapter']['compliance']:.0%} format compliance"
+            + (f" (base: {base_c:.0%})" if base_c is not None else "")
+            + f" but answers only {acc['adapter']:.0%} correctly without retrieval: "
+            "fine-tuning teaches the behaviour, not the facts."
+        )
+    candidates = {
+        k: v
+        for k, v in summary.items()
+        if not format_required or (v.get("compliance") or 0) >= 0.95
+    }
+    pool = candidates or summary
+    best = max(
+        pool, key=lambda k: (round(pool[k]["accuracy"], 2), -(pool[k]["latency_p50_s"] or 0))
+    )
+    b = pool[best]
+    why = "meets the format" if format_required and candidates else "is the most accurate"
+    lines.append(
+        f"Recommendation: **{best}** ({why}: accuracy {b['accuracy']:.0%}"
+        + (f", compliance {b['compliance']:.0%}" if b.get("compliance") is not None else "")
+        + (
+            f", citation precision {b['citation_precision']:.0%}"
+            if b.get("citation_precision") is not None
+            else ""
+        )
+        + f", p50 {b['latency_p50_s'] or 0:.2f} s, {b['prompt_tokens'] or 0:.0f} prompt tokens)."
+    )
+    return " ".join(lines)
+
+
+def _delta(summary: dict, a: str, b: str, key: str) -> float | None:
+    x, y = summary[a].get(key), summary[b].get(key)
+    return None if x is None or y is None else y - x
+
+
+def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], advice: str) -> str:
+    head = "| configuration | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, s in summary.items():
+        rows.append(f"| {name} | " + " | ".join(fmt(s.get(k), p) for k, _, p in COLUMNS) + " |")
+    checks = target_checks(summary)
+    lines = [
+        "# Evaluation",
+        "",
+        f"Endpoint {meta['url']}, {meta['questions']} questions from `{meta['questions_file']}`"
+        + (f", collection `{meta['collection']}`" if meta.get("collection") else "")
+        + f", {meta['date']}.",
+        "",
+        *rows,
+        "",
+    ]
+    if checks:
+        lines += ["| configuration | metric | target | met |", "|---|---|---|---|"]
+        mark = {True: "yes", False: "**no**", None: "–"}
+        lines += [f"| {c} | {m} | {t} | {mark[ok]} |" for c, m, t, ok in checks]
+        lines.append("")
+    versions = sorted({v for s in summary.values() for v in s.get("served_versions", [])})
+    if versions:
+        lines += [f"Adapter versions that answered: {', '.join(versions)}.", ""]
+    lines += ["## Recommendation", "", advice, ""]
+    return "\n".join(lines)
+
+
+def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(summary)
+    metrics = [
+        ("accuracy", "accuracy"),
+        ("compliance", "JSON compliance"),
+        ("citation_precision", "citation precision"),
+    ]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
+    x = np.arange(len(names))
+    width = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        values = [summary[n].get(key) or 0 for n in names]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
+    ax.set_xticks(x, names, rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of questions")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Quality per configuration")
+    ax2.bar(x, [summary[n].get("latency_p50_s") or 0 for n in names], color="gray")
+    ax2.set_xticks(x, names, rotation=45, fontsize=8)
+    ax2.set_ylabel("p50 latency (s)")
+    ax2.set_title("Latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: Path,
+    summary: dict[str, dict[str, Any]],
+    records: list[dict[str, Any]],
+    meta: dict[str, Any],
+    advice: str,
+) -> Path:
+    """Write the three files into ``<out_dir>.partial`` and rename it when complete."""
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        (partial / "results.json").write_text(
+            json.dumps({"meta": meta, "summary": summary, "answers": records}, indent=2)
+        )
+        (partial / "report.md").write_text(markdown(summary, meta, advice))
+        chart(summary, partial / "chart.png")
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir

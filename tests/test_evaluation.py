@@ -1,0 +1,145 @@
+"""The evaluation's parts that need no endpoint: questions files, configuration names,
+scoring of one answer, the report folder and the recommendation. The run against a real
+served endpoint is in ``test_serving.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraplex.errors import InputError
+from loraplex.evaluation import endpoint, report
+
+MODELS = [
+    {"id": "tiny", "metadata": {"kind": "base"}},
+    {"id": "tiny:json-answer", "metadata": {"kind": "adapter"}},
+    {"id": "docs-json", "metadata": {"kind": "route", "task": "json_answer"}},
+]
+
+
+def test_questions_from_jsonl_and_beir(tmp_path: Path) -> None:
+    plain = tmp_path / "q.jsonl"
+    plain.write_text(
+        json.dumps({"id": "a", "question": "Price?", "answer": "5", "gold_doc_ids": ["d1"]})
+        + "\n\n"
+        + json.dumps({"text": "Charged twice", "label": "billing"})
+        + "\n"
+    )
+    qs = endpoint.load_questions(plain)
+    assert qs[0] == endpoint.Question("a", "Price?", "5", ("d1",), None)
+    assert qs[1].label == "billing" and qs[1].id == "line-3"
+    beir = tmp_path / "queries.jsonl"
+    beir.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "_id": f"q{i}",
+                    "text": "Q?",
+                    "metadata": {"answer": "x", "gold_doc": "d", "split": split},
+                }
+            )
+            + "\n"
+            for i, split in enumerate(["train", "test", "test"])
+        )
+    )
+    assert [q.id for q in endpoint.load_questions(beir, split="test")] == ["q1", "q2"]
+    assert len(endpoint.load_questions(beir, limit=1)) == 1
+    with pytest.raises(InputError, match="no questions in split 'dev'"):
+        endpoint.load_questions(beir, split="dev")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "ok"}\n{"answer": "x"}\nnot json\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: no question text .*\(and 1 more\)"):
+        endpoint.load_questions(bad)
+
+
+def test_configuration_names() -> None:
+    rag = {"collection": "kb", "top_k": 3, "mode": "hybrid"}
+    got = endpoint.resolve_configs(
+        ["base", "base+rag", "adapter", "adapter+rag", "docs-json", "tiny+rag"],
+        MODELS,
+        None,
+        "json-answer",
+        rag,
+    )
+    assert [(c.model, c.task, c.retrieval) for c in got] == [
+        ("tiny", "chat", False),
+        ("tiny", "chat", rag),
+        ("tiny:json-answer", "json_answer", False),
+        ("tiny:json-answer", "json_answer", rag),
+        ("docs-json", "json_answer", None),
+        ("tiny", None, rag),
+    ]
+    with pytest.raises(InputError, match="unknown configuration 'nope'"):
+        endpoint.resolve_configs(["nope"], MODELS, None, "json-answer", rag)
+    with pytest.raises(InputError, match="no adapter 'tiny:other'"):
+        endpoint.resolve_configs(["adapter"], MODELS, None, "other", rag)
+
+
+def test_scoring_one_answer() -> None:
+    q = endpoint.Question("a", "Price?", "437 dollars", ("urven-e100",), None)
+    rec = endpoint.Record(
+        "adapter+rag", "a", text='{"answer": "437 dollars", "sources": ["urven-e100"]}'
+    )
+    rec = endpoint.score(rec, q, json_task=True, schema=None)
+    assert (rec.exact, rec.compliant, rec.citation_precision, rec.citation_recall) == (
+        1.0,
+        True,
+        1.0,
+        1.0,
+    )
+    rec = endpoint.score(endpoint.Record("base", "a", text="It is 437 dollars."), q, False, None)
+    assert rec.exact == 0.0 and rec.f1 > 0.5 and rec.compliant is None
+    assert rec.citation_precision is None and rec.citation_recall == 0.0
+
+
+def summary_of(**acc) -> dict:
+    base = {
+        "f1": 0,
+        "citation_precision": None,
+        "citation_recall": None,
+        "label_accuracy": None,
+        "latency_p50_s": 0.5,
+        "latency_p95_s": 0.9,
+        "completion_tokens": 10,
+        "errors": 0,
+        "questions": 10,
+        "served_versions": [],
+    }
+    out = {}
+    for name, (a, c, tokens) in acc.items():
+        out[name.replace("_rag", "+rag")] = {
+            **base,
+            "accuracy": a,
+            "compliance": c,
+            "prompt_tokens": tokens,
+        }
+    return out
+
+
+def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    summary = summary_of(
+        base=(0.05, None, 30),
+        base_rag=(0.72, None, 400),
+        adapter=(0.1, 0.97, 40),
+        adapter_rag=(0.85, 0.98, 420),
+    )
+    advice = report.recommend(summary, format_required=True)
+    assert "Retrieval adds +67% accuracy" in advice and "Recommendation: **adapter+rag**" in advice
+    checks = {(c, m): ok for c, m, _, ok in report.target_checks(summary)}
+    assert checks[("base+rag", "accuracy")] is True and checks[("adapter+rag", "compliance")]
+    out = tmp_path / "r"
+    meta = {"url": "u", "questions_file": "q", "questions": 10, "date": "d", "collection": "kb"}
+    report.write_report(out, summary, [], meta, advice)
+    assert {p.name for p in out.iterdir()} == {"report.md", "chart.png", "results.json"}
+    with pytest.raises(FileExistsError):
+        report.write_report(out, summary, [], meta, advice)
+
+    def fail(*_: object) -> None:  # the chart fails half-way: nothing is left behind
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "chart", fail)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(tmp_path / "r2", summary, [], meta, advice)
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r2.partial").exists()
