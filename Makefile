@@ -54,10 +54,11 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The pipeline as far as it exists: health check, then the embedded world and base model.
+# The whole pipeline on the embedded defaults: health check, world + base model,
+# adapters, ingestion, serving, the four-way evaluation; the endpoint stays up (Ctrl-C).
 demo: setup
 	$(BIN)/loraplex doctor
-	$(BIN)/loraplex bootstrap
+	$(BIN)/loraplex demo $(DEMO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

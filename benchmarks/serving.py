@@ -105,9 +105,11 @@ async def load(
     }
 
 
-def wait_ready(url: str, timeout: float = 600) -> None:
+def wait_ready(url: str, timeout: float = 600, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
         try:
             if httpx.get(f"{url}/models", timeout=5).status_code == 200:
                 return
@@ -145,22 +147,24 @@ def bare_vllm(model_dir: Path, port: int, args) -> list[dict]:
         "127.0.0.1",
         "--port",
         str(port),
-        "--disable-log-requests",
     ]
     log = open(Path(tempfile.gettempdir()) / "bench-vllm-serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        wait_ready(url)
+        wait_ready(url, proc=proc)
         print("bare vllm serve:")
         return levels(url, "tiny", args)
-    finally:
-        proc.send_signal(signal.SIGINT)
+    finally:  # the server and its engine process: the whole process group we started
+        os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        time.sleep(5)
 
 
 def main() -> None:

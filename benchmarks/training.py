@@ -191,10 +191,10 @@ def quality(settings, base_dir: Path, world: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraplex.cli.training import load_train_config
     from loraplex.data.formats import read_conversations
     from loraplex.evaluation.scorers import exact_match, json_compliant, label_accuracy
     from loraplex.prompts import JSON_ANSWER_SCHEMA
+    from loraplex.training.config import load_train_config
     from loraplex.training.job import run_training
 
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -254,8 +254,8 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
     os.environ["LORAPLEX_HOME"] = str(args.home)
-    from loraplex.cli.training import load_train_config
     from loraplex.config import load_settings
+    from loraplex.training.config import load_train_config
     from loraplex.training.dataset import load_examples, tokenize
     from loraplex.training.job import resolve_base_model
 

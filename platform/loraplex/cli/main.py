@@ -17,6 +17,7 @@ import click
 from loraplex import __version__
 from loraplex.cli.bootstrap import bootstrap
 from loraplex.cli.context import CliState
+from loraplex.cli.demo import demo
 from loraplex.cli.doctor import doctor
 from loraplex.cli.evaluate import evaluate
 from loraplex.cli.retrieval import ingest, search
@@ -79,6 +80,7 @@ cli.add_command(train)
 cli.add_command(adapters)
 cli.add_command(serve)
 cli.add_command(chat)
+cli.add_command(demo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,20 +13,8 @@ from pathlib import Path
 import click
 
 from loraplex.cli.context import CliState, pass_state
-from loraplex.errors import ConfigError, InputError
-
-
-def load_train_config(path: Path, overrides: tuple[str, ...], home: Path):
-    from loraplex.config import load_model
-    from loraplex.training.config import TrainConfig
-
-    if not path.is_file():
-        raise ConfigError(f"training config {path} does not exist")
-    cfg = load_model(TrainConfig, path, overrides)
-    try:
-        return cfg.resolve_paths(path.parent, home)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+from loraplex.errors import InputError
+from loraplex.training.config import load_train_config
 
 
 @click.command()

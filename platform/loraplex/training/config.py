@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from loraplex.config import StrictModel
+from loraplex.config import StrictModel, load_model
+from loraplex.errors import ConfigError, InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEEPSPEED_DIR = REPO_ROOT / "jobs" / "configs" / "deepspeed"
@@ -161,3 +162,14 @@ class TrainConfig(StrictModel):
             if not ds.config.is_file():
                 raise ValueError(f"deepspeed.config {ds.config} does not exist")
         return self.model_copy(update={"data": data, "deepspeed": ds})
+
+
+def load_train_config(path: Path, overrides: tuple[str, ...], home: Path):
+    """A training config from YAML + overrides, with data paths resolved."""
+    if not path.is_file():
+        raise ConfigError(f"training config {path} does not exist")
+    cfg = load_model(TrainConfig, path, overrides)
+    try:
+        return cfg.resolve_paths(path.parent, home)
+    except ValueError as e:
+        raise InputError(str(e)) from None

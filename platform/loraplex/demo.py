@@ -1,0 +1,178 @@
+"""The end-to-end demo: from nothing to a served, evaluated "RAG or fine-tuning?" answer.
+
+Owns: the recipe ``loraplex demo`` / ``make demo`` runs, each step reusing what exists:
+bootstrap the embedded world and base model; train the adapters (Ray Train +
+DeepSpeed, tracked in MLflow, registered) unless a version trained on the current base
+model is registered; generate a held-out world (a seed never used in training) and
+ingest its documents; start the serving application; run the four-way evaluation on
+the held-out questions; print the table, the report, how to open MLflow, and how to call
+the endpoint. Does not own: any of those steps (each lives in its own module).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraplex.config import LoraplexConfig
+
+log = logging.getLogger("loraplex.demo")
+REPO = Path(__file__).resolve().parents[2]
+ADAPTER_CONFIGS = {
+    "json-answer": REPO / "jobs" / "configs" / "json_answer.yaml",
+    "ticket-classify": REPO / "jobs" / "configs" / "ticket_classify.yaml",
+    "raft-json": REPO / "jobs" / "configs" / "raft_json.yaml",
+}
+
+
+@dataclass
+class DemoOptions:
+    eval_seed: int = 7
+    questions: int = 100
+    port: int = 8000
+    raft: bool = False
+    train_overrides: list[str] = field(default_factory=list)
+    top_k: int = 1
+
+
+def step(n: int, total: int, text: str) -> None:
+    log.info("[demo %d/%d] %s", n, total, text)
+
+
+def ensure_adapter(settings: LoraplexConfig, name: str, overrides: list[str]) -> str:
+    """A registered version of ``name`` trained on the current base model (reused or new)."""
+    from mlflow import MlflowClient
+
+    from loraplex.basemodel.bootstrap import MARKER, model_dir
+    from loraplex.training.config import load_train_config
+    from loraplex.training.job import run_training
+
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    built = (model_dir(settings) / MARKER).stat().st_mtime * 1000
+    try:
+        current = client.get_model_version_by_alias(name, "candidate")
+        if current.creation_timestamp >= built:
+            log.info(
+                "adapter %s version %s reused (trained on this base model)", name, current.version
+            )
+            return str(current.version)
+    except Exception:  # not registered yet
+        pass
+    cfg = load_train_config(ADAPTER_CONFIGS[name], tuple(overrides), settings.home)
+    log.info("training adapter %s (Ray Train + DeepSpeed, tracked in MLflow)", name)
+    result = run_training(cfg, settings)
+    return result.version
+
+
+def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from loraplex.basemodel.bootstrap import bootstrap, world_dir
+    from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
+    from loraplex.ray_runtime import init_ray
+    from loraplex.retrieval.retriever import Retriever
+    from loraplex.serving.builder import DEFAULT_CONFIG, build, check
+    from loraplex.serving.config import load_serving_config
+    from loraplex.world.generate import generate_world
+
+    total = 6
+    started = time.perf_counter()
+    names = ["json-answer", "ticket-classify"] + (["raft-json"] if opts.raft else [])
+    if opts.eval_seed == 0:
+        from loraplex.errors import InputError
+
+        raise InputError("--eval-seed 0 is the training world; choose another seed")
+    cfg = load_serving_config(DEFAULT_CONFIG, [f"http.port={opts.port}"])
+    if opts.raft:
+        cfg.adapters.append(
+            type(cfg.adapters[0])(
+                name="raft-json", base=cfg.models[0].id, registry="raft-json@candidate"
+            )
+        )
+
+    step(1, total, "embedded world and base model (about 14 minutes the first time)")
+    bootstrap(settings)
+    step(2, total, f"adapters: {', '.join(names)}")
+    versions = {n: ensure_adapter(settings, n, opts.train_overrides) for n in names}
+
+    step(3, total, f"held-out world (seed {opts.eval_seed}) and the knowledge collections")
+    eval_world = world_dir(settings, opts.eval_seed)
+    if not (eval_world / "manifest.json").exists():
+        generate_world(opts.eval_seed, eval_world, force=eval_world.exists())
+    eval_collection = f"eval_seed_{opts.eval_seed}"
+    with Retriever(settings) as r:  # closing frees Milvus Lite for the serving replica
+        r.ingest([world_dir(settings) / "docs"], settings.retrieval.collection)
+        r.ingest([eval_world / "docs"], eval_collection)
+
+    step(4, total, "serving: vLLM behind Ray Serve, adapters, retriever (1-2 minutes)")
+    checked = check(cfg, settings)
+    owned_ray = not ray.is_initialized()
+    init_ray(settings)
+    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
+    serve.run(build(cfg, settings, checked), name=cfg.name, route_prefix="/")
+    url = f"http://127.0.0.1:{opts.port}/v1"
+    try:
+        step(5, total, f"four-way evaluation on {opts.questions} held-out questions")
+        configs = "base,base+rag,adapter,adapter+rag"
+        if opts.raft:
+            configs += f",{cfg.models[0].id}:raft-json+rag"
+        result = evaluate_endpoint(
+            settings,
+            EvalOptions(
+                questions=eval_world / "queries.jsonl",
+                split="test",
+                limit=opts.questions,
+                configs=configs,
+                url=url,
+                collection=eval_collection,
+                top_k=opts.top_k,
+            ),
+        )
+        result |= {"url": url, "versions": versions, "seconds": time.perf_counter() - started}
+        step(6, total, f"done in {result['seconds'] / 60:.1f} min")
+        _print_summary(settings, result, cfg)
+        if serve_forever:
+            _wait_for_ctrl_c(url)
+    finally:
+        serve.shutdown()
+        if owned_ray:
+            ray.shutdown()
+    return result
+
+
+def _print_summary(settings: LoraplexConfig, result: dict[str, Any], cfg) -> None:
+    route = cfg.routes[0].name if cfg.routes else cfg.models[0].id
+    print()
+    print(result["markdown_table"])
+    print()
+    print(result["recommendation"])
+    print(f"\nreport:   {result['report']}")
+    print(f"MLflow:   mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
+    print(f"endpoint: {result['url']}")
+    print(
+        f"  curl {result['url']}/chat/completions -H 'content-type: application/json' "
+        f"""-d '{{"model": "{route}", "messages": [{{"role": "user", """
+        """"content": "What is the price of the Urven E100?"}]}'"""
+    )
+    print(
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{result['url']}', "
+        f"api_key='none'); print(c.chat.completions.create(model='{route}', messages=[{{'role': "
+        "'user', 'content': 'What is the price of the Urven E100?'}]).choices[0].message.content)\""
+    )
+
+
+def _wait_for_ctrl_c(url: str) -> None:
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"\nthe endpoint stays up at {url}: Ctrl-C stops it (--no-serve to skip)")
+    while not stop.wait(1.0):
+        pass
+    print("stopping ...")
