@@ -24,9 +24,18 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
     caplog.set_level(logging.INFO, logger="loraplex.demo")
     code = cli.main(
         args=[
-            "--home", str(settings.home), "demo", "--no-serve", "--questions", "3",
-            "--port", str(free_port()), "--train-set", "train.max_steps=2",
-            "--train-set", "train.epochs=1",
+            "--home",
+            str(settings.home),
+            "demo",
+            "--no-serve",
+            "--questions",
+            "3",
+            "--port",
+            str(free_port()),
+            "--train-set",
+            "train.max_steps=2",
+            "--train-set",
+            "train.epochs=1",
         ],
         prog_name="loraplex",
         standalone_mode=False,

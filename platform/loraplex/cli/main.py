@@ -20,6 +20,7 @@ from loraplex.cli.context import CliState
 from loraplex.cli.demo import demo
 from loraplex.cli.doctor import doctor
 from loraplex.cli.evaluate import evaluate
+from loraplex.cli.k8s import k8s
 from loraplex.cli.retrieval import ingest, search
 from loraplex.cli.serving import chat, serve
 from loraplex.cli.training import adapters, train
@@ -81,6 +82,7 @@ cli.add_command(adapters)
 cli.add_command(serve)
 cli.add_command(chat)
 cli.add_command(demo)
+cli.add_command(k8s)
 
 
 def main(argv: list[str] | None = None) -> None:

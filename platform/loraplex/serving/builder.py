@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from loraplex.config import LoraplexConfig, StrictModel, load_settings
+from loraplex.config import LoraplexConfig, StrictModel, load_model, load_settings
 from loraplex.errors import InputError
 from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_config
 
@@ -145,7 +145,10 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
 class AppArgs(StrictModel):
     """Arguments of ``serve run loraplex.serving.builder:build_app`` (and RayService)."""
 
-    config: str = Field(default=str(DEFAULT_CONFIG), description="Serving config YAML.")
+    config: str | dict[str, Any] = Field(
+        default=str(DEFAULT_CONFIG),
+        description="Serving config: a YAML path, or the config itself (k8s render inlines it).",
+    )
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE for the config.")
     settings_file: str | None = None
     settings: list[str] = Field(default_factory=list, description="KEY=VALUE settings.")
@@ -154,9 +157,18 @@ class AppArgs(StrictModel):
 def build_app(args: dict[str, Any] | None = None):
     """Ray Serve application builder: ``import_path: loraplex.serving.builder:build_app``."""
     parsed = AppArgs.model_validate(args or {})
-    path = Path(parsed.config)
-    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
-        path = REPO / path  # serve run from elsewhere: the repo's serving/ configs
-    cfg = load_serving_config(path, parsed.overrides)
+    if isinstance(parsed.config, dict):
+        cfg = load_model(ServingConfig, None, parsed.overrides, base=parsed.config)
+    else:
+        path = Path(parsed.config)
+        if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+            path = REPO / path  # serve run from elsewhere: the repo's serving/ configs
+        cfg = load_serving_config(path, parsed.overrides)
     settings = load_settings(parsed.settings_file, parsed.settings)
-    return build(cfg, settings)
+    checked = check(cfg, settings)
+    if not checked.key_digests:
+        log.warning(
+            "no API keys (auth.keys or $%s): anyone who reaches the HTTP port can use it",
+            cfg.auth.keys_env,
+        )
+    return build(cfg, settings, checked)

