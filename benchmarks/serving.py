@@ -175,7 +175,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=Path("serving.json"))
+    ap.add_argument(
+        "--phase",
+        choices=["all", "bare", "loraplex"],
+        default="all",
+        help="Run one half (results merge into --out); `all` runs bare vLLM in a child "
+        "process first, so the two servers never share a process.",
+    )
     args = ap.parse_args()
+    if args.phase == "all":
+        for phase in ("bare", "loraplex"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
+            subprocess.run(cmd, check=True)
+        return
 
     import ray
     from helpers import free_port
@@ -195,7 +207,12 @@ def main() -> None:
 
     settings = load_settings(overrides=[f"home={args.home}"])
     model_dir, _ = resolve_base_model("embedded", settings)
-    results: dict = {"tokens_per_request": args.tokens}
+    results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["tokens_per_request"] = args.tokens
+    if args.phase == "bare":
+        results["bare_vllm"] = bare_vllm(model_dir, free_port(), args)
+        args.out.write_text(json.dumps(results, indent=2))
+        return
 
     # 10k chunks of product documents, real embeddings (idempotent on a second run)
     collection = f"bench_{args.chunks}"
@@ -215,8 +232,6 @@ def main() -> None:
         except Exception:
             folder = _make_adapter(model_dir, Path(tempfile.mkdtemp()) / name, i)
             register_external(client, folder, name, model_dir, str(model_dir), "live", experiment)
-
-    results["bare_vllm"] = bare_vllm(model_dir, free_port(), args)
 
     cfg = ServingConfig.model_validate(
         {

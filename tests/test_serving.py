@@ -132,6 +132,17 @@ def serving_config(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def served(tiny_base, ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("serving_home")
+    milvus_port = free_port()
+    milvus = _start_milvus(home / "milvus-server", milvus_port)
+    try:
+        yield from _serve(tiny_base, home, milvus, milvus_port)
+    finally:
+        milvus.terminate()
+        milvus.wait(timeout=30)
+
+
+def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) -> Iterator[Served]:
     import ray
     from mlflow import MlflowClient
     from ray import serve
@@ -143,9 +154,6 @@ def served(tiny_base, ray_local, tmp_path_factory: pytest.TempPathFactory) -> It
     from loraplex.serving.config import ServingConfig
     from loraplex.training.registry import register_external
 
-    home = tmp_path_factory.mktemp("serving_home")
-    milvus_port = free_port()
-    milvus = _start_milvus(home / "milvus-server", milvus_port)
     settings = load_settings(
         overrides=[f"home={home}", f"milvus.uri=http://127.0.0.1:{milvus_port}"]
     )
@@ -168,15 +176,12 @@ def served(tiny_base, ray_local, tmp_path_factory: pytest.TempPathFactory) -> It
     cfg = ServingConfig.model_validate(serving_config(base))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
-    log_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     try:
+        serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
+        log_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
         yield Served(f"http://127.0.0.1:{port}/v1", settings, milvus, tiny_base.world_dir, log_dir)
     finally:
-        serve.delete("loraplex")
         serve.shutdown()
-        milvus.terminate()
-        milvus.wait(timeout=30)
 
 
 def question(world: Path) -> tuple[str, str]:
