@@ -121,15 +121,15 @@ def wait_ready(url: str, timeout: float = 600, proc: subprocess.Popen | None = N
 
 def levels(url: str, model: str, args) -> list[dict]:
     out = []
-    asyncio.run(load(url, [model], 2, 4, args.tokens))  # warm-up
+    asyncio.run(load(url, [model], 8, 32, args.tokens))  # warm-up
     for c in args.concurrency:
-        res = asyncio.run(load(url, [model], c, max(args.requests, 2 * c), args.tokens))
+        res = asyncio.run(load(url, [model], c, max(args.requests, 8 * c), args.tokens))
         print(f"  c={c}: {res['tokens_per_s']:.0f} tok/s, p50 {res['p50_s']:.2f} s")
         out.append(res)
     return out
 
 
-def bare_vllm(model_dir: Path, port: int, args) -> list[dict]:
+def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,
@@ -148,6 +148,9 @@ def bare_vllm(model_dir: Path, port: int, args) -> list[dict]:
         "--port",
         str(port),
     ]
+    if lora:  # the same LoRA settings loraplex gives vLLM when adapters are configured
+        cmd += ["--enable-lora", "--max-loras", "8", "--max-cpu-loras", "8"]
+        cmd += ["--max-lora-rank", "64"]
     log = open(Path(tempfile.gettempdir()) / "bench-vllm-serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -155,7 +158,7 @@ def bare_vllm(model_dir: Path, port: int, args) -> list[dict]:
     try:
         url = f"http://127.0.0.1:{port}/v1"
         wait_ready(url, proc=proc)
-        print("bare vllm serve:")
+        print(f"bare vllm serve{' with LoRA enabled' if lora else ''}:")
         return levels(url, "tiny", args)
     finally:  # the server and its engine process: the whole process group we started
         os.killpg(proc.pid, signal.SIGINT)
@@ -171,20 +174,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=32, help="Requests per level (≥ 2 x c).")
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=48, help="Requests per level (≥ 8 x c).")
+    ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=Path("serving.json"))
     ap.add_argument(
         "--phase",
-        choices=["all", "bare", "loraplex"],
+        choices=["all", "bare", "bare-lora", "loraplex-base", "loraplex"],
         default="all",
         help="Run one half (results merge into --out); `all` runs bare vLLM in a child "
         "process first, so the two servers never share a process.",
     )
     args = ap.parse_args()
     if args.phase == "all":
-        for phase in ("bare", "loraplex"):
+        for phase in ("bare", "bare-lora", "loraplex-base", "loraplex"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
             subprocess.run(cmd, check=True)
         return
@@ -209,8 +212,10 @@ def main() -> None:
     model_dir, _ = resolve_base_model("embedded", settings)
     results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
     results["tokens_per_request"] = args.tokens
-    if args.phase == "bare":
-        results["bare_vllm"] = bare_vllm(model_dir, free_port(), args)
+    if args.phase in ("bare", "bare-lora"):
+        lora = args.phase == "bare-lora"
+        key = "bare_vllm_lora" if lora else "bare_vllm"
+        results[key] = bare_vllm(model_dir, free_port(), args, lora=lora)
         args.out.write_text(json.dumps(results, indent=2))
         return
 
@@ -233,6 +238,7 @@ def main() -> None:
             folder = _make_adapter(model_dir, Path(tempfile.mkdtemp()) / name, i)
             register_external(client, folder, name, model_dir, str(model_dir), "live", experiment)
 
+    base_only = args.phase == "loraplex-base"  # no adapters: vLLM without LoRA, like bare
     cfg = ServingConfig.model_validate(
         {
             "models": [
@@ -246,8 +252,12 @@ def main() -> None:
                     "scaling": {"max_ongoing_requests": 256},
                 }
             ],
-            "adapters": [{"name": n, "base": "tiny", "registry": f"{n}@live"} for n in names],
-            "routes": [
+            "adapters": []
+            if base_only
+            else [{"name": n, "base": "tiny", "registry": f"{n}@live"} for n in names],
+            "routes": []
+            if base_only
+            else [
                 {
                     "name": f"rag-{mode}",
                     "base": "tiny",
@@ -265,8 +275,10 @@ def main() -> None:
     serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        print("loraplex:")
-        results["loraplex"] = levels(url, "tiny", args)
+        print(f"loraplex{' without adapters' if base_only else ''}:")
+        results["loraplex_base" if base_only else "loraplex"] = levels(url, "tiny", args)
+        if base_only:
+            return
 
         cold, warm = [], []
         for name in names:
@@ -289,7 +301,7 @@ def main() -> None:
 
         mixed = {}
         for c in (8, 32):
-            n = max(args.requests, 2 * c)
+            n = max(args.requests, 8 * c)
             base = asyncio.run(load(url, ["tiny"], c, n, args.tokens))
             mix = asyncio.run(load(url, [f"tiny:{x}" for x in names], c, n, args.tokens))
             mixed[c] = {
@@ -318,19 +330,26 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-
-    args.out.write_text(json.dumps(results, indent=2))
-    print(
-        "\n| concurrency | bare vLLM tok/s | loraplex tok/s | ratio | bare p50/p95 s | "
-        "loraplex p50/p95 s |\n|---|---|---|---|---|---|"
-    )
-    for b, lp in zip(results["bare_vllm"], results["loraplex"], strict=True):
-        print(
-            f"| {b['concurrency']} | {b['tokens_per_s']:.0f} | {lp['tokens_per_s']:.0f} | "
-            f"{lp['tokens_per_s'] / b['tokens_per_s']:.2f} | {b['p50_s']:.2f} / "
-            f"{b['p95_s']:.2f} | {lp['p50_s']:.2f} / {lp['p95_s']:.2f} |"
-        )
+        args.out.write_text(json.dumps(results, indent=2))
+    if base_only:
+        return
+    print_tables(results)
     print(f"\nwrote {args.out}")
+
+
+def print_tables(results: dict) -> None:
+    pairs = [("bare_vllm", "loraplex_base", "no LoRA"), ("bare_vllm_lora", "loraplex", "LoRA on")]
+    print(
+        "\n| vLLM | concurrency | bare tok/s | loraplex tok/s | ratio | bare p50 / p95 s | "
+        "loraplex p50 / p95 s |\n|---|---|---|---|---|---|---|"
+    )
+    for bare_key, ours_key, label in pairs:
+        for b, lp in zip(results.get(bare_key, []), results.get(ours_key, []), strict=False):
+            print(
+                f"| {label} | {b['concurrency']} | {b['tokens_per_s']:.0f} | "
+                f"{lp['tokens_per_s']:.0f} | {lp['tokens_per_s'] / b['tokens_per_s']:.2f} | "
+                f"{b['p50_s']:.2f} / {b['p95_s']:.2f} | {lp['p50_s']:.2f} / {lp['p95_s']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

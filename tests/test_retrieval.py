@@ -5,14 +5,12 @@ filters, and every bad input the retrieval issue lists."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, one_line_error
+from helpers import free_port, one_line_error, start_milvus_server
 
 GUIDE = """# Kettle guide
 
@@ -338,28 +336,8 @@ def test_same_code_against_a_milvus_server_by_uri(
 ) -> None:
     """A real Milvus gRPC server (Milvus Lite's server mode) on 127.0.0.1, reached by URI."""
     port = free_port()
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("milvus-lite")),
-            "server",
-            "--data-dir",
-            str(tmp_path / "server-data"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_milvus_server(tmp_path / "server-data", port)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
         uri = f"milvus.uri=http://127.0.0.1:{port}"
         code, out, err = cli(
             capsys, home, "-s", uri, "ingest", str(knowledge), "-c", "remote", "--json"

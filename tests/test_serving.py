@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import LORAPLEX, clean_env, free_port, one_line_error, run_cli
+from helpers import (
+    LORAPLEX,
+    clean_env,
+    free_port,
+    one_line_error,
+    run_cli,
+    start_milvus_server,
+)
 
 KEY_ALL = "sk-test-all"
 KEY_KB = "sk-test-kb-only"
@@ -55,32 +60,6 @@ def _make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     )
     peft.save_pretrained(out)
     return out
-
-
-def _start_milvus(data_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("milvus-lite")),
-            "server",
-            "--data-dir",
-            str(data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the Milvus server did not start within 60 s")
 
 
 def serving_config(model_dir: Path) -> dict:
@@ -134,7 +113,7 @@ def serving_config(model_dir: Path) -> dict:
 def served(tiny_base, ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home = tmp_path_factory.mktemp("serving_home")
     milvus_port = free_port()
-    milvus = _start_milvus(home / "milvus-server", milvus_port)
+    milvus = start_milvus_server(home / "milvus-server", milvus_port)
     try:
         yield from _serve(tiny_base, home, milvus, milvus_port)
     finally:
