@@ -71,6 +71,8 @@ def test_configuration_names() -> None:
         ("docs-json", "json_answer", None),
         ("tiny", None, rag),
     ]
+    other = endpoint.resolve_configs(["adapter:json-answer+rag"], MODELS, None, "x", rag)[0]
+    assert (other.model, other.task, other.retrieval) == ("tiny:json-answer", "json_answer", rag)
     with pytest.raises(InputError, match="unknown configuration 'nope'"):
         endpoint.resolve_configs(["nope"], MODELS, None, "json-answer", rag)
     with pytest.raises(InputError, match="no adapter 'tiny:other'"):

@@ -76,7 +76,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     from loraplex.ray_runtime import init_ray
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.builder import DEFAULT_CONFIG, build, check
-    from loraplex.serving.config import load_serving_config
+    from loraplex.serving.config import AdapterSpec, load_serving_config
     from loraplex.world.generate import generate_world
 
     total = 6
@@ -89,9 +89,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     cfg = load_serving_config(DEFAULT_CONFIG, [f"http.port={opts.port}"])
     if opts.raft:
         cfg.adapters.append(
-            type(cfg.adapters[0])(
-                name="raft-json", base=cfg.models[0].id, registry="raft-json@candidate"
-            )
+            AdapterSpec(name="raft-json", base=cfg.models[0].id, registry="raft-json@candidate")
         )
 
     step(1, total, "embedded world and base model (about 14 minutes the first time)")
@@ -119,7 +117,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
         step(5, total, f"four-way evaluation on {opts.questions} held-out questions")
         configs = "base,base+rag,adapter,adapter+rag"
         if opts.raft:
-            configs += f",{cfg.models[0].id}:raft-json+rag"
+            configs += ",adapter:raft-json+rag"
         result = evaluate_endpoint(
             settings,
             EvalOptions(

@@ -134,13 +134,14 @@ def resolve_configs(
             if base not in by_id:
                 raise InputError(f"configuration {name}: the endpoint has no base model {base!r}")
             model, task = base, "chat"
-        elif stem == "adapter":
-            if adapter_id not in by_id:
+        elif stem == "adapter" or stem.startswith("adapter:"):  # adapter:NAME: another one
+            model = f"{base}:{stem.split(':', 1)[1]}" if ":" in stem else adapter_id
+            if model not in by_id:
                 raise InputError(
-                    f"configuration {name}: the endpoint has no adapter {adapter_id!r} "
+                    f"configuration {name}: the endpoint has no adapter {model!r} "
                     f"(models: {', '.join(by_id)})"
                 )
-            model, task = adapter_id, "json_answer"
+            task = "json_answer"
         elif stem in by_id:  # a route keeps its task; a model answers as it is
             model, task = stem, (by_id[stem].get("metadata") or {}).get("task")
         else:
@@ -148,7 +149,7 @@ def resolve_configs(
                 f"unknown configuration {name!r}: use {', '.join(STANDARD)}, a route or model "
                 f"of the endpoint ({', '.join(by_id)}), optionally with +rag"
             )
-        route = stem in by_id and stem not in ("base", "adapter")
+        route = ((by_id.get(stem) or {}).get("metadata") or {}).get("kind") == "route"
         own = None if route else False  # a route keeps its retrieval; others run without
         out.append(Configuration(name, model, task, dict(retrieval) if rag else own))
     return out
