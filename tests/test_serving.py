@@ -82,6 +82,7 @@ def serving_config(model_dir: Path) -> dict:
             {"name": "alpha", "base": "tiny", "registry": "alpha@live"},
             {"name": "beta", "base": "tiny", "registry": "beta/1"},
             {"name": "broken", "base": "tiny", "registry": "broken/1"},
+            {"name": "delta", "base": "tiny", "registry": "delta/1"},
         ],
         "routes": [
             {"name": "kb", "base": "tiny", "retrieval": {"collection": "kb", "top_k": 2}},
@@ -142,7 +143,8 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     base = tiny_base.model_dir
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     experiment = tracking.setup(settings)
-    for name, seed, alias in [("alpha", 1, "live"), ("alpha", 2, "next"), ("beta", 3, None)]:
+    adapters = [("alpha", 1, "live"), ("alpha", 2, "next"), ("beta", 3, None), ("delta", 5, None)]
+    for name, seed, alias in adapters:
         folder = _make_adapter(base, home / "src" / f"{name}-{seed}", seed)
         register_external(client, folder, name, base, str(base), alias, experiment)
     broken = _make_adapter(base, home / "src" / "broken", 4)
@@ -179,7 +181,16 @@ def question(world: Path) -> tuple[str, str]:
 
 def test_models_lists_bases_adapters_and_routes_within_the_keys_scope(served: Served) -> None:
     ids = [m.id for m in served.client().models.list()]
-    assert ids == ["tiny", "tiny:alpha", "tiny:beta", "tiny:broken", "kb", "kb-alpha", "kb-soft"]
+    assert ids == [
+        "tiny",
+        "tiny:alpha",
+        "tiny:beta",
+        "tiny:broken",
+        "tiny:delta",
+        "kb",
+        "kb-alpha",
+        "kb-soft",
+    ]
     assert [m.id for m in served.client(KEY_KB).models.list()] == ["kb"]
     card = served.client().models.retrieve("kb-alpha")
     assert card.model_extra["metadata"]["adapter"] == "alpha"
@@ -344,6 +355,24 @@ def test_adapters_load_on_first_use_and_broken_ones_fail_alone(served: Served) -
     )
     r = c.chat.completions.create(model="kb-alpha", messages=msgs, max_tokens=4)
     assert r.model.startswith("tiny:alpha/")
+
+
+def test_concurrent_first_requests_to_an_adapter_load_it_once(served: Served) -> None:
+    async def many() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=served.url, api_key=KEY_ALL, max_retries=0)
+        try:
+            msgs = [{"role": "user", "content": "hello"}]
+            replies = await asyncio.gather(
+                *(
+                    client.chat.completions.create(model="tiny:delta", messages=msgs, max_tokens=3)
+                    for _ in range(8)
+                )
+            )
+        finally:
+            await client.close()
+        return [r.model for r in replies]
+
+    assert asyncio.run(many()) == ["tiny:delta/1"] * 8
 
 
 def test_promotion_reaches_new_requests_and_running_ones_finish_on_the_old_version(

@@ -28,6 +28,7 @@ def test_ray_serve_llm_extension_points_are_where_serving_expects_them() -> None
         ray_llm.DiskMultiplexConfig.model_fields
     )
     assert hasattr(ray_llm.OpenAiIngress, "_get_configured_serve_handle")
+    assert inspect.iscoroutinefunction(ray_llm.LLMServer._maybe_resolve_lora_from_multiplex)
     assert "bind_kwargs" in inspect.signature(ray_llm.build_llm_deployment).parameters
     assert ray_llm.get_lora_id("base:json-answer/3") == "json-answer/3"
 

@@ -25,7 +25,7 @@ from loraplex.config import LoraplexConfig, load_settings
 from loraplex.errors import InputError, LoraplexError
 from loraplex.serving import metrics
 from loraplex.serving.config import parse_registry_ref
-from loraplex.serving.ray_llm import DiskMultiplexConfig, LoraModelLoader, get_lora_id
+from loraplex.serving.ray_llm import DiskMultiplexConfig, LLMServer, LoraModelLoader, get_lora_id
 
 # A child of Ray Serve's logger: in a replica its lines go to the replica's log file
 # with the request id Serve attaches to every record.
@@ -181,6 +181,24 @@ class RegistryLoraLoader(LoraModelLoader):
             raise AdapterLoadError(
                 f"adapter {name} version {version}: cannot download ({first})"
             ) from None
+
+
+class LoraplexLLMServer(LLMServer):
+    """Ray Serve LLM's ``LLMServer`` with one fix: the first requests to an adapter that
+    arrive together load it into vLLM once. Upstream, each request checks "is it loaded?"
+    and then loads it, so concurrent first requests raced and all but one failed with
+    "has already been loaded" (measured: 3 of 80 answers of an evaluation at
+    concurrency 4)."""
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        from ray import serve
+
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id:
+            return
+        locks: dict[str, asyncio.Lock] = self.__dict__.setdefault("_loraplex_locks", {})
+        async with locks.setdefault(model_id, asyncio.Lock()):
+            await super()._maybe_resolve_lora_from_multiplex()
 
 
 _int_ids = iter(range(1, 1 << 30))

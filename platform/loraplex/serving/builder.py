@@ -112,7 +112,7 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     from ray import serve
 
     from loraplex.retrieval.deployment import build_retriever
-    from loraplex.serving.adapters import RegistryLoraLoader
+    from loraplex.serving.adapters import LoraplexLLMServer, RegistryLoraLoader
     from loraplex.serving.ingress import ENDPOINTS, LoraplexIngress
     from loraplex.serving.ray_llm import build_llm_deployment, make_fastapi_ingress
 
@@ -123,7 +123,9 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     for spec in cfg.models:
         conf = llm_config(spec, checked.base_dirs[spec.id], settings, spec.id in with_lora)
         deployments[spec.id] = build_llm_deployment(
-            conf, bind_kwargs={"model_downloader": RegistryLoraLoader}
+            conf,
+            bind_kwargs={"model_downloader": RegistryLoraLoader},
+            deployment_cls=LoraplexLLMServer,
         )
         cards[spec.id] = {"id": spec.id}
     retriever = (
