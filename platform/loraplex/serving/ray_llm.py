@@ -10,6 +10,14 @@ Does not own: any behaviour.
 
 from __future__ import annotations
 
+import logging
+
+# Importing ray.serve.llm re-configures logging (dictConfig): the root logger gets a new
+# handler with a JSON formatter, and a CLI's plain lines turn into JSON documents. Keep
+# the root handlers we had.
+_root = logging.getLogger()
+_kept = list(_root.handlers)
+
 from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -25,6 +33,9 @@ from ray.llm._internal.serve.core.ingress.utils import (
 from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+
+if _kept:
+    _root.handlers = _kept
 
 __all__ = [
     "ChatCompletionRequest",
