@@ -114,7 +114,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     serve.run(build(cfg, settings, checked), name=cfg.name, route_prefix="/")
     url = f"http://127.0.0.1:{opts.port}/v1"
     try:
-        step(5, total, f"four-way evaluation on {opts.questions} held-out questions")
+        step(5, total, f"four-way evaluation on the held-out test questions (<= {opts.questions})")
         configs = "base,base+rag,adapter,adapter+rag"
         if opts.raft:
             configs += ",adapter:raft-json+rag"
