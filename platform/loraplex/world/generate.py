@@ -142,7 +142,7 @@ def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
     for split in SPLITS:
         qs = [q for q in questions if q.split == split]
         tasks = {
-            "json_answer": [json_example(q, by_id, rng) for q in qs],
+            "json_answer": [json_example(q, by_id) for q in qs],
             "ticket_classify": [ticket_example(t) for t in tickets if t.split == split],
             "raft_json": [raft_example(rng, q, by_id, products) for q in qs],
         }

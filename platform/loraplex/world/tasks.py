@@ -158,33 +158,12 @@ def distractors(
     return pool[:k]
 
 
-def fresh_doc_id(rng: random.Random, real: str) -> str:
-    """A random doc id of the same shape (``<name>-<model>-<kind>``) as ``real``.
-
-    Adapter examples show passages under fresh ids, so that citing means copying the id
-    from the prompt: with the world's own ids a small model learns the 129 ids by heart
-    and cites training-world documents for any question (measured: citation precision
-    0.00 on a held-out world)."""
-    syllable = lambda: rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")  # noqa: E731
-    kind = real.rsplit("-", 1)[-1]
-    model = f"{rng.choice('abcdefghkmprstz')}{rng.randint(1, 9)}00"
-    return f"{syllable()}{syllable()}{rng.choice('lnrs')}-{model}-{kind}"
-
-
-def relabelled(rng: random.Random | None, doc: Document) -> Source:
-    return Source(fresh_doc_id(rng, doc.doc_id) if rng else doc.doc_id, doc.text)
-
-
-def json_example(
-    q: Question, docs: dict[str, Document], rng: random.Random | None = None
-) -> list[dict[str, str]]:
-    """The JSON-answer behaviour: gold passage in the prompt, a JSON object out (with
-    ``rng``, the passage under a fresh doc id; see :func:`fresh_doc_id`)."""
-    source = relabelled(rng, docs[q.gold_doc])
-    prompt = question_prompt(q.text, [source], json_answer=True)
+def json_example(q: Question, docs: dict[str, Document]) -> list[dict[str, str]]:
+    """The JSON-answer behaviour: gold passage in the prompt, a JSON object out."""
+    prompt = question_prompt(q.text, [as_source(docs[q.gold_doc])], json_answer=True)
     return [
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": json_answer(q.answer, [source.doc_id])},
+        {"role": "assistant", "content": json_answer(q.answer, [q.gold_doc])},
     ]
 
 
@@ -203,12 +182,8 @@ def raft_example(
     if with_gold:
         chosen = [*chosen[: k - 1], docs[q.gold_doc]]
     rng.shuffle(chosen)
-    sources = [relabelled(rng, d) for d in chosen]
-    prompt = question_prompt(q.text, sources, json_answer=True)
-    gold = next(
-        (s.doc_id for s, d in zip(sources, chosen, strict=True) if d.doc_id == q.gold_doc), None
-    )
-    target = json_answer(q.answer, [gold]) if with_gold else json_answer(NOT_FOUND, [])
+    prompt = question_prompt(q.text, [as_source(d) for d in chosen], json_answer=True)
+    target = json_answer(q.answer, [q.gold_doc]) if with_gold else json_answer(NOT_FOUND, [])
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
 
 
