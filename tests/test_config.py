@@ -47,6 +47,9 @@ def test_layers_yaml_then_env_then_flags(tmp_path: Path):
     # LORAPLEX_CONFIG names the file when no argument does
     cfg2 = load_settings(env={**env, "LORAPLEX_CONFIG": str(f)})
     assert cfg2.ray.num_cpus == 6 and cfg2.ray.address == "ray://head:10001"
+    # the serving clients' and server's variables are not settings
+    clients = {"LORAPLEX_URL": "http://x/v1", "LORAPLEX_API_KEY": "k", "LORAPLEX_API_KEYS": "a,b"}
+    assert load_settings(env={**env, **clients}).ray.num_cpus == 6
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,9 @@ from loraplex.config.loading import StrictModel, load_model
 
 ENV_PREFIX = "LORAPLEX_"
 ENV_CONFIG_FILE = "LORAPLEX_CONFIG"
+# LORAPLEX_* variables that are not settings: the config file, and the endpoint and keys
+# of the serving clients (loraplex chat/eval) and server (keys allowed everything).
+ENV_NOT_SETTINGS = (ENV_CONFIG_FILE, "LORAPLEX_URL", "LORAPLEX_API_KEY", "LORAPLEX_API_KEYS")
 DEFAULT_HOME = ".loraplex"
 
 _MLFLOW_SCHEMES = {"sqlite", "file", "http", "https", "postgresql", "mysql", "databricks"}
@@ -237,6 +240,6 @@ def load_settings(
         overrides,
         env_prefix=ENV_PREFIX,
         env=env,
-        env_reserved=(ENV_CONFIG_FILE,),
+        env_reserved=ENV_NOT_SETTINGS,
         override_flag="--setting",
     )
