@@ -97,3 +97,27 @@ def test_keys_are_kept_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert digests[hash_key("sk-team")] == {"name": "team", "models": ["m"]}
     assert digests[hash_key("sk-b")]["models"] == ["*"]
     assert "sk-team" not in repr(digests) and "sk-a" not in repr(digests)
+
+
+def test_serve_run_builder_takes_a_path_or_an_inline_config(tiny_base, ray_local, tmp_path):
+    """`serve run` / RayService call build_app(args); k8s render inlines the config."""
+    from ray.serve.deployment import Application
+
+    from loraplex.serving.builder import build_app
+
+    inline = {"models": [{"id": "tiny", "source": str(tiny_base.model_dir)}], "retriever": None}
+    app = build_app({"config": inline, "settings": [f"home={tmp_path}"]})
+    assert isinstance(app, Application)
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump(inline))
+    app = build_app(
+        {"config": str(path), "overrides": ["models.0.max_n=2"], "settings": [f"home={tmp_path}"]}
+    )
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match="folder /nope does not exist"):
+        build_app(
+            {
+                "config": {"models": [{"id": "x", "source": "/nope"}]},
+                "settings": [f"home={tmp_path}"],
+            }
+        )
