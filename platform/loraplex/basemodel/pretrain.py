@@ -79,7 +79,7 @@ class PretrainConfig(StrictModel):
         ],
         min_length=1,
     )
-    lr: float = Field(default=1.5e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=50, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.01, ge=0)
