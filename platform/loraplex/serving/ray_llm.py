@@ -18,13 +18,12 @@ import logging
 _root = logging.getLogger()
 _kept = list(_root.handlers)
 
-from ray.llm._internal.common.utils.lora_utils import get_base_model_id, get_lora_id
+from ray.llm._internal.common.utils.lora_utils import get_lora_id
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
-    to_model_metadata,
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.llm._internal.serve.core.ingress.utils import (
@@ -49,8 +48,6 @@ __all__ = [
     "RawRequestInfo",
     "apply_openai_json_format",
     "build_llm_deployment",
-    "get_base_model_id",
     "get_lora_id",
     "make_fastapi_ingress",
-    "to_model_metadata",
 ]
