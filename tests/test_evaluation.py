@@ -81,9 +81,9 @@ def test_configuration_names() -> None:
 
 def test_scoring_one_answer() -> None:
     q = endpoint.Question("a", "Price?", "437 dollars", ("urven-e100",), None)
-    rec = endpoint.Record(
-        "adapter+rag", "a", text='{"answer": "437 dollars", "sources": ["urven-e100"]}'
-    )
+    # source numbers: the doc ids are the server's citations (Endpoint.ask fills `cited`)
+    text = '{"answer": "437 dollars", "sources": [1]}'
+    rec = endpoint.Record("adapter+rag", "a", text=text, cited=["urven-e100"])
     rec = endpoint.score(rec, q, json_task=True, schema=None)
     assert (rec.exact, rec.compliant, rec.citation_precision, rec.citation_recall) == (
         1.0,
@@ -91,6 +91,10 @@ def test_scoring_one_answer() -> None:
         1.0,
         1.0,
     )
+    # doc ids in the JSON itself (a client's own schema) are scored as they are
+    text = '{"answer": "437 dollars", "sources": ["urven-e100", "x"]}'
+    rec = endpoint.score(endpoint.Record("adapter+rag", "a", text=text), q, True, None)
+    assert (rec.compliant, rec.citation_precision, rec.citation_recall) == (False, 0.5, 1.0)
     rec = endpoint.score(endpoint.Record("base", "a", text="It is 437 dollars."), q, False, None)
     assert rec.exact == 0.0 and rec.f1 > 0.5 and rec.compliant is None
     assert rec.citation_precision is None and rec.citation_recall == 0.0

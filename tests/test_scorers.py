@@ -35,7 +35,8 @@ def test_citations():
 
 
 def test_json_compliance():
-    assert json_compliant('{"answer": "x", "sources": ["d1"]}', JSON_ANSWER_SCHEMA)
+    assert json_compliant('{"answer": "x", "sources": [1, 2]}', JSON_ANSWER_SCHEMA)
+    assert not json_compliant('{"answer": "x", "sources": [0]}', JSON_ANSWER_SCHEMA)
     assert not json_compliant('{"answer": "x"}', JSON_ANSWER_SCHEMA)
     assert not json_compliant('{"answer": "x", "sources": [], "extra": 1}', JSON_ANSWER_SCHEMA)
     assert not json_compliant("349 dollars", JSON_ANSWER_SCHEMA)

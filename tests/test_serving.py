@@ -319,6 +319,10 @@ def test_citations_map_back_to_doc_ids() -> None:
         {"source": 2, "doc_id": "b", "valid": True},
         {"source": 7, "doc_id": None, "valid": False},
     ]
+    assert citations('{"answer": "5", "sources": [2, 2, 9]}', sources) == [
+        {"source": 2, "doc_id": "b", "valid": True},
+        {"source": 9, "doc_id": None, "valid": False},
+    ]
     assert citations('{"answer": "5", "sources": ["a", "zz"]}', sources) == [
         {"source": 1, "doc_id": "a", "valid": True},
         {"source": None, "doc_id": "zz", "valid": False},

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def test_datasets_in_three_formats(world: Path):
     assert labels == set(TICKET_CATEGORIES)
     raft = _jsonl(world / "datasets" / "raft_json" / "train.openai.jsonl")
     assert all(r["messages"][0]["content"].count("<source id=") == 3 for r in raft)
+    cited = 0
+    for r in raft:  # the cited number is the passage that holds the answer
+        target = json.loads(r["messages"][1]["content"])
+        passages = re.findall(
+            r'<source id="(\d+)" doc="[^"]+">\n(.*?)\n</source>', r["messages"][0]["content"], re.S
+        )
+        for n in target["sources"]:
+            assert target["answer"] in dict(passages)[str(n)]
+            cited += 1
+    assert cited > len(raft) / 2
 
 
 def test_pretraining_text_has_no_world_facts_json_or_tickets(world: Path):

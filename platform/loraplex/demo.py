@@ -43,25 +43,32 @@ def step(n: int, total: int, text: str) -> None:
 
 
 def ensure_adapter(settings: LoraplexConfig, name: str, overrides: list[str]) -> str:
-    """A registered version of ``name`` trained on the current base model (reused or new)."""
+    """A registered version of ``name`` trained on the current base model and on the
+    current dataset files (reused), or a newly trained one."""
     from mlflow import MlflowClient
 
     from loraplex.basemodel.bootstrap import MARKER, model_dir
     from loraplex.training.config import load_train_config
+    from loraplex.training.dataset import dataset_sha256
     from loraplex.training.job import run_training
 
+    cfg = load_train_config(ADAPTER_CONFIGS[name], tuple(overrides), settings.home)
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     built = (model_dir(settings) / MARKER).stat().st_mtime * 1000
     try:
         current = client.get_model_version_by_alias(name, "candidate")
-        if current.creation_timestamp >= built:
+        trained_on = client.get_run(current.run_id).data.tags.get("loraplex.dataset_sha256")
+    except Exception:  # not registered yet, or its run is gone
+        current, trained_on = None, None
+    if current is not None and current.creation_timestamp >= built:
+        if trained_on == dataset_sha256(cfg.data):
             log.info(
-                "adapter %s version %s reused (trained on this base model)", name, current.version
+                "adapter %s version %s reused (trained on this base model and these datasets)",
+                name,
+                current.version,
             )
             return str(current.version)
-    except Exception:  # not registered yet
-        pass
-    cfg = load_train_config(ADAPTER_CONFIGS[name], tuple(overrides), settings.home)
+        log.info("adapter %s version %s was trained on other datasets", name, current.version)
     log.info("training adapter %s (Ray Train + DeepSpeed, tracked in MLflow)", name)
     result = run_training(cfg, settings)
     return result.version
@@ -77,7 +84,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.builder import DEFAULT_CONFIG, build, check
     from loraplex.serving.config import AdapterSpec, load_serving_config
-    from loraplex.world.generate import generate_world
+    from loraplex.world.generate import generate_world, is_current
 
     total = 6
     started = time.perf_counter()
@@ -99,7 +106,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
 
     step(3, total, f"held-out world (seed {opts.eval_seed}) and the knowledge collections")
     eval_world = world_dir(settings, opts.eval_seed)
-    if not (eval_world / "manifest.json").exists():
+    if not is_current(eval_world):
         generate_world(opts.eval_seed, eval_world, force=eval_world.exists())
     eval_collection = f"eval_seed_{opts.eval_seed}"
     with Retriever(settings) as r:  # closing frees Milvus Lite for the serving replica

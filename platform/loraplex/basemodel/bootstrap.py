@@ -24,7 +24,7 @@ from loraplex.basemodel.tokenizer import train_tokenizer
 from loraplex.config import LoraplexConfig
 from loraplex.errors import LoraplexError
 from loraplex.folders import replace_folder, staging_folder
-from loraplex.world.generate import generate_world
+from loraplex.world.generate import generate_world, is_current
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ def bootstrap(
     wdir, mdir = world_dir(settings), model_dir(settings)
     marker = existing_base(settings)
     if marker and not force and (wdir / "manifest.json").exists():
+        if not is_current(wdir):
+            log.info(
+                "the embedded world in %s was written by an older loraplex: regenerating it "
+                "(same documents and pretraining text, new task datasets; the base model is kept)",
+                wdir,
+            )
+            generate_world(DEFAULT_SEED, wdir, force=True)
         log.info(
             "reusing the base model in %s (built %s; --force rebuilds it)",
             mdir,

@@ -223,8 +223,9 @@ def score(rec: Record, q: Question, json_task: bool, schema: dict[str, Any] | No
         rec.compliant = scorers.json_compliant(rec.text, schema or JSON_ANSWER_SCHEMA)
         if obj is not None and isinstance(obj.get("answer"), str):
             answer = obj["answer"]
-        if obj is not None and isinstance(obj.get("sources"), list):
-            rec.cited = [str(s) for s in obj["sources"]]
+        listed = obj.get("sources") if obj is not None else None
+        if isinstance(listed, list) and listed and all(isinstance(s, str) for s in listed):
+            rec.cited = list(listed)  # doc ids; source numbers come mapped in `citations`
     elif schema is not None:
         rec.compliant = scorers.json_compliant(rec.text, schema)
     if q.answer is not None:

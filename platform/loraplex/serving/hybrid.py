@@ -3,8 +3,8 @@
 Owns: taking the question out of a chat request, rewriting the last user turn with the
 numbered, fenced sources (``loraplex.prompts.question_prompt``: the text the adapters
 were trained on), adding a route's system prompt, the public shape of a source in a
-response, and mapping an answer's citations (``[2]`` in text, doc ids in a JSON
-answer's ``sources``) back to sources. Does not own: search (the Retriever deployment)
+response, and mapping an answer's citations (``[2]`` in text, source numbers or doc ids
+in a JSON answer's ``sources``) back to sources. Does not own: search (the Retriever deployment)
 or the prompt wording (``loraplex.prompts``).
 """
 
@@ -79,7 +79,8 @@ def public_sources(hits: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def citations(text: str, sources: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The sources an answer cites, in order of first mention, without duplicates.
 
-    ``[n]`` markers cite source n; a JSON answer's ``sources`` list cites by doc id.
+    ``[n]`` markers and the numbers in a JSON answer's ``sources`` cite source n; doc ids
+    in a JSON answer's ``sources`` (a client's own schema) cite the source with that doc.
     Numbers or doc ids that match no source are reported with ``"valid": false``.
     """
     found: list[dict[str, Any]] = []
@@ -90,24 +91,34 @@ def citations(text: str, sources: Sequence[dict[str, Any]]) -> list[dict[str, An
             seen.add(key)
             found.append(entry)
 
-    for m in CITATION.finditer(text):
-        n = int(m.group(1))
+    def by_number(n: int) -> None:
         if 1 <= n <= len(sources):
             s = sources[n - 1]
             add(("doc", s["doc_id"]), {"source": n, "doc_id": s["doc_id"], "valid": True})
         else:
             add(("n", n), {"source": n, "doc_id": None, "valid": False})
-    for doc_id in _json_sources(text):
-        number = next((s["id"] for s in sources if s["doc_id"] == doc_id), None)
-        add(("doc", doc_id), {"source": number, "doc_id": doc_id, "valid": number is not None})
+
+    for m in CITATION.finditer(text):
+        by_number(int(m.group(1)))
+    for cited in _json_sources(text):
+        if isinstance(cited, int):
+            by_number(cited)
+            continue
+        number = next((s["id"] for s in sources if s["doc_id"] == cited), None)
+        add(("doc", cited), {"source": number, "doc_id": cited, "valid": number is not None})
     return found
 
 
-def _json_sources(text: str) -> list[str]:
+def _json_sources(text: str) -> list[int | str]:
+    """A JSON answer's ``sources``: source numbers (ints) and/or doc ids (strings)."""
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return []
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
         return []
-    return [s for s in data["sources"] if isinstance(s, str)]
+    return [
+        s
+        for s in data["sources"]
+        if (isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, str)
+    ]

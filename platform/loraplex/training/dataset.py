@@ -38,6 +38,11 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def dataset_sha256(data: DataConfig) -> str:
+    """The fingerprint a fine-tuning run is tagged with (``loraplex.dataset_sha256``)."""
+    return _digest([*data.train, *data.eval])
+
+
 def load_examples(data: DataConfig, seed: int = 0) -> Examples:
     """Every conversation of the train (and eval) files; InputError names a bad line."""
     try:
@@ -54,7 +59,7 @@ def load_examples(data: DataConfig, seed: int = 0) -> Examples:
         evals = [c for i, c in enumerate(train) if i in chosen]
         train = [c for i, c in enumerate(train) if i not in chosen]
     fingerprint = {
-        "sha256": _digest([*data.train, *data.eval]),
+        "sha256": dataset_sha256(data),
         "train_rows": len(train),
         "eval_rows": len(evals),
         "format": data.format,

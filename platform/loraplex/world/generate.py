@@ -45,7 +45,8 @@ from loraplex.world.tasks import (
     ticket_example,
 )
 
-WORLD_VERSION = 1
+# 2: JSON answers cite source numbers (``"sources": [1]``), not doc ids
+WORLD_VERSION = 2
 SPLITS = ("train", "test")
 
 
@@ -54,6 +55,18 @@ class WorldSize:
     families: int = 14
     tickets: int = 600
     pretrain: dict[str, int] | None = None  # records per stage; None: DEFAULT_COUNTS
+
+
+def is_current(root: Path) -> bool:
+    """Whether ``root`` holds a complete world written by this version of loraplex.
+
+    Worlds of an older version have the same documents and pretraining text for a seed
+    but older task datasets, so callers regenerate them (the base model stays valid)."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("world_version") == WORLD_VERSION
 
 
 def check_output_folder(out: Path, force: bool) -> None:

@@ -163,7 +163,7 @@ def json_example(q: Question, docs: dict[str, Document]) -> list[dict[str, str]]
     prompt = question_prompt(q.text, [as_source(docs[q.gold_doc])], json_answer=True)
     return [
         {"role": "user", "content": prompt},
-        {"role": "assistant", "content": json_answer(q.answer, [q.gold_doc])},
+        {"role": "assistant", "content": json_answer(q.answer, [1])},
     ]
 
 
@@ -183,7 +183,10 @@ def raft_example(
         chosen = [*chosen[: k - 1], docs[q.gold_doc]]
     rng.shuffle(chosen)
     prompt = question_prompt(q.text, [as_source(d) for d in chosen], json_answer=True)
-    target = json_answer(q.answer, [q.gold_doc]) if with_gold else json_answer(NOT_FOUND, [])
+    if with_gold:
+        target = json_answer(q.answer, [1 + [d.doc_id for d in chosen].index(q.gold_doc)])
+    else:
+        target = json_answer(NOT_FOUND, [])
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
 
 
