@@ -94,6 +94,28 @@ def test_second_bootstrap_reuses_and_says_so(tiny_base, settings):
     assert (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_bootstrap_refreshes_an_older_world_and_keeps_the_model(tiny_base, settings):
+    from loraplex.basemodel.bootstrap import bootstrap
+    from loraplex.world.generate import WORLD_VERSION, is_current
+
+    world = tiny_base.world_dir
+    manifest = json.loads((world / "manifest.json").read_text())
+    pretrain = (world / "pretrain" / "corpus.jsonl").read_bytes()
+    docs = sorted(p.name for p in (world / "docs").iterdir())
+    weights = (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns
+    older = {**manifest, "world_version": WORLD_VERSION - 1}
+    (world / "manifest.json").write_text(json.dumps(older))
+    assert not is_current(world)
+
+    result = bootstrap(settings)
+    assert result.reused and is_current(world)
+    assert json.loads((world / "manifest.json").read_text()) == manifest
+    # same seed: the text the base model was trained on and the documents are unchanged
+    assert (world / "pretrain" / "corpus.jsonl").read_bytes() == pretrain
+    assert sorted(p.name for p in (world / "docs").iterdir()) == docs
+    assert (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns == weights
+
+
 def test_bootstrap_bad_settings_fail_before_ray(tmp_path):
     env = clean_env(LORAPLEX_HOME=str(tmp_path))
     for args, expected in [

@@ -19,7 +19,8 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
     from mlflow import MlflowClient
 
     from loraplex.cli.main import cli
-    from loraplex.demo import ensure_adapter
+    from loraplex.demo import ADAPTER_CONFIGS, ensure_adapter, reusable_version
+    from loraplex.training.config import load_train_config
 
     caplog.set_level(logging.INFO, logger="loraplex.demo")
     code = cli.main(
@@ -60,4 +61,14 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
         version = client.get_model_version_by_alias(name, "candidate").version
         # a second run finds the adapter trained on this base model and reuses it
         assert ensure_adapter(settings, name, []) == str(version)
+    # ... and not one trained on other data (the dataset files changed since)
+    cfg = load_train_config(ADAPTER_CONFIGS["json-answer"], (), settings.home)
+    assert reusable_version(settings, cfg) is not None
+    train_file = cfg.data.train[0]
+    original = train_file.read_bytes()
+    try:
+        train_file.write_bytes(original + original.splitlines(keepends=True)[0])
+        assert reusable_version(settings, cfg) is None
+    finally:
+        train_file.write_bytes(original)
     assert (settings.home / "worlds" / "seed-7" / "manifest.json").exists()

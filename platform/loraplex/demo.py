@@ -15,9 +15,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplex.config import LoraplexConfig
+
+if TYPE_CHECKING:
+    from loraplex.training.config import TrainConfig
 
 log = logging.getLogger("loraplex.demo")
 REPO = Path(__file__).resolve().parents[2]
@@ -42,36 +45,44 @@ def step(n: int, total: int, text: str) -> None:
     log.info("[demo %d/%d] %s", n, total, text)
 
 
-def ensure_adapter(settings: LoraplexConfig, name: str, overrides: list[str]) -> str:
-    """A registered version of ``name`` trained on the current base model and on the
-    current dataset files (reused), or a newly trained one."""
+def reusable_version(settings: LoraplexConfig, cfg: TrainConfig) -> str | None:
+    """The ``candidate`` version of ``cfg``'s adapter if it was trained on the current
+    base model and on the current dataset files, else None (it must be trained)."""
     from mlflow import MlflowClient
 
     from loraplex.basemodel.bootstrap import MARKER, model_dir
-    from loraplex.training.config import load_train_config
     from loraplex.training.dataset import dataset_sha256
-    from loraplex.training.job import run_training
 
-    cfg = load_train_config(ADAPTER_CONFIGS[name], tuple(overrides), settings.home)
+    name = cfg.mlflow.registered_model
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     built = (model_dir(settings) / MARKER).stat().st_mtime * 1000
     try:
         current = client.get_model_version_by_alias(name, "candidate")
         trained_on = client.get_run(current.run_id).data.tags.get("loraplex.dataset_sha256")
     except Exception:  # not registered yet, or its run is gone
-        current, trained_on = None, None
-    if current is not None and current.creation_timestamp >= built:
-        if trained_on == dataset_sha256(cfg.data):
-            log.info(
-                "adapter %s version %s reused (trained on this base model and these datasets)",
-                name,
-                current.version,
-            )
-            return str(current.version)
+        return None
+    if current.creation_timestamp < built:
+        log.info("adapter %s version %s was trained on an older base model", name, current.version)
+        return None
+    if trained_on != dataset_sha256(cfg.data):
         log.info("adapter %s version %s was trained on other datasets", name, current.version)
+        return None
+    return str(current.version)
+
+
+def ensure_adapter(settings: LoraplexConfig, name: str, overrides: list[str]) -> str:
+    """A registered version of ``name`` trained on the current base model and datasets:
+    reused when one exists, trained otherwise."""
+    from loraplex.training.config import load_train_config
+    from loraplex.training.job import run_training
+
+    cfg = load_train_config(ADAPTER_CONFIGS[name], tuple(overrides), settings.home)
+    version = reusable_version(settings, cfg)
+    if version is not None:
+        log.info("adapter %s version %s reused (same base model and datasets)", name, version)
+        return version
     log.info("training adapter %s (Ray Train + DeepSpeed, tracked in MLflow)", name)
-    result = run_training(cfg, settings)
-    return result.version
+    return run_training(cfg, settings).version
 
 
 def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -> dict[str, Any]:
