@@ -82,16 +82,22 @@ def test_datasets_in_three_formats(world: Path):
     assert labels == set(TICKET_CATEGORIES)
     raft = _jsonl(world / "datasets" / "raft_json" / "train.openai.jsonl")
     assert all(r["messages"][0]["content"].count("<source id=") == 3 for r in raft)
-    cited = 0
-    for r in raft:  # the cited number is the passage that holds the answer
-        target = json.loads(r["messages"][1]["content"])
-        passages = re.findall(
-            r'<source id="(\d+)" doc="[^"]+">\n(.*?)\n</source>', r["messages"][0]["content"], re.S
-        )
-        for n in target["sources"]:
-            assert target["answer"] in dict(passages)[str(n)]
-            cited += 1
-    assert cited > len(raft) / 2
+    json_rows = _jsonl(world / "datasets" / "json_answer" / "train.openai.jsonl")
+    for task, rows in (("raft_json", raft), ("json_answer", json_rows)):
+        cited = 0
+        for r in rows:  # the cited number is the passage that holds the answer
+            target = json.loads(r["messages"][1]["content"])
+            passages = dict(
+                re.findall(
+                    r'<source id="(\d+)" doc="[^"]+">\n(.*?)\n</source>',
+                    r["messages"][0]["content"],
+                    re.S,
+                )
+            )
+            for n in target["sources"]:
+                assert target["answer"] in passages[str(n)], (task, r)
+                cited += 1
+        assert cited > len(rows) / 2, task
 
 
 def test_pretraining_text_has_no_world_facts_json_or_tickets(world: Path):
@@ -102,14 +108,16 @@ def test_pretraining_text_has_no_world_facts_json_or_tickets(world: Path):
     assert not any(c in text for c in ("Classify the support ticket", "Ticket:"))
     for q in _jsonl(world / "queries.jsonl"):
         assert q["metadata"]["entity"] not in text  # no product of the world at all
-    answers = [
-        m["content"]
+    # JSON is only ever text to repeat, never the reply to a question
+    turns = [
+        (r["messages"][i - 1]["content"], m["content"])
         for r in records
         if "messages" in r
-        for m in r["messages"]
+        for i, m in enumerate(r["messages"])
         if m["role"] == "assistant"
     ]
-    assert all(not a.lstrip().startswith("{") for a in answers)
+    json_replies = [(u, a) for u, a in turns if a.lstrip().startswith("{")]
+    assert json_replies and all(u == f"Repeat the text.\n\nText: {a}" for u, a in json_replies)
 
 
 def test_seeds_are_reproducible_and_different(tmp_path: Path):

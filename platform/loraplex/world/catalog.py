@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SYLLABLES = (
@@ -165,6 +166,33 @@ def _unique(rng: random.Random, make, taken: set[str]) -> str:
     raise RuntimeError("name space exhausted")  # not reachable with the sizes used here
 
 
+def _person(rng: random.Random) -> str:
+    return f"{_word(rng, 2)} {_word(rng, 3)}"
+
+
+def draw_facts(
+    rng: random.Random,
+    designer: Callable[[], str] | None = None,
+    factory: Callable[[], str] | None = None,
+) -> dict[str, str]:
+    """One product's facts, drawn in a fixed order (a seed's world depends on it).
+    ``designer`` and ``factory`` draw those two (the catalogue keeps designers unique and
+    factories among its cities); by default any name."""
+    return {
+        "price": f"{rng.randint(49, 999)} dollars",
+        "release_year": str(rng.randint(1990, 2026)),
+        "designer": designer() if designer else _person(rng),
+        "color": rng.choice(COLORS),
+        "weight": f"{rng.randint(120, 2400)} grams",
+        "battery_life": f"{rng.randint(4, 96)} hours",
+        "factory": factory() if factory else _word(rng, rng.choice((2, 3))),
+        "model_code": f"{rng.choice(MODEL_LETTERS)}{rng.choice(MODEL_LETTERS)}-"
+        f"{rng.randint(1000, 9999)}",
+        "warranty": f"{rng.randint(6, 60)} months",
+        "hotline": f"extension {rng.randint(100, 999)}",
+    }
+
+
 def draw_catalog(
     seed: int,
     n_families: int = 14,
@@ -195,18 +223,10 @@ def draw_catalog(
                 category=category,
                 siblings=[s for s in names if s != name],
             )
-            p.facts = {
-                "price": f"{rng.randint(49, 999)} dollars",
-                "release_year": str(rng.randint(1990, 2026)),
-                "designer": _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", people),
-                "color": rng.choice(COLORS),
-                "weight": f"{rng.randint(120, 2400)} grams",
-                "battery_life": f"{rng.randint(4, 96)} hours",
-                "factory": rng.choice(cities),
-                "model_code": f"{rng.choice(MODEL_LETTERS)}{rng.choice(MODEL_LETTERS)}-"
-                f"{rng.randint(1000, 9999)}",
-                "warranty": f"{rng.randint(6, 60)} months",
-                "hotline": f"extension {rng.randint(100, 999)}",
-            }
+            p.facts = draw_facts(
+                rng,
+                designer=lambda: _unique(rng, lambda: _person(rng), people),
+                factory=lambda: rng.choice(cities),
+            )
             products.append(p)
     return Catalog(seed=seed, company=company, products=products, stream=stream)

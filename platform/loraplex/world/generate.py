@@ -14,7 +14,7 @@ Layout::
     qrels/train.tsv qrels/test.tsv     query-id, corpus-id, score
     tickets.jsonl                      support tickets with their category and split
     datasets/<task>/<split>.<format>.jsonl
-        json_answer      gold passage -> {"answer", "sources"}
+        json_answer      gold passage -> {"answer", "sources"} (train: 3 per question)
         ticket_classify  ticket -> category
         raft_json        retrieved passages with distractors -> {"answer", "sources"}
         (format: alpaca | sharegpt | openai)
@@ -39,13 +39,15 @@ from loraplex.world.documents import catalog_documents
 from loraplex.world.pretraining import pretraining_records
 from loraplex.world.tasks import (
     json_example,
+    json_examples,
     make_questions,
     make_tickets,
     raft_example,
     ticket_example,
 )
 
-# 2: JSON answers cite source numbers (``"sources": [1]``), not doc ids
+# 2: JSON answers cite source numbers (``"sources": [1]``), not doc ids; three JSON-answer
+#    training examples per question
 WORLD_VERSION = 2
 SPLITS = ("train", "test")
 
@@ -151,11 +153,16 @@ def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
     )
 
     rng = random.Random(f"datasets:{seed}")
+    json_rng = random.Random(f"json-answer:{seed}")
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         qs = [q for q in questions if q.split == split]
         tasks = {
-            "json_answer": [json_example(q, by_id) for q in qs],
+            "json_answer": (
+                [c for q in qs for c in json_examples(json_rng, q, by_id, products)]
+                if split == "train"
+                else [json_example(q, by_id) for q in qs]
+            ),
             "ticket_classify": [ticket_example(t) for t in tickets if t.split == split],
             "raft_json": [raft_example(rng, q, by_id, products) for q in qs],
         }

@@ -6,19 +6,22 @@ the world's) and turning it into records, each tagged with the curriculum stage 
 serves:
 
 - ``copy``: "Repeat the text." conversations, dense in tokens to copy, where a small
-  model first forms the attention heads that copy from its context;
+  model first forms the attention heads that copy from its context (some of the texts
+  are JSON records, as a real base model has seen JSON);
 - ``lookup``: one fact line as the source and a question about it, the smallest
   look-up;
 - ``snippet`` / ``document``: reading conversations over a few fact lines or over
   whole documents, several questions each (every answer is a look-up to learn from);
 - ``prose``: documents as plain text.
- Nothing here teaches the JSON format or the ticket categories, and no
-fact of the world (train or test) appears in it. Does not own: tokenization or
-training (``loraplex.basemodel``).
+
+Nothing here asks for a JSON reply (JSON is only ever text to repeat) or teaches the
+ticket categories, and no fact of the world (train or test) appears in it.
+Does not own: tokenization or training (``loraplex.basemodel``).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -27,14 +30,35 @@ from loraplex.world.catalog import ATTRIBUTE_KEYS, Catalog, Product, draw_catalo
 from loraplex.world.documents import catalog_documents, doc_id, fact_sentence
 from loraplex.world.tasks import ATTRIBUTE_DOC_KIND, question_text, reading_conversation
 
+P_JSON_TEXT = 0.2
+
 
 def copy_conversation(rng: random.Random, product: Product) -> list[dict[str, str]]:
+    """Fact sentences to repeat or, with probability ``P_JSON_TEXT``, a JSON record of
+    them (a catalogue entry or a question-answer log line): a base model has seen JSON,
+    so its output layer knows the punctuation and keys an adapter will ask for."""
     attributes = rng.sample(ATTRIBUTE_KEYS, rng.randint(1, 3))
-    text = " ".join(fact_sentence(product, a) for a in attributes)
+    if rng.random() < P_JSON_TEXT:
+        text = json_record(rng, product, attributes)
+    else:
+        text = " ".join(fact_sentence(product, a) for a in attributes)
     return [
         {"role": "user", "content": f"Repeat the text.\n\nText: {text}"},
         {"role": "assistant", "content": text},
     ]
+
+
+def json_record(rng: random.Random, product: Product, attributes: list[str]) -> str:
+    if rng.random() < 0.5:
+        record: dict[str, Any] = {"name": product.name}
+        record |= {a: product.facts[a] for a in attributes}
+    else:
+        record = {
+            "question": question_text(rng, product, attributes[0]),
+            "answer": product.facts[attributes[0]],
+            "sources": sorted(rng.sample(range(1, 6), rng.randint(0, 2))),
+        }
+    return json.dumps(record, ensure_ascii=False)
 
 
 def lookup_conversation(

@@ -12,7 +12,7 @@ Does not own: the prompt text (``loraplex.prompts``) or file formats (``loraplex
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loraplex.prompts import (
     NOT_FOUND,
@@ -22,7 +22,7 @@ from loraplex.prompts import (
     question_prompt,
     ticket_prompt,
 )
-from loraplex.world.catalog import ATTRIBUTE_KEYS, Catalog, Product
+from loraplex.world.catalog import ATTRIBUTE_KEYS, Catalog, Product, draw_facts
 from loraplex.world.documents import DOC_KINDS, LABELS, Document, doc_id, fact_sentence
 
 # Every question names the fact with the documents' phrase, "the <attribute> of the <product>".
@@ -160,10 +160,60 @@ def distractors(
 
 def json_example(q: Question, docs: dict[str, Document]) -> list[dict[str, str]]:
     """The JSON-answer behaviour: gold passage in the prompt, a JSON object out."""
-    prompt = question_prompt(q.text, [as_source(docs[q.gold_doc])], json_answer=True)
+    return _json_conversation(q.text, [as_source(docs[q.gold_doc])], q.answer, 1)
+
+
+def json_examples(
+    rng: random.Random,
+    q: Question,
+    docs: dict[str, Document],
+    products: dict[str, Product],
+) -> list[list[dict[str, str]]]:
+    """Three JSON-answer examples of one question, so that a small adapter learns to read
+    the answer from the source rather than recall the answers it was trained on: the
+    question as written with its document; then, with the product's facts replaced by
+    freshly drawn ones (counterfactual documents: the answer can only come from the
+    source), the question asked the other way over a few of the document's fact lines,
+    and over the whole document beside a sibling product's document, citing its number.
+    """
+    product, gold = products[q.entity], docs[q.gold_doc]
+    other = [t for t in QUESTION_TEMPLATES if t.format(**_fields(q)) != q.text]
+    rephrased = other[0].format(**_fields(q)) if other else q.text
+
+    def counterfactual() -> tuple[Product, Document]:
+        twin = replace(product, facts=draw_facts(rng))
+        text = gold.text
+        for a in gold.facts:
+            text = text.replace(fact_sentence(product, a), fact_sentence(twin, a))
+        return twin, replace(gold, text=text)
+
+    twin, _ = counterfactual()
+    lines = [a for a in gold.facts if a != q.attribute]
+    chosen = [q.attribute, *rng.sample(lines, rng.randint(0, min(2, len(lines))))]
+    rng.shuffle(chosen)
+    snippet = Source(gold.doc_id, "\n".join(f"- {fact_sentence(twin, a)}" for a in chosen))
+    twin2, gold2 = counterfactual()
+    pair = [gold2, *distractors(rng, q, docs, products, 1)]
+    rng.shuffle(pair)
     return [
-        {"role": "user", "content": prompt},
-        {"role": "assistant", "content": json_answer(q.answer, [1])},
+        json_example(q, docs),
+        _json_conversation(rephrased, [snippet], twin.facts[q.attribute], 1),
+        _json_conversation(
+            q.text, [as_source(d) for d in pair], twin2.facts[q.attribute], 1 + pair.index(gold2)
+        ),
+    ]
+
+
+def _fields(q: Question) -> dict[str, str]:
+    return {"label": LABELS[q.attribute], "name": q.entity}
+
+
+def _json_conversation(
+    question: str, sources: list[Source], answer: str, cited: int
+) -> list[dict[str, str]]:
+    return [
+        {"role": "user", "content": question_prompt(question, sources, json_answer=True)},
+        {"role": "assistant", "content": json_answer(answer, [cited])},
     ]
 
 
