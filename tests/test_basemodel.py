@@ -110,7 +110,7 @@ def test_bootstrap_refreshes_an_older_world_and_keeps_the_model(tiny_base, setti
     result = bootstrap(settings)
     assert result.reused and is_current(world)
     assert json.loads((world / "manifest.json").read_text()) == manifest
-    # same seed: the text the base model was trained on and the documents are unchanged
+    # same seed, same code: the pretraining text and the documents are unchanged
     assert (world / "pretrain" / "corpus.jsonl").read_bytes() == pretrain
     assert sorted(p.name for p in (world / "docs").iterdir()) == docs
     assert (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns == weights

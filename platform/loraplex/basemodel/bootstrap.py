@@ -73,7 +73,8 @@ def bootstrap(
         if not is_current(wdir):
             log.info(
                 "the embedded world in %s was written by an older loraplex: regenerating it "
-                "(same documents and pretraining text, new task datasets; the base model is kept)",
+                "(same documents, current task datasets); the base model is kept "
+                "(`loraplex bootstrap --force` rebuilds it)",
                 wdir,
             )
             generate_world(DEFAULT_SEED, wdir, force=True)

@@ -62,8 +62,8 @@ class WorldSize:
 def is_current(root: Path) -> bool:
     """Whether ``root`` holds a complete world written by this version of loraplex.
 
-    Worlds of an older version have the same documents and pretraining text for a seed
-    but older task datasets, so callers regenerate them (the base model stays valid)."""
+    A world of an older version has the same documents for its seed but older task
+    datasets (and pretraining text); bootstrap regenerates it and keeps the base model."""
     try:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
