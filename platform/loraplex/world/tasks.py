@@ -163,6 +163,9 @@ def json_example(q: Question, docs: dict[str, Document]) -> list[dict[str, str]]
     return _json_conversation(q.text, [as_source(docs[q.gold_doc])], q.answer, 1)
 
 
+P_CLOSED_BOOK = 1 / 3
+
+
 def json_examples(
     rng: random.Random,
     q: Question,
@@ -175,6 +178,8 @@ def json_examples(
     freshly drawn ones (counterfactual documents: the answer can only come from the
     source), the question asked the other way over a few of the document's fact lines,
     and over the whole document beside a sibling product's document, citing its number.
+    For a share ``P_CLOSED_BOOK`` of the questions, a fourth without sources (the answer
+    from memory, ``"sources": []``), so the format holds when retrieval is off.
     """
     product, gold = products[q.entity], docs[q.gold_doc]
     other = [t for t in QUESTION_TEMPLATES if t.format(**_fields(q)) != q.text]
@@ -195,13 +200,16 @@ def json_examples(
     twin2, gold2 = counterfactual()
     pair = [gold2, *distractors(rng, q, docs, products, 1)]
     rng.shuffle(pair)
-    return [
+    examples = [
         json_example(q, docs),
         _json_conversation(rephrased, [snippet], twin.facts[q.attribute], 1),
         _json_conversation(
             q.text, [as_source(d) for d in pair], twin2.facts[q.attribute], 1 + pair.index(gold2)
         ),
     ]
+    if rng.random() < P_CLOSED_BOOK:  # no sources: the format alone, answered from memory
+        examples.append(_json_conversation(rephrased, [], q.answer, None))
+    return examples
 
 
 def _fields(q: Question) -> dict[str, str]:
@@ -209,11 +217,11 @@ def _fields(q: Question) -> dict[str, str]:
 
 
 def _json_conversation(
-    question: str, sources: list[Source], answer: str, cited: int
+    question: str, sources: list[Source], answer: str, cited: int | None
 ) -> list[dict[str, str]]:
     return [
         {"role": "user", "content": question_prompt(question, sources, json_answer=True)},
-        {"role": "assistant", "content": json_answer(answer, [cited])},
+        {"role": "assistant", "content": json_answer(answer, [] if cited is None else [cited])},
     ]
 
 
