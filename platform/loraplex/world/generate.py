@@ -14,7 +14,7 @@ Layout::
     qrels/train.tsv qrels/test.tsv     query-id, corpus-id, score
     tickets.jsonl                      support tickets with their category and split
     datasets/<task>/<split>.<format>.jsonl
-        json_answer      gold passage -> {"answer", "sources"} (train: 3 per question)
+        json_answer      gold passage -> {"answer", "sources"} (train: 3-4 per question)
         ticket_classify  ticket -> category
         raft_json        retrieved passages with distractors -> {"answer", "sources"}
         (format: alpaca | sharegpt | openai)
@@ -46,8 +46,8 @@ from loraplex.world.tasks import (
     ticket_example,
 )
 
-# 2: JSON answers cite source numbers (``"sources": [1]``), not doc ids; three JSON-answer
-#    training examples per question
+# 2: JSON answers cite source numbers (``"sources": [1]``), not doc ids; three or four
+#    JSON-answer training examples per question; JSON records in the pretraining text
 WORLD_VERSION = 2
 SPLITS = ("train", "test")
 
