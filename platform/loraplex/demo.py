@@ -150,7 +150,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
         )
         result |= {"url": url, "versions": versions, "seconds": time.perf_counter() - started}
         step(6, total, f"done in {result['seconds'] / 60:.1f} min")
-        _print_summary(settings, result, cfg)
+        _print_summary(settings, result, cfg, serving=serve_forever)
         if serve_forever:
             _wait_for_ctrl_c(url)
     finally:
@@ -160,7 +160,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     return result
 
 
-def _print_summary(settings: LoraplexConfig, result: dict[str, Any], cfg) -> None:
+def _print_summary(settings: LoraplexConfig, result: dict[str, Any], cfg, serving: bool) -> None:
     route = cfg.routes[0].name if cfg.routes else cfg.models[0].id
     print()
     print(result["markdown_table"])
@@ -168,7 +168,10 @@ def _print_summary(settings: LoraplexConfig, result: dict[str, Any], cfg) -> Non
     print(result["recommendation"])
     print(f"\nreport:   {result['report']}")
     print(f"MLflow:   mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
-    print(f"endpoint: {result['url']}")
+    if not serving:
+        print("endpoint: stopped (--no-serve); `loraplex serve` starts it, then:")
+    else:
+        print(f"endpoint: {result['url']}")
     print(
         f"  curl {result['url']}/chat/completions -H 'content-type: application/json' "
         f"""-d '{{"model": "{route}", "messages": [{{"role": "user", """
