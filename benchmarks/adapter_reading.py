@@ -27,6 +27,10 @@ from loraplex.evaluation.scorers import exact_match, json_compliant
 from loraplex.prompts import JSON_ANSWER_SCHEMA, Source, question_prompt
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, required=True)
@@ -39,9 +43,9 @@ def main() -> None:
     world = args.home / "worlds" / f"seed-{args.eval_seed}"
     if not (world / "manifest.json").exists():
         raise SystemExit(f"no world in {world}: run `loraplex world generate` or the demo first")
-    docs = {d["_id"]: d for d in map(json.loads, (world / "corpus.jsonl").open())}
-    questions = [q for q in map(json.loads, (world / "queries.jsonl").open())]
-    questions = [q for q in questions if q["metadata"]["split"] == "test"][: args.questions]
+    docs = {d["_id"]: d for d in _jsonl(world / "corpus.jsonl")}
+    questions = [q for q in _jsonl(world / "queries.jsonl") if q["metadata"]["split"] == "test"]
+    questions = questions[: args.questions]
 
     base = args.home / "models" / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(base)

@@ -130,9 +130,9 @@ def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Pat
 
     from loraplex import tracking
 
-    tracking.setup(settings)
+    experiment_id = tracking.setup(settings)
     versions = sorted({v for s in summary.values() for v in s.get("served_versions", [])})
-    with mlflow.start_run(run_name=f"eval-{folder.name}") as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{folder.name}") as run:
         mlflow.set_tags(
             {
                 "loraplex.kind": "evaluation",

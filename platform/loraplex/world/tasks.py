@@ -185,19 +185,16 @@ def json_examples(
     other = [t for t in QUESTION_TEMPLATES if t.format(**_fields(q)) != q.text]
     rephrased = other[0].format(**_fields(q)) if other else q.text
 
-    def counterfactual() -> tuple[Product, Document]:
-        twin = replace(product, facts=draw_facts(rng))
-        text = gold.text
-        for a in gold.facts:
-            text = text.replace(fact_sentence(product, a), fact_sentence(twin, a))
-        return twin, replace(gold, text=text)
-
-    twin, _ = counterfactual()
+    twin = replace(product, facts=draw_facts(rng))
     lines = [a for a in gold.facts if a != q.attribute]
     chosen = [q.attribute, *rng.sample(lines, rng.randint(0, min(2, len(lines))))]
     rng.shuffle(chosen)
     snippet = Source(gold.doc_id, "\n".join(f"- {fact_sentence(twin, a)}" for a in chosen))
-    twin2, gold2 = counterfactual()
+    twin2 = replace(product, facts=draw_facts(rng))
+    text = gold.text
+    for a in gold.facts:
+        text = text.replace(fact_sentence(product, a), fact_sentence(twin2, a))
+    gold2 = replace(gold, text=text)
     pair = [gold2, *distractors(rng, q, docs, products, 1)]
     rng.shuffle(pair)
     examples = [
