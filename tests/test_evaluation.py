@@ -118,6 +118,7 @@ def summary_of(**acc) -> dict:
         out[name.replace("_rag", "+rag")] = {
             **base,
             "accuracy": a,
+            "answer_accuracy": a,
             "compliance": c,
             "prompt_tokens": tokens,
         }
@@ -134,7 +135,7 @@ def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> N
     advice = report.recommend(summary, format_required=True)
     assert "Retrieval adds +67% accuracy" in advice and "Recommendation: **adapter+rag**" in advice
     checks = {(c, m): ok for c, m, _, ok in report.target_checks(summary)}
-    assert checks[("base+rag", "accuracy")] is True and checks[("adapter+rag", "compliance")]
+    assert checks[("base+rag", "answer_accuracy")] is True and checks[("adapter+rag", "compliance")]
     out = tmp_path / "r"
     meta = {"url": "u", "questions_file": "q", "questions": 10, "date": "d", "collection": "kb"}
     report.write_report(out, summary, [], meta, advice)

@@ -1,6 +1,9 @@
-"""Scorers: normalisation, EM/F1, citations, JSON compliance, label accuracy."""
+"""Scorers: normalisation, EM/F1, answer accuracy, citations, JSON compliance, label
+accuracy."""
 
 from loraplex.evaluation.scorers import (
+    MAX_ANSWER_TOKENS,
+    answer_correct,
     citation_score,
     cited_numbers,
     exact_match,
@@ -18,6 +21,22 @@ def test_normalisation_and_exact_match():
     assert exact_match("349 dollars [2]", "349 dollars") == 1.0
     assert exact_match("$349 dollars!", ["349 dollars", "x"]) == 1.0
     assert exact_match("348 dollars", "349 dollars") == 0.0
+
+
+def test_answer_accuracy_counts_a_sentence_that_states_the_answer():
+    gold = "120 dollars"
+    assert answer_correct("The price of the Casene D300 is 120 dollars.", gold) == 1.0
+    assert answer_correct("It costs $120 [1].", gold) == 1.0  # $N reads as N dollars
+    assert answer_correct("It costs $1,200.", "1200 dollars") == 1.0
+    assert answer_correct("The price is 1200 dollars.", gold) == 0.0  # whole words only
+    assert answer_correct("The price is 120 euros.", gold) == 0.0
+    assert answer_correct("", gold) == 0.0
+    assert answer_correct("Scarlet.", ["crimson", "scarlet"]) == 1.0
+    # listing candidates is not answering
+    hedge = " ".join(["maybe 90 dollars or"] * MAX_ANSWER_TOKENS) + " 120 dollars"
+    assert answer_correct(hedge, gold) == 0.0
+    # exact match implies answer accuracy
+    assert exact_match("120 dollars", gold) == answer_correct("120 dollars", gold) == 1.0
 
 
 def test_token_f1():

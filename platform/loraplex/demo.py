@@ -1,7 +1,9 @@
 """The end-to-end demo: from nothing to a served, evaluated "RAG or fine-tuning?" answer.
 
-Owns: the recipe ``loraplex demo`` / ``make demo`` runs, each step reusing what exists:
-bootstrap the embedded world and base model; train the adapters (Ray Train +
+Owns: the recipe ``loraplex demo`` / ``make demo`` runs, for one of :data:`DEMO_MODELS`
+(the tiny model ``loraplex bootstrap`` trains, or SmolLM2-135M-Instruct, a real
+pretrained chat model), each step reusing what exists: the embedded world and the base
+model (bootstrapped, or imported); train the adapters (Ray Train +
 DeepSpeed, tracked in MLflow, registered) unless a version trained on the current base
 model is registered; generate a held-out world (a seed never used in training) and
 ingest its documents; start the serving application; run the four-way evaluation on
@@ -24,10 +26,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loraplex.demo")
 REPO = Path(__file__).resolve().parents[2]
-ADAPTER_CONFIGS = {
-    "json-answer": REPO / "jobs" / "configs" / "json_answer.yaml",
-    "ticket-classify": REPO / "jobs" / "configs" / "ticket_classify.yaml",
-    "raft-json": REPO / "jobs" / "configs" / "raft_json.yaml",
+CONFIGS = REPO / "jobs" / "configs"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """What the demo runs for one base model."""
+
+    base_model: str  # the training configs' base_model: "embedded" or an imported name
+    serving_config: Path
+    adapter_configs: dict[str, Path]
+    top_k: int  # retrieved chunks per question in the +rag configurations
+    first_time: str  # what step 1 costs the first time
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    "tiny": DemoModel(
+        base_model="embedded",
+        serving_config=REPO / "serving" / "local.yaml",
+        adapter_configs={
+            "json-answer": CONFIGS / "json_answer.yaml",
+            "ticket-classify": CONFIGS / "ticket_classify.yaml",
+            "raft-json": CONFIGS / "raft_json.yaml",
+        },
+        top_k=1,
+        first_time="about 14 minutes the first time: pretraining",
+    ),
+    "smollm2-135m-instruct": DemoModel(
+        base_model="smollm2-135m-instruct",
+        serving_config=REPO / "serving" / "smollm2.yaml",
+        adapter_configs={
+            "json-answer": CONFIGS / "smollm2" / "json_answer.yaml",
+            "ticket-classify": CONFIGS / "smollm2" / "ticket_classify.yaml",
+        },
+        top_k=3,
+        first_time="about 2 minutes the first time: import and checks",
+    ),
 }
 
 
@@ -38,7 +72,8 @@ class DemoOptions:
     port: int = 8000
     raft: bool = False
     train_overrides: list[str] = field(default_factory=list)
-    top_k: int = 1
+    top_k: int | None = None  # None: the model's default
+    model: str = "tiny"
 
 
 def step(n: int, total: int, text: str) -> None:
@@ -50,12 +85,13 @@ def reusable_version(settings: LoraplexConfig, cfg: TrainConfig) -> str | None:
     base model and on the current dataset files, else None (it must be trained)."""
     from mlflow import MlflowClient
 
-    from loraplex.basemodel.bootstrap import MARKER, model_dir
+    from loraplex.models.resolve import resolve_base_model
     from loraplex.training.dataset import dataset_sha256
 
     name = cfg.mlflow.registered_model
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
-    built = (model_dir(settings) / MARKER).stat().st_mtime * 1000
+    base_dir = resolve_base_model(cfg.base_model, settings)[0]
+    built = max(p.stat().st_mtime for p in base_dir.iterdir() if p.is_file()) * 1000
     try:
         current = client.get_model_version_by_alias(name, "candidate")
         trained_on = client.get_run(current.run_id).data.tags.get("loraplex.dataset_sha256")
@@ -70,13 +106,14 @@ def reusable_version(settings: LoraplexConfig, cfg: TrainConfig) -> str | None:
     return str(current.version)
 
 
-def ensure_adapter(settings: LoraplexConfig, name: str, overrides: list[str]) -> str:
-    """A registered version of ``name`` trained on the current base model and datasets:
-    reused when one exists, trained otherwise."""
+def ensure_adapter(settings: LoraplexConfig, config: Path, overrides: list[str]) -> str:
+    """A registered version of the adapter ``config`` trains, trained on the current base
+    model and datasets: reused when one exists, trained otherwise."""
     from loraplex.training.config import load_train_config
     from loraplex.training.job import run_training
 
-    cfg = load_train_config(ADAPTER_CONFIGS[name], tuple(overrides), settings.home)
+    cfg = load_train_config(config, tuple(overrides), settings.home)
+    name = cfg.mlflow.registered_model
     version = reusable_version(settings, cfg)
     if version is not None:
         log.info("adapter %s version %s reused (same base model and datasets)", name, version)
@@ -85,35 +122,65 @@ def ensure_adapter(settings: LoraplexConfig, name: str, overrides: list[str]) ->
     return run_training(cfg, settings).version
 
 
+def prepare_base(settings: LoraplexConfig, model: str) -> None:
+    """The embedded world (seed 0, the adapters' training data) and the base model."""
+    from loraplex.basemodel.bootstrap import DEFAULT_SEED, bootstrap, world_dir
+    from loraplex.models.importer import import_model
+    from loraplex.models.resolve import models_dir
+    from loraplex.world.generate import generate_world, is_current
+
+    if model == "tiny":
+        bootstrap(settings)
+        return
+    world = world_dir(settings, DEFAULT_SEED)
+    if not is_current(world):
+        log.info("generating the embedded world (seed %d) in %s", DEFAULT_SEED, world)
+        generate_world(DEFAULT_SEED, world, force=world.exists())
+    folder = models_dir(settings) / model
+    if (folder / "config.json").exists():
+        log.info("base model %s reused (%s)", model, folder)
+    else:
+        import_model(model, settings)
+
+
 def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from loraplex.basemodel.bootstrap import bootstrap, world_dir
+    from loraplex.basemodel.bootstrap import world_dir
+    from loraplex.errors import InputError
     from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
     from loraplex.ray_runtime import init_ray
     from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.builder import DEFAULT_CONFIG, build, check
+    from loraplex.serving.builder import build, check
     from loraplex.serving.config import AdapterSpec, load_serving_config
     from loraplex.world.generate import generate_world, is_current
 
     total = 6
     started = time.perf_counter()
+    if opts.model not in DEMO_MODELS:
+        raise InputError(f"--model {opts.model!r}: use one of {', '.join(DEMO_MODELS)}")
+    demo_model = DEMO_MODELS[opts.model]
     names = ["json-answer", "ticket-classify"] + (["raft-json"] if opts.raft else [])
+    missing = [n for n in names if n not in demo_model.adapter_configs]
+    if missing:
+        raise InputError(f"--model {opts.model} has no {', '.join(missing)} adapter config")
     if opts.eval_seed == 0:
-        from loraplex.errors import InputError
-
         raise InputError("--eval-seed 0 is the training world; choose another seed")
-    cfg = load_serving_config(DEFAULT_CONFIG, [f"http.port={opts.port}"])
+    top_k = opts.top_k or demo_model.top_k
+    cfg = load_serving_config(demo_model.serving_config, [f"http.port={opts.port}"])
     if opts.raft:
         cfg.adapters.append(
             AdapterSpec(name="raft-json", base=cfg.models[0].id, registry="raft-json@candidate")
         )
 
-    step(1, total, "embedded world and base model (about 14 minutes the first time)")
-    bootstrap(settings)
+    step(1, total, f"embedded world and base model {opts.model} ({demo_model.first_time})")
+    prepare_base(settings, opts.model)
     step(2, total, f"adapters: {', '.join(names)}")
-    versions = {n: ensure_adapter(settings, n, opts.train_overrides) for n in names}
+    versions = {
+        n: ensure_adapter(settings, demo_model.adapter_configs[n], opts.train_overrides)
+        for n in names
+    }
 
     step(3, total, f"held-out world (seed {opts.eval_seed}) and the knowledge collections")
     eval_world = world_dir(settings, opts.eval_seed)
@@ -145,10 +212,15 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
                 configs=configs,
                 url=url,
                 collection=eval_collection,
-                top_k=opts.top_k,
+                top_k=top_k,
             ),
         )
-        result |= {"url": url, "versions": versions, "seconds": time.perf_counter() - started}
+        result |= {
+            "url": url,
+            "versions": versions,
+            "model": opts.model,
+            "seconds": time.perf_counter() - started,
+        }
         step(6, total, f"done in {result['seconds'] / 60:.1f} min")
         _print_summary(settings, result, cfg, serving=serve_forever)
         if serve_forever:

@@ -1,8 +1,9 @@
 """The smoke check that ends ``make setup``: the stack imports together.
 
 Owns: importing vllm, ray.serve.llm, deepspeed, peft, mlflow and pymilvus and
-``from transformers import LlamaForCausalLM`` in one process, and saying which one
-failed. Does not own: deeper checks of services (``loraplex doctor``).
+``from transformers import LlamaForCausalLM`` in one process, finding the built-in
+models' files (the SmolLM2 GGUF), and saying which one failed. Does not own: deeper
+checks of services (``loraplex doctor``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 
-MODULES = ("vllm", "ray.serve.llm", "deepspeed", "peft", "mlflow", "pymilvus")
+MODULES = ("vllm", "ray.serve.llm", "deepspeed", "peft", "mlflow", "pymilvus", "gguf")
 
 
 def main() -> int:
@@ -35,8 +36,18 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    from loraplex.errors import InputError
+    from loraplex.models.builtin import BUILTIN, builtin_file
+
+    for model in BUILTIN.values():
+        try:
+            builtin_file(model)
+        except InputError as e:
+            print(f"smoke check failed: {e}", file=sys.stderr)
+            return 1
     print(
-        f"smoke check ok: {', '.join(MODULES)}, transformers ({time.perf_counter() - start:.0f} s)"
+        f"smoke check ok: {', '.join(MODULES)}, transformers, built-in models "
+        f"({time.perf_counter() - start:.0f} s)"
     )
     return 0
 

@@ -3,7 +3,8 @@
 Owns: where they live under ``LORAPLEX_HOME`` (``worlds/seed-0``, ``models/tiny-llama``),
 reusing them when they are complete (a second run says so), rebuilding with
 ``force``, and the MLflow run that records the pretraining (parameters, loss curve,
-the model folder as an artifact). The model folder is written to a staging folder
+the model folder as an artifact), registered as a version of the base model
+``tiny-llama`` (alias ``current``). The model folder is written to a staging folder
 and renamed into place, so an interrupted bootstrap never leaves a half model.
 Does not own: the world's content or the training loop (``pretrain``).
 """
@@ -24,6 +25,8 @@ from loraplex.basemodel.tokenizer import train_tokenizer
 from loraplex.config import LoraplexConfig
 from loraplex.errors import LoraplexError
 from loraplex.folders import replace_folder, staging_folder
+from loraplex.models.registry import register_run_artifact
+from loraplex.models.resolve import EMBEDDED_FOLDER
 from loraplex.world.generate import generate_world, is_current
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def world_dir(settings: LoraplexConfig, seed: int = DEFAULT_SEED) -> Path:
 
 
 def model_dir(settings: LoraplexConfig) -> Path:
-    return settings.home / "models" / "tiny-llama"
+    return settings.home / "models" / EMBEDDED_FOLDER
 
 
 def existing_base(settings: LoraplexConfig) -> dict | None:
@@ -147,6 +150,19 @@ def bootstrap(
         )
         mlflow.log_artifacts(str(mdir), artifact_path="base_model")
         mlflow.set_tag("loraplex.base_model_path", str(mdir))
+        # one base model among others: models:/tiny-llama@current reaches it from any node
+        register_run_artifact(
+            mlflow.MlflowClient(),
+            run.info.run_id,
+            EMBEDDED_FOLDER,
+            {
+                "loraplex.source": "loraplex bootstrap",
+                "loraplex.parameters": str(_count_parameters(mdir)),
+                "loraplex.architecture": "LlamaForCausalLM",
+                "loraplex.license": "Apache-2.0",
+                "loraplex.world_seeds": str(DEFAULT_SEED),
+            },
+        )
         mlflow.end_run()
     except BaseException:
         mlflow.end_run(status="FAILED")

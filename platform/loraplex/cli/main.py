@@ -21,6 +21,7 @@ from loraplex.cli.demo import demo
 from loraplex.cli.doctor import doctor
 from loraplex.cli.evaluate import evaluate
 from loraplex.cli.k8s import k8s
+from loraplex.cli.models import models
 from loraplex.cli.retrieval import ingest, search
 from loraplex.cli.serving import chat, serve
 from loraplex.cli.training import adapters, train
@@ -73,6 +74,7 @@ def cli(
 
 cli.add_command(bootstrap)
 cli.add_command(doctor)
+cli.add_command(models)
 cli.add_command(world)
 cli.add_command(ingest)
 cli.add_command(search)

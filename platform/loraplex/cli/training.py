@@ -128,7 +128,7 @@ def register(state: CliState, path: Path, name: str, base_model: str, alias: str
     Example: loraplex adapters register ./my-adapter --name support-tone
     """
     from loraplex import tracking
-    from loraplex.training.job import resolve_base_model
+    from loraplex.models.resolve import resolve_base_model
     from loraplex.training.registry import register_external
 
     _valid(name, alias)

@@ -5,7 +5,7 @@ optional ``label``; a BEIR ``queries.jsonl`` with ``metadata.answer``/``gold_doc
 works too), turning configuration names (``base``, ``base+rag``, ``adapter``,
 ``adapter+rag``, any route, ``MODEL+rag``) into requests, sending them through the
 official ``openai`` client with a bounded number in flight, and scoring each answer
-(normalised exact match, token F1, citation precision/recall against gold doc ids,
+(normalised exact match, token F1, answer accuracy, citation precision/recall against gold doc ids,
 JSON-schema compliance, label accuracy, latency, tokens). Does not own: the report
 (``evaluation.report``) or the scorers (``evaluation.scorers``).
 """
@@ -63,6 +63,7 @@ class Record:
     completion_tokens: int = 0
     exact: float = 0.0
     f1: float = 0.0
+    answer_accuracy: float = 0.0
     cited: list[str] = field(default_factory=list)
     citation_precision: float | None = None
     citation_recall: float | None = None
@@ -231,6 +232,7 @@ def score(rec: Record, q: Question, json_task: bool, schema: dict[str, Any] | No
     if q.answer is not None:
         rec.exact = scorers.exact_match(answer, q.answer)
         rec.f1 = scorers.token_f1(answer, q.answer)
+        rec.answer_accuracy = scorers.answer_correct(answer, q.answer)
     if q.gold_docs:
         cs = scorers.citation_score(rec.cited, q.gold_docs)
         rec.citation_precision, rec.citation_recall = cs.precision, cs.recall
@@ -278,6 +280,7 @@ def summarize(records: list[Record], configs: list[Configuration]) -> dict[str, 
             "errors": len(rs) - len(ok),
             "accuracy": scorers.mean(r.exact for r in rs) or 0.0,
             "f1": scorers.mean(r.f1 for r in rs) or 0.0,
+            "answer_accuracy": scorers.mean(r.answer_accuracy for r in rs) or 0.0,
             "citation_precision": scorers.mean(r.citation_precision for r in ok),
             "citation_recall": scorers.mean(r.citation_recall for r in ok),
             "compliance": scorers.mean(

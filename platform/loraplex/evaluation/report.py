@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from loraplex.evaluation.scorers import ANSWER_ACCURACY_RULES
+
 # The targets of the four standard configurations (issue "The decision, measured").
 TARGETS: dict[str, dict[str, tuple[str, float]]] = {
     "adapter+rag": {
@@ -23,13 +25,14 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
         "compliance": (">=", 0.95),
         "citation_precision": (">=", 0.8),
     },
-    "base+rag": {"accuracy": (">=", 0.7)},
-    "adapter": {"compliance": (">=", 0.95), "accuracy": ("<=", 0.15)},
-    "base": {"accuracy": ("<=", 0.15)},
+    "base+rag": {"answer_accuracy": (">=", 0.7)},
+    "adapter": {"compliance": (">=", 0.95), "answer_accuracy": ("<=", 0.15)},
+    "base": {"answer_accuracy": ("<=", 0.15)},
 }
 COLUMNS = [
     ("accuracy", "accuracy (EM)", "{:.2f}"),
     ("f1", "F1", "{:.2f}"),
+    ("answer_accuracy", "answer acc.", "{:.2f}"),
     ("compliance", "JSON compliance", "{:.2f}"),
     ("citation_precision", "citation P", "{:.2f}"),
     ("citation_recall", "citation R", "{:.2f}"),
@@ -40,6 +43,15 @@ COLUMNS = [
     ("completion_tokens", "completion tok", "{:.0f}"),
     ("errors", "errors", "{:d}"),
 ]
+
+
+SCORING = (
+    "Accuracy (EM): the normalised answer equals the normalised gold answer (SQuAD rules: "
+    "lower case, punctuation, articles and citation markers removed). For JSON replies the "
+    "`answer` field is scored.",
+    "",
+    ANSWER_ACCURACY_RULES,
+)
 
 
 def fmt(value: Any, pattern: str) -> str:
@@ -64,7 +76,8 @@ def recommend(summary: dict[str, dict[str, Any]], format_required: bool) -> str:
     if not summary:
         return "Nothing was measured."
     lines = []
-    acc = {k: v["accuracy"] for k, v in summary.items()}
+    # answer accuracy: a sentence that states the right answer counts (EM would not)
+    acc = {k: v.get("answer_accuracy", v["accuracy"]) for k, v in summary.items()}
     if "base" in acc and "base+rag" in acc:
         gain = acc["base+rag"] - acc["base"]
         extra = _delta(summary, "base", "base+rag", "prompt_tokens")
@@ -87,13 +100,12 @@ def recommend(summary: dict[str, dict[str, Any]], format_required: bool) -> str:
         if not format_required or (v.get("compliance") or 0) >= 0.95
     }
     pool = candidates or summary
-    best = max(
-        pool, key=lambda k: (round(pool[k]["accuracy"], 2), -(pool[k]["latency_p50_s"] or 0))
-    )
+    best = max(pool, key=lambda k: (round(acc[k], 2), -(pool[k]["latency_p50_s"] or 0)))
     b = pool[best]
     why = "meets the format" if format_required and candidates else "is the most accurate"
     lines.append(
-        f"Recommendation: **{best}** ({why}: accuracy {b['accuracy']:.0%}"
+        f"Recommendation: **{best}** ({why}: answer accuracy {acc[best]:.0%}, "
+        f"exact match {b['accuracy']:.0%}"
         + (f", compliance {b['compliance']:.0%}" if b.get("compliance") is not None else "")
         + (
             f", citation precision {b['citation_precision']:.0%}"
@@ -134,7 +146,21 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], advice: s
     versions = sorted({v for s in summary.values() for v in s.get("served_versions", [])})
     if versions:
         lines += [f"Adapter versions that answered: {', '.join(versions)}.", ""]
+    trained = meta.get("adapters_trained_on_seeds") or {}
+    if trained:
+        seeds = "; ".join(f"{a}: seed {', '.join(map(str, s))}" for a, s in trained.items())
+        world = meta.get("world_seed")
+        lines += [
+            f"Adapters were trained on worlds {seeds}"
+            + (
+                f"; the questions come from world seed {world}, which none of them saw."
+                if world is not None
+                else "."
+            ),
+            "",
+        ]
     lines += ["## Recommendation", "", advice, ""]
+    lines += ["## How answers are scored", "", *SCORING, ""]
     return "\n".join(lines)
 
 

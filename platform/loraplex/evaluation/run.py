@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field
 
 from loraplex.config import LoraplexConfig, StrictModel
 from loraplex.errors import InputError
-from loraplex.evaluation import endpoint, report
+from loraplex.evaluation import endpoint, provenance, report
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
@@ -75,6 +75,9 @@ def evaluate_endpoint(
     collection = opts.collection or settings.retrieval.collection
     retrieval = {"collection": collection, "top_k": opts.top_k, "mode": opts.mode}
     configs = endpoint.resolve_configs(names, models, opts.base_model, opts.adapter, retrieval)
+    trained_on = provenance.check_unseen(
+        settings, opts.questions, models, {c.model for c in configs}
+    )
 
     total = len(questions) * len(configs)
     with tqdm(total=total, desc="evaluating", unit="answer", disable=not progress) as bar:
@@ -92,6 +95,8 @@ def evaluate_endpoint(
         "collection": collection if any(c.retrieval for c in configs) else None,
         "date": dt.date.today().isoformat(),
         "max_tokens": opts.max_tokens,
+        "world_seed": provenance.world_seed(opts.questions),
+        "adapters_trained_on_seeds": trained_on,
     }
     folder = report.write_report(out, summary, endpoint.records_as_dicts(records), meta, advice)
     run_id = None if opts.no_mlflow else _log_mlflow(settings, summary, meta, folder)
@@ -153,6 +158,7 @@ def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Pat
             for key in (
                 "accuracy",
                 "f1",
+                "answer_accuracy",
                 "compliance",
                 "citation_precision",
                 "citation_recall",

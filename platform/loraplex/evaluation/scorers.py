@@ -1,7 +1,9 @@
-"""Scorers for model outputs: exact match, token F1, citations, JSON compliance, labels.
+"""Scorers for model outputs: exact match, token F1, answer accuracy, citations, JSON
+compliance, labels.
 
 Owns: answer normalisation (lower case, citation markers like ``[1]`` removed,
-punctuation and articles dropped, whitespace collapsed, as in SQuAD's scorer),
+punctuation and articles dropped, whitespace collapsed, as in SQuAD's scorer), the
+answer-accuracy rules for sentence answers (:data:`ANSWER_ACCURACY_RULES`),
 per-example scores and their means. Used by the base-model benchmark, adapter
 benchmarks and ``loraplex eval``. Does not own: running a model or the report.
 """
@@ -34,6 +36,41 @@ def exact_match(prediction: str, gold: str | Sequence[str]) -> float:
     golds = [gold] if isinstance(gold, str) else list(gold)
     p = normalize_answer(prediction)
     return float(any(p == normalize_answer(g) for g in golds))
+
+
+# What "answer accuracy" counts as correct; the evaluation report prints these rules.
+MAX_ANSWER_TOKENS = 50
+ANSWER_ACCURACY_RULES = (
+    "Answer accuracy: an answer is correct when the normalised gold answer appears in the "
+    'normalised answer as whole words ("The price of the Casene D300 is 120 dollars." is '
+    'correct for "120 dollars"; "1200 dollars" is not). Normalised: lower case, '
+    '"$120" read as "120 dollars", thousands separators dropped, citation markers '
+    "([1]), punctuation and articles removed, whitespace collapsed. An answer longer than "
+    f"{MAX_ANSWER_TOKENS} words is not counted correct (listing candidates is not answering)."
+)
+_DOLLARS = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def _normalize_for_containment(text: str) -> str:
+    text = _THOUSANDS.sub("", text)
+    text = _DOLLARS.sub(lambda m: f"{m.group(1)} dollars", text)
+    return normalize_answer(text)
+
+
+def answer_correct(prediction: str, gold: str | Sequence[str]) -> float:
+    """1.0 when a gold answer appears, as whole words, in the (short) prediction; the
+    rules are :data:`ANSWER_ACCURACY_RULES`."""
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    pred = _normalize_for_containment(prediction).split()
+    if not pred or len(pred) > MAX_ANSWER_TOKENS:
+        return 0.0
+    padded = f" {' '.join(pred)} "
+    for g in golds:
+        want = _normalize_for_containment(g)
+        if want and f" {want} " in padded:
+            return 1.0
+    return 0.0
 
 
 def token_f1(prediction: str, gold: str | Sequence[str]) -> float:

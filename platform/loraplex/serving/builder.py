@@ -39,8 +39,8 @@ class Checked:
 
 def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     """Fail fast, with the reason, on anything the application could not serve."""
+    from loraplex.models.resolve import resolve_base_model
     from loraplex.serving.adapters import AliasResolver
-    from loraplex.training.job import resolve_base_model
 
     base_dirs = {m.id: resolve_base_model(m.source, settings)[0] for m in cfg.models}
     resolver = AliasResolver(settings, cfg.alias_refresh_s)

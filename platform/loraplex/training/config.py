@@ -17,10 +17,10 @@ from pydantic import Field, field_validator, model_validator
 
 from loraplex.config import StrictModel, load_model
 from loraplex.errors import ConfigError, InputError
+from loraplex.models.resolve import EMBEDDED
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEEPSPEED_DIR = REPO_ROOT / "jobs" / "configs" / "deepspeed"
-EMBEDDED_BASE = "embedded"  # the tiny base model `loraplex bootstrap` builds
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -33,6 +33,14 @@ class DataConfig(StrictModel):
         default=0.05, ge=0, lt=1, description="Split off from train when `eval` is empty."
     )
     format: Literal["auto", "alpaca", "sharegpt", "openai"] = "auto"
+    max_examples: int | None = Field(
+        default=None,
+        ge=1,
+        description="Train on a seeded sample of at most this many examples (all: null).",
+    )
+    max_eval_examples: int | None = Field(
+        default=None, ge=1, description="Evaluate on a seeded sample of at most this many."
+    )
     max_length: int = Field(default=512, ge=16, description="Longer examples are truncated.")
 
     @field_validator("train", "eval", mode="before")
@@ -120,9 +128,10 @@ class TrackingConfig(StrictModel):
 class TrainConfig(StrictModel):
     name: str = Field(description="Job name: the Ray run and MLflow run are named after it.")
     base_model: str = Field(
-        default=EMBEDDED_BASE,
-        description="'embedded', a local HF folder, an MLflow artifact URI (runs:/..., "
-        "models:/...), or a Hugging Face id where the hub is reachable.",
+        default=EMBEDDED,
+        description="'embedded' (the bootstrap model), a name imported with `loraplex models "
+        "import` (smollm2-135m-instruct), models:/NAME@ALIAS or models:/NAME/VERSION, a "
+        "local HF folder, or a Hugging Face id where the hub is reachable.",
     )
     data: DataConfig
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)

@@ -30,17 +30,29 @@ class Examples:
     fingerprint: dict[str, Any]
 
 
-def _digest(paths: list[Path]) -> str:
+def _digest(paths: list[Path], extra: str = "") -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
         h.update(p.read_bytes())
+    h.update(extra.encode())
     return h.hexdigest()
 
 
 def dataset_sha256(data: DataConfig) -> str:
-    """The fingerprint a fine-tuning run is tagged with (``loraplex.dataset_sha256``)."""
-    return _digest([*data.train, *data.eval])
+    """The fingerprint a fine-tuning run is tagged with (``loraplex.dataset_sha256``):
+    the files, and the sample sizes when the config takes a sample of them."""
+    limits = (data.max_examples, data.max_eval_examples)
+    extra = "" if limits == (None, None) else f"sample:{limits[0]}:{limits[1]}"
+    return _digest([*data.train, *data.eval], extra)
+
+
+def _sample(rows: list, limit: int | None, seed: int) -> list:
+    """At most ``limit`` rows, drawn with ``seed``, in their original order."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    chosen = set(random.Random(seed).sample(range(len(rows)), limit))
+    return [r for i, r in enumerate(rows) if i in chosen]
 
 
 def load_examples(data: DataConfig, seed: int = 0) -> Examples:
@@ -58,11 +70,15 @@ def load_examples(data: DataConfig, seed: int = 0) -> Examples:
         chosen = set(order[:n_eval])
         evals = [c for i, c in enumerate(train) if i in chosen]
         train = [c for i, c in enumerate(train) if i not in chosen]
+    train = _sample(train, data.max_examples, seed)
+    evals = _sample(evals, data.max_eval_examples, seed + 1)
     fingerprint = {
         "sha256": dataset_sha256(data),
         "train_rows": len(train),
         "eval_rows": len(evals),
         "format": data.format,
+        "max_examples": data.max_examples,
+        "max_eval_examples": data.max_eval_examples,
         "files": [str(p) for p in [*data.train, *data.eval]],
     }
     return Examples(train, evals, fingerprint)

@@ -1,10 +1,11 @@
 """One fine-tuning job, from a validated config to a registered adapter version.
 
-Owns: :func:`run_training`: resolving the base model, loading and tokenizing the data,
-the job's one MLflow run (params, tags, dataset fingerprint; ended with its final
-status), the Ray Train ``TorchTrainer`` (``FailureConfig`` for worker failures,
-checkpoints in Ray's storage path), logging the adapter (the PEFT folder only) and
-registering it; and the job state file that decides between a new run and ``--resume``.
+Owns: :func:`run_training`: checking the base model (resolved by ``loraplex.models``),
+loading and tokenizing the data, the job's one MLflow run (params, tags, dataset
+fingerprint; ended with its final status), the Ray Train ``TorchTrainer``
+(``FailureConfig`` for worker failures, checkpoints in Ray's storage path), logging the
+adapter (the PEFT folder only) and registering it; and the job state file that decides
+between a new run and ``--resume``.
 Does not own: the worker loop (``worker``), the registry conventions (``registry``).
 
 Job state lives in ``<storage>/<job name>/job.json``: every run of the job (its Ray run
@@ -28,7 +29,9 @@ from typing import Any
 
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError
-from loraplex.training.config import EMBEDDED_BASE, REPO_ROOT, TrainConfig
+from loraplex.evaluation.provenance import SEEDS_TAG, seeds_tag
+from loraplex.models.resolve import check_base_model, resolve_base_model
+from loraplex.training.config import REPO_ROOT, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,88 +47,6 @@ class TrainResult:
     metrics: dict[str, float]
     adapter_dir: Path
     resumed: bool
-
-
-def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
-    """(local folder, canonical reference) for 'embedded', a folder, an MLflow artifact
-    URI or a Hugging Face id; a clear error when none of these can be had."""
-    if ref == EMBEDDED_BASE:
-        folder = settings.home / "models" / "tiny-llama"
-        if not (folder / "config.json").exists():
-            raise InputError(f"no embedded base model in {folder}: run `loraplex bootstrap` first")
-        return folder, f"embedded:{folder}"
-    local = Path(ref).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
-            raise InputError(f"base_model {ref}: not a Hugging Face model folder (no config.json)")
-        return local.absolute(), str(local.absolute())
-    if ref.startswith(("/", "./", "../", "~")):
-        raise InputError(f"base_model folder {ref} does not exist")
-    if ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow
-
-        from loraplex import tracking
-
-        tracking.setup(settings)
-        cache = settings.home / "cache" / "base-models" / ref.replace(":/", "_").replace("/", "_")
-        if not (cache / "config.json").exists():
-            try:
-                got = Path(mlflow.artifacts.download_artifacts(ref, dst_path=str(cache)))
-            except Exception as e:
-                raise InputError(f"base_model {ref}: cannot download from MLflow ({e})") from None
-            if not (got / "config.json").exists():
-                nested = [p.parent for p in got.rglob("config.json")]
-                if not nested:
-                    raise InputError(f"base_model {ref}: the artifact holds no config.json")
-                return nested[0], ref
-            return got, ref
-        return cache, ref
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref)), ref
-    except Exception as e:
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError(
-            f"base_model {ref!r} is not a local folder or MLflow URI, and the hub cannot "
-            f"provide it ({first})"
-        ) from None
-
-
-def meta_model(base_dir: Path):
-    """The base model built on the meta device (no weights read): its module tree.
-    InputError when the folder is not a causal LM."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(base_dir)
-    except Exception as e:
-        raise InputError(f"base model {base_dir}: unreadable config.json ({e})") from None
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        raise InputError(
-            f"base model {base_dir} is a {config.model_type!r} model, not a causal LM"
-        ) from None
-
-
-def check_base_model(base_dir: Path, target_modules: list[str]) -> None:
-    """A causal LM whose modules include every LoRA target."""
-    import torch
-
-    model = meta_model(base_dir)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in target_modules if t not in names]
-    if missing:
-        linear = {
-            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-        }
-        raise InputError(
-            f"lora.target_modules {missing} do not exist in the base model "
-            f"(its linear layers: {', '.join(sorted(linear))})"
-        )
 
 
 def git_commit() -> str:
@@ -239,6 +160,7 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
                 "loraplex.base_model": base_ref,
                 "loraplex.git_commit": git_commit(),
                 "loraplex.dataset_sha256": examples.fingerprint["sha256"],
+                SEEDS_TAG: seeds_tag(cfg.data.train),
             },
         )
         run_id = run.info.run_id

@@ -139,7 +139,7 @@ def validate_adapter(
     """The adapter's config when it fits the base; InputError with the reason otherwise."""
     from safetensors import safe_open
 
-    from loraplex.training.job import meta_model
+    from loraplex.models.resolve import meta_model
 
     path = Path(path)
     if not path.is_dir():
