@@ -26,7 +26,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 .PHONY: help setup test demo lint format doctor lock clean
 
 help:
-	@echo "make demo    set up, then run the pipeline on the embedded defaults"
+	@echo "make demo    set up, then run the pipeline (SmolLM2-135M-Instruct, embedded defaults)"
 	@echo "make test    set up, then run the test suite"
 	@echo "make setup   create $(VENV) and install the locked stack (idempotent; EXTRA=gpu for CUDA)"
 	@echo "make lint    ruff check + format check"
@@ -59,8 +59,9 @@ test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The whole pipeline on the embedded defaults: health check, world + base model,
-# adapters, ingestion, serving, the four-way evaluation; the endpoint stays up (Ctrl-C).
+# The whole pipeline on SmolLM2-135M-Instruct and the embedded defaults: health check,
+# model import, world, adapters, ingestion, serving, the four-way evaluation; the endpoint
+# stays up (Ctrl-C). DEMO_ARGS="--model tiny" runs it on the tiny bootstrap model.
 demo: setup
 	$(BIN)/loraplex doctor
 	$(BIN)/loraplex demo $(DEMO_ARGS)

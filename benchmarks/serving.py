@@ -1,4 +1,6 @@
-"""Benchmark of serving (issue: Serving). Same tiny model, same prompts, one run.
+"""Benchmark of serving (issues: Serving; a real pretrained model). Same model, same
+prompts, one run: the tiny bootstrap model (``--model embedded``, the default) or an
+imported one (``--model smollm2-135m-instruct``, bfloat16, as ``serving/smollm2.yaml``).
 
 1. bare ``vllm serve`` (vLLM's own OpenAI server) against loraplex (Ray Serve + the
    loraplex ingress + LLMServer) on the base model without retrieval, at concurrency
@@ -13,6 +15,8 @@ servers generate the same amount. The two servers run one after the other on the
 machine, never together.
 
 Usage: .venv/bin/python benchmarks/serving.py --home HOME   (HOME: `loraplex bootstrap` done)
+       .venv/bin/python benchmarks/serving.py --home HOME --model smollm2-135m-instruct
+       (HOME: `loraplex models import smollm2-135m-instruct` done)
 Prints markdown tables for benchmarks/RESULTS.md and writes serving.json.
 """
 
@@ -46,6 +50,9 @@ PROMPTS = [
     "How heavy is the Tarsi T3?",
     "What is the model code of the Velo V7?",
 ]
+
+
+SERVED = "base"  # the model id both servers answer to
 
 
 def pct(values: list[float], p: float) -> float:
@@ -138,11 +145,11 @@ def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict
         "--model",
         str(model_dir),
         "--served-model-name",
-        "tiny",
+        SERVED,
         "--max-model-len",
         "1024",
         "--dtype",
-        "float32",
+        args.dtype,
         "--host",
         "127.0.0.1",
         "--port",
@@ -159,7 +166,7 @@ def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict
         url = f"http://127.0.0.1:{port}/v1"
         wait_ready(url, proc=proc)
         print(f"bare vllm serve{' with LoRA enabled' if lora else ''}:")
-        return levels(url, "tiny", args)
+        return levels(url, SERVED, args)
     finally:  # the server and its engine process: the whole process group we started
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -179,6 +186,11 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=Path("serving.json"))
     ap.add_argument(
+        "--model",
+        default="embedded",
+        help="Base model reference: embedded (the tiny model) or an imported name.",
+    )
+    ap.add_argument(
         "--phase",
         choices=["all", "bare", "bare-lora", "loraplex-base", "loraplex"],
         default="all",
@@ -186,6 +198,7 @@ def main() -> None:
         "process first, so the two servers never share a process.",
     )
     args = ap.parse_args()
+    args.dtype = "float32" if args.model == "embedded" else "bfloat16"
     if args.phase == "all":
         for phase in ("bare", "bare-lora", "loraplex-base", "loraplex"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
@@ -209,8 +222,9 @@ def main() -> None:
     from loraplex.training.registry import register_external
 
     settings = load_settings(overrides=[f"home={args.home}"])
-    model_dir, _ = resolve_base_model("embedded", settings)
+    model_dir, _ = resolve_base_model(args.model, settings)
     results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["model"] = args.model
     results["tokens_per_request"] = args.tokens
     if args.phase in ("bare", "bare-lora"):
         lora = args.phase == "bare-lora"
@@ -230,7 +244,8 @@ def main() -> None:
     # 8 adapters in the registry (random LoRA weights: the cost is the same)
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     experiment = tracking.setup(settings)
-    names = [f"bench-{i}" for i in range(8)]
+    prefix = "bench" if args.model == "embedded" else f"bench-{args.model}"
+    names = [f"{prefix}-{i}" for i in range(8)]
     for i, name in enumerate(names):
         try:
             client.get_model_version_by_alias(name, "live")
@@ -243,10 +258,10 @@ def main() -> None:
         {
             "models": [
                 {
-                    "id": "tiny",
+                    "id": SERVED,
                     "source": str(model_dir),
                     "max_model_len": 1024,
-                    "dtype": "float32",
+                    "dtype": args.dtype,
                     "kv_cache_gib": 1,
                     "max_adapters_per_replica": 8,
                     "scaling": {"max_ongoing_requests": 256},
@@ -254,19 +269,19 @@ def main() -> None:
             ],
             "adapters": []
             if base_only
-            else [{"name": n, "base": "tiny", "registry": f"{n}@live"} for n in names],
+            else [{"name": n, "base": SERVED, "registry": f"{n}@live"} for n in names],
             "routes": []
             if base_only
             else [
                 {
                     "name": f"rag-{mode}",
-                    "base": "tiny",
-                    "adapter": "bench-0",
+                    "base": SERVED,
+                    "adapter": names[0],
                     "retrieval": {"collection": collection, "top_k": 3, "mode": mode},
                 }
                 for mode in ("dense", "bm25", "hybrid")
             ]
-            + [{"name": "plain", "base": "tiny", "adapter": "bench-0"}],
+            + [{"name": "plain", "base": SERVED, "adapter": names[0]}],
         }
     )
     init_ray(settings)
@@ -276,14 +291,14 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1"
     try:
         print(f"loraplex{' without adapters' if base_only else ''}:")
-        results["loraplex_base" if base_only else "loraplex"] = levels(url, "tiny", args)
+        results["loraplex_base" if base_only else "loraplex"] = levels(url, SERVED, args)
         if base_only:
             return
 
         cold, warm = [], []
         for name in names:
             one = {
-                "model": f"tiny:{name}",
+                "model": f"{SERVED}:{name}",
                 "max_tokens": 4,
                 "ignore_eos": True,
                 "messages": [{"role": "user", "content": PROMPTS[0]}],
@@ -302,8 +317,8 @@ def main() -> None:
         mixed = {}
         for c in (8, 32):
             n = max(args.requests, 8 * c)
-            base = asyncio.run(load(url, ["tiny"], c, n, args.tokens))
-            mix = asyncio.run(load(url, [f"tiny:{x}" for x in names], c, n, args.tokens))
+            base = asyncio.run(load(url, [SERVED], c, n, args.tokens))
+            mix = asyncio.run(load(url, [f"{SERVED}:{x}" for x in names], c, n, args.tokens))
             mixed[c] = {
                 "base": base,
                 "adapters": mix,

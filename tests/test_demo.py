@@ -28,6 +28,8 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
             "--home",
             str(settings.home),
             "demo",
+            "--model",
+            "tiny",
             "--no-serve",
             "--questions",
             "3",
@@ -48,6 +50,7 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
 
     assert "| base+rag |" in out and "| adapter+rag |" in out
     assert "Recommendation: **" in out
+    assert "Ticket classification (route `tickets`, adapter ticket-classify): label accuracy" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     report = Path(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("report:")))
     results = json.loads((report / "results.json").read_text())

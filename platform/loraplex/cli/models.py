@@ -75,10 +75,12 @@ def import_(
         register=register,
     )
     parity = result.marker.get("vllm_parity")
+    quant = result.marker.get("quantization")
+    origin = f", dequantized from {quant}" if quant not in (None, "none") else ""
     click.echo(
         f"imported {result.name}: {result.parameters / 1e6:.1f}M parameters "
-        f"({result.marker.get('architecture')}, from {result.marker.get('quantization')}) "
-        f"in {result.folder} ({result.seconds:.0f} s)"
+        f"({result.marker.get('architecture')}{origin}) in {result.folder} "
+        f"({result.seconds:.0f} s)"
     )
     if parity is not None:
         click.echo(f"vLLM greedy parity with transformers: {parity:.0%} of prompts")

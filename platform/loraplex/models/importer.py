@@ -82,10 +82,12 @@ def identify(source: str) -> Source:
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{source}: a file must be a .gguf model (or give an HF folder)")
         arch, quant = read_gguf_header(path)
+        _check_causal(source, path.parent, gguf_file=path.name)
         return Source("gguf", source, path.absolute(), "unknown", quant, arch)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"{source}: not a Hugging Face model folder (no config.json)")
+        _check_causal(source, path)
         return Source("folder", source, path.absolute())
     if source.startswith(("/", "./", "../", "~")) or source.lower().endswith(".gguf"):
         raise InputError(f"{source}: no such file or folder")
@@ -96,6 +98,27 @@ def identify(source: str) -> Source:
         f"{source!r} is not a GGUF file, an HF folder, a hub id (org/name) or a built-in "
         f"model ({known})"
     )
+
+
+def _check_causal(source: str, folder: Path, gguf_file: str | None = None) -> None:
+    """The config alone (no weights) says the model is a causal LM; InputError if not."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = type(config).from_dict(config_dict)
+    except Exception as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError(f"{source}: its model config cannot be read ({first})") from None
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        raise InputError(f"{source}: a {config.model_type!r} model, not a causal LM") from None
 
 
 def read_gguf_header(path: Path) -> tuple[str, str]:
