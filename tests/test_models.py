@@ -154,3 +154,29 @@ def test_the_bootstrap_model_is_one_registered_base_model_among_others(tiny_base
     assert rows["tiny-llama"]["folder"] == str(tiny_base.model_dir)
     assert "(current)" in rows["tiny-llama"]["registry"]
     assert rows["tiny-llama"]["parameters"] > 0
+
+
+def test_an_hf_folder_imports_without_vllm_or_registry(smollm2, tmp_path: Path) -> None:
+    _, result = smollm2
+    home = tmp_path / "home"
+    proc = run_cli(
+        "--home",
+        str(home),
+        "models",
+        "import",
+        str(result.folder),
+        "--name",
+        "copy",
+        "--no-check-vllm",
+        "--no-register",
+        env=clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "imported copy: 134.5M parameters (LlamaForCausalLM)" in proc.stdout
+    copied = home / "models" / "copy"
+    marker = json.loads((copied / "loraplex_model.json").read_text())
+    assert marker["source_kind"] == "folder" and "registered" not in marker
+    assert (copied / "model.safetensors").read_bytes() == (
+        result.folder / "model.safetensors"
+    ).read_bytes()
+    assert not (home / "mlflow.db").exists()  # --no-register touched no registry

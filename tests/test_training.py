@@ -432,7 +432,7 @@ def test_register_an_adapter_trained_elsewhere(tiny_base, settings, tmp_path, ca
     assert [str(v.version) for v in versions] == ["1"]
 
 
-def test_max_examples_draws_the_same_share_from_each_train_file(tmp_path) -> None:
+def test_max_examples_trains_on_a_seeded_sample(tmp_path) -> None:
     from loraplex.training.config import DataConfig
     from loraplex.training.dataset import dataset_sha256, load_examples
 
@@ -449,16 +449,19 @@ def test_max_examples_draws_the_same_share_from_each_train_file(tmp_path) -> Non
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 
-    big = conversations(tmp_path / "big.jsonl", "big", 90)
-    small = conversations(tmp_path / "small.jsonl", "small", 10)
-    data = DataConfig(train=[big, small], eval_fraction=0, max_examples=12, format="openai")
+    files = [
+        conversations(tmp_path / "a.jsonl", "a", 60),
+        conversations(tmp_path / "b.jsonl", "b", 40),
+    ]
+    data = DataConfig(train=files, eval_fraction=0, max_examples=12, format="openai")
     train = load_examples(data, seed=3).train
-    tags = [c[0]["content"].split()[0] for c in train]
-    assert len(train) == 12 and tags.count("small") == 6  # not 90:10 by chance
-    assert load_examples(data, seed=3).train == train  # the same seed, the same sample
-    data = DataConfig(train=[big, small], eval_fraction=0, max_examples=40, format="openai")
-    tags = [c[0]["content"].split()[0] for c in load_examples(data).train]
-    assert tags.count("small") == 10 and tags.count("big") == 30  # a small file gives all
+    texts = [c[0]["content"] for c in train]
+    assert len(train) == 12 and len(set(texts)) == 12
+    assert {t.split()[0] for t in texts} == {"a", "b"}  # drawn from both files
+    assert texts != [f"a {i}" for i in range(12)]  # a sample, not the first rows
+    assert [c[0]["content"] for c in load_examples(data, seed=3).train] == texts
+    assert [c[0]["content"] for c in load_examples(data, seed=4).train] != texts
+    everything = DataConfig(train=files, eval_fraction=0, format="openai")
+    assert len(load_examples(everything).train) == 100
     # a sampled run is a different dataset for the demo's reuse check
-    everything = DataConfig(train=[big, small], eval_fraction=0, format="openai")
     assert dataset_sha256(data) != dataset_sha256(everything)

@@ -36,8 +36,7 @@ class DataConfig(StrictModel):
     max_examples: int | None = Field(
         default=None,
         ge=1,
-        description="Train on a seeded sample of at most this many examples, the same "
-        "share from each train file (all: null).",
+        description="Train on a seeded sample of at most this many examples (all: null).",
     )
     max_eval_examples: int | None = Field(
         default=None, ge=1, description="Evaluate on a seeded sample of at most this many."

@@ -43,7 +43,7 @@ def dataset_sha256(data: DataConfig) -> str:
     """The fingerprint a fine-tuning run is tagged with (``loraplex.dataset_sha256``):
     the files, and the sample sizes when the config takes a sample of them."""
     limits = (data.max_examples, data.max_eval_examples)
-    extra = "" if limits == (None, None) else f"sample-per-file:{limits[0]}:{limits[1]}"
+    extra = "" if limits == (None, None) else f"sample:{limits[0]}:{limits[1]}"
     return _digest([*data.train, *data.eval], extra)
 
 
@@ -55,39 +55,10 @@ def _sample(rows: list, limit: int | None, seed: int) -> list:
     return [r for i, r in enumerate(rows) if i in chosen]
 
 
-def _sample_evenly(rows: list, origin: list[int], limit: int | None, seed: int) -> list:
-    """At most ``limit`` rows, the same share from each train file (a file with fewer
-    rows gives all it has, the others share the rest), drawn with ``seed``, in order."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    files = sorted(set(origin))
-    sizes = {f: origin.count(f) for f in files}
-    quota = dict.fromkeys(files, 0)
-    left, open_files = limit, list(files)
-    while left > 0 and open_files:
-        share = max(1, left // len(open_files))
-        for f in list(open_files):
-            take = min(share, sizes[f] - quota[f], left)
-            quota[f] += take
-            left -= take
-            if quota[f] == sizes[f]:
-                open_files.remove(f)
-            if left == 0:
-                break
-    rng = random.Random(seed)
-    chosen: set[int] = set()
-    for f in files:
-        index = [i for i, o in enumerate(origin) if o == f]
-        chosen.update(rng.sample(index, quota[f]))
-    return [r for i, r in enumerate(rows) if i in chosen]
-
-
 def load_examples(data: DataConfig, seed: int = 0) -> Examples:
     """Every conversation of the train (and eval) files; InputError names a bad line."""
     try:
-        per_file = [read_conversations(p, data.format) for p in data.train]
-        origin = [i for i, rows in enumerate(per_file) for _ in rows]
-        train = [c for rows in per_file for c in rows]
+        train = [c for p in data.train for c in read_conversations(p, data.format)]
         evals = [c for p in data.eval for c in read_conversations(p, data.format)]
     except ValueError as e:
         raise InputError(str(e)) from None
@@ -98,9 +69,8 @@ def load_examples(data: DataConfig, seed: int = 0) -> Examples:
         n_eval = max(1, int(len(train) * data.eval_fraction))
         chosen = set(order[:n_eval])
         evals = [c for i, c in enumerate(train) if i in chosen]
-        origin = [f for i, f in enumerate(origin) if i not in chosen]
         train = [c for i, c in enumerate(train) if i not in chosen]
-    train = _sample_evenly(train, origin, data.max_examples, seed)
+    train = _sample(train, data.max_examples, seed)
     evals = _sample(evals, data.max_eval_examples, seed + 1)
     fingerprint = {
         "sha256": dataset_sha256(data),
