@@ -746,7 +746,7 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
 
     env = clean_env(LORAPLEX_HOME=str(tmp_path / "home"))
     good = serving_config(tiny_base.model_dir)
-    good["adapters"], good["auth"] = [], {"keys": []}
+    good["adapters"], good["auth"] = [], {"keys": [], "allow_anonymous": True}
     good["routes"] = [r for r in good["routes"] if "adapter" not in r]
     path = tmp_path / "serving.yaml"
     path.write_text(yaml.safe_dump(good))
@@ -761,6 +761,7 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
         (["--set", "adapters=[{name: a, base: tiny, registry: 'a@@x'}]"], "registry reference"),
         (["--set", "adapters=[{name: a, base: tiny, registry: a@live}]"], "not in the registry"),
         (["--port", "70000"], "--port 70000"),
+        (["--set", "auth.allow_anonymous=false"], "no API keys (auth.keys or $LORAPLEX_API_KEYS)"),
     ]
     for extra, reason in cases:
         proc = run_cli("serve", str(path), "--check", *extra, env=env)

@@ -106,6 +106,11 @@ def test_serve_run_builder_takes_a_path_or_an_inline_config(tiny_base, ray_local
     from loraplex.serving.builder import build_app
 
     inline = {"models": [{"id": "tiny", "source": str(tiny_base.model_dir)}], "retriever": None}
+    # without keys `serve run` / a RayService refuses to start ...
+    with pytest.raises(Exception, match=r"no API keys .*refusing to serve openly"):
+        build_app({"config": inline, "settings": [f"home={tmp_path}"]})
+    # ... unless the config asks for loopback-only anonymous serving
+    inline["auth"] = {"allow_anonymous": True}
     app = build_app({"config": inline, "settings": [f"home={tmp_path}"]})
     assert isinstance(app, Application)
     path = tmp_path / "serving.yaml"
@@ -121,3 +126,29 @@ def test_serve_run_builder_takes_a_path_or_an_inline_config(tiny_base, ray_local
                 "settings": [f"home={tmp_path}"],
             }
         )
+
+
+def test_keyless_serving_answers_only_loopback_clients_naming_this_machine() -> None:
+    from starlette.requests import Request
+
+    from loraplex.serving.ingress import ApiError, _loopback_only
+
+    def request(client: str, host: str) -> Request:
+        headers = [(b"host", host.encode())]
+        return Request({"type": "http", "headers": headers, "client": (client, 50000)})
+
+    for client, host in [
+        ("127.0.0.1", "127.0.0.1:8000"),
+        ("127.0.0.1", "localhost"),
+        ("::1", "[::1]:8000"),
+    ]:
+        _loopback_only(request(client, host))
+    refused = [
+        ("10.0.0.7", "10.0.0.1:8000"),  # another machine
+        ("127.0.0.1", "evil.example:8000"),  # DNS rebinding: a page's own name
+        ("127.0.0.1", ""),
+    ]
+    for client, host in refused:
+        with pytest.raises(ApiError) as e:
+            _loopback_only(request(client, host))
+        assert e.value.status == 403 and "loopback clients only" in e.value.message

@@ -37,6 +37,9 @@ def serve_config(overlay: str, repo: Path = REPO) -> dict[str, Any]:
         raise InputError(f"unknown overlay {overlay!r}: one of {', '.join(OVERLAYS)}")
     source = repo / OVERLAYS[overlay]
     serving = load_serving_config(source)  # validated: a broken config renders nothing
+    # a cluster never serves anonymously: without keys (the loraplex-env secret's
+    # LORAPLEX_API_KEYS, or auth.keys) the application refuses to start
+    serving.auth.allow_anonymous = False
     doc = yaml.safe_load((repo / "serving" / "serve_config.yaml").read_text())
     doc["http_options"] = {**doc.get("http_options", {}), "host": "0.0.0.0"}
     app = doc["applications"][0]

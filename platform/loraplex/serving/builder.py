@@ -51,6 +51,11 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
         digests = cfg.key_digests()
     except ValueError as e:
         raise InputError(f"auth: {e}") from None
+    if not digests and not cfg.auth.allow_anonymous:
+        raise InputError(
+            f"no API keys (auth.keys or ${cfg.auth.keys_env}): refusing to serve openly; "
+            "add keys, or set auth.allow_anonymous: true to serve loopback clients only"
+        )
     return Checked(base_dirs, versions, digests)
 
 
@@ -167,10 +172,10 @@ def build_app(args: dict[str, Any] | None = None):
             path = REPO / path  # serve run from elsewhere: the repo's serving/ configs
         cfg = load_serving_config(path, parsed.overrides)
     settings = load_settings(parsed.settings_file, parsed.settings)
-    checked = check(cfg, settings)
+    checked = check(cfg, settings)  # refuses to start without keys unless allow_anonymous
     if not checked.key_digests:
         log.warning(
-            "no API keys (auth.keys or $%s): anyone who reaches the HTTP port can use it",
-            cfg.auth.keys_env,
+            "no API keys (auth.allow_anonymous): answering loopback clients only, whatever "
+            "the HTTP host"
         )
     return build(cfg, settings, checked)

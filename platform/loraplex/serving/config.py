@@ -193,6 +193,11 @@ class AuthConfig(StrictModel):
         default="LORAPLEX_API_KEYS",
         description="Also read comma-separated keys (allowed everything) from this variable.",
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve without keys, to loopback clients only (127.0.0.1). Without "
+        "keys and without this, the application refuses to start.",
+    )
 
 
 class HttpConfig(StrictModel):

@@ -61,6 +61,25 @@ log = logging.getLogger("ray.serve.loraplex")
 TASKS = ("chat", "json_answer", "classify_ticket")
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _loopback_only(request: Request) -> None:
+    """Keyless serving answers only a client on this machine that names this machine:
+    a remote client, or a web page reaching in through DNS rebinding (a foreign
+    ``Host``), gets 403."""
+    client = request.client.host if request.client else None
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if (client is not None and client not in LOOPBACK_NAMES) or name not in LOOPBACK_NAMES:
+        raise ApiError(
+            403,
+            "this endpoint serves without API keys and answers loopback clients only "
+            "(Host 127.0.0.1 or localhost)",
+            code="permission_denied",
+        )
+
+
 class ApiError(Exception):
     """An error answered to the client: status, message, the offending parameter."""
 
@@ -137,8 +156,10 @@ class LoraplexIngress(OpenAiIngress):
     # ---------------------------------------------------------------- helpers
 
     def _authorize(self, request: Request) -> dict[str, Any] | None:
-        """The key's record, or None without auth; ApiError 401 otherwise."""
+        """The key's record, or None without auth (loopback clients only); ApiError 401
+        (or 403) otherwise."""
         if not self.keys:
+            _loopback_only(request)
             return None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
