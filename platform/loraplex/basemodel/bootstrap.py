@@ -142,11 +142,9 @@ def bootstrap(
             (staging / MARKER).write_text(json.dumps(marker, indent=2))
             replace_folder(staging, mdir)
         mlflow.log_dict({"history": outcome["history"]}, "train_history.json")
+        parameters = _count_parameters(mdir)
         mlflow.log_metrics(
-            {
-                "train_seconds": outcome["train_seconds"],
-                "parameters": float(_count_parameters(mdir)),
-            }
+            {"train_seconds": outcome["train_seconds"], "parameters": float(parameters)}
         )
         mlflow.log_artifacts(str(mdir), artifact_path="base_model")
         mlflow.set_tag("loraplex.base_model_path", str(mdir))
@@ -157,7 +155,7 @@ def bootstrap(
             EMBEDDED_FOLDER,
             {
                 "loraplex.source": "loraplex bootstrap",
-                "loraplex.parameters": str(_count_parameters(mdir)),
+                "loraplex.parameters": str(parameters),
                 "loraplex.architecture": "LlamaForCausalLM",
                 "loraplex.license": "Apache-2.0",
                 "loraplex.world_seeds": str(DEFAULT_SEED),

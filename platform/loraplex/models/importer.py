@@ -29,7 +29,16 @@ from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError
 from loraplex.folders import replace_folder, staging_folder
 from loraplex.models.builtin import BUILTIN, builtin_file
-from loraplex.models.resolve import EMBEDDED, MARKER, NAME, meta_model, models_dir, read_marker
+from loraplex.models.resolve import (
+    EMBEDDED,
+    MARKER,
+    NAME,
+    first_line,
+    meta_model,
+    models_dir,
+    plain_config,
+    read_marker,
+)
 
 log = logging.getLogger("loraplex.models")
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -82,12 +91,12 @@ def identify(source: str) -> Source:
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{source}: a file must be a .gguf model (or give an HF folder)")
         arch, quant = read_gguf_header(path)
-        _check_causal(source, path.parent, gguf_file=path.name)
+        meta_model(path.parent, gguf_file=path.name, label=source)
         return Source("gguf", source, path.absolute(), "unknown", quant, arch)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"{source}: not a Hugging Face model folder (no config.json)")
-        _check_causal(source, path)
+        meta_model(path, label=source)
         return Source("folder", source, path.absolute())
     if source.startswith(("/", "./", "../", "~")) or source.lower().endswith(".gguf"):
         raise InputError(f"{source}: no such file or folder")
@@ -98,27 +107,6 @@ def identify(source: str) -> Source:
         f"{source!r} is not a GGUF file, an HF folder, a hub id (org/name) or a built-in "
         f"model ({known})"
     )
-
-
-def _check_causal(source: str, folder: Path, gguf_file: str | None = None) -> None:
-    """The config alone (no weights) says the model is a causal LM; InputError if not."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        config = AutoConfig.from_pretrained(folder, **kwargs)
-        config_dict = config.to_dict()
-        config_dict.pop("quantization_config", None)
-        config = type(config).from_dict(config_dict)
-    except Exception as e:
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError(f"{source}: its model config cannot be read ({first})") from None
-    try:
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        raise InputError(f"{source}: a {config.model_type!r} model, not a causal LM") from None
 
 
 def read_gguf_header(path: Path) -> tuple[str, str]:
@@ -134,9 +122,8 @@ def read_gguf_header(path: Path) -> tuple[str, str]:
         size = path.stat().st_size
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except Exception as e:
-        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise InputError(
-            f"{path}: not a readable GGUF file (truncated or damaged? {first})"
+            f"{path}: not a readable GGUF file (truncated or damaged? {first_line(e, 120)})"
         ) from None
     if not reader.tensors or end > size:
         raise InputError(
@@ -167,18 +154,10 @@ def sha256_file(path: Path) -> str:
 def _convert_gguf(path: Path, out: Path, dtype: Dtype) -> None:
     """Dequantize with transformers, then save a plain (unquantized) HF folder."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    plain = config.to_dict()
-    plain.pop("quantization_config", None)
-    config = type(config).from_dict(plain)
-    try:
-        with torch.device("meta"):
-            AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        raise InputError(f"{path}: a {config.model_type!r} model, not a causal LM") from None
+    config = plain_config(path.parent, name, label=str(path))  # causal: checked by identify
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     with torch.device("meta"):
@@ -210,8 +189,9 @@ def _check_transformers(folder: Path) -> tuple[int, str]:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise InputError(f"the converted model does not load in transformers: {first}") from None
+        raise InputError(
+            f"the converted model does not load in transformers: {first_line(e)}"
+        ) from None
     if getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": PARITY_PROMPTS[0]}],

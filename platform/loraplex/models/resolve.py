@@ -87,7 +87,7 @@ def _from_hub(ref: str) -> tuple[Path, str]:
 
         return Path(snapshot_download(ref)), ref
     except Exception as e:
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        first = first_line(e, 160)
         raise InputError(
             f"base_model {ref!r} is not an imported model (`loraplex models list`), a local "
             f"folder or an MLflow URI, and the hub cannot provide it ({first})"
@@ -116,7 +116,9 @@ def _from_mlflow(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
         except mlflow.exceptions.MlflowException as e:
             if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
                 raise InputError(f"base_model {ref}: not in the MLflow registry") from None
-            raise LoraplexError(f"base_model {ref}: MLflow cannot be read ({_first(e)})") from None
+            raise LoraplexError(
+                f"base_model {ref}: MLflow cannot be read ({first_line(e)})"
+            ) from None
         canonical = f"models:/{m['name']}/{mv.version}"
         key = f"{m['name']}/{mv.version}"
     else:
@@ -146,31 +148,47 @@ def _from_mlflow(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
         raise
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"base_model {ref}: cannot download from MLflow ({_first(e)})") from None
+        raise InputError(
+            f"base_model {ref}: cannot download from MLflow ({first_line(e)})"
+        ) from None
     return cache, canonical
 
 
-def _first(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+def first_line(e: Exception, limit: int = 200) -> str:
+    """An exception's first line (or its type): what a one-line error message quotes."""
+    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
 
 
-def meta_model(base_dir: Path):
-    """The base model built on the meta device (no weights read): its module tree.
-    InputError when the folder is not a causal LM."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def plain_config(folder: Path, gguf_file: str | None = None, label: str | None = None):
+    """The model config of a folder (or of a GGUF file in it), without the
+    ``quantization_config`` a GGUF load adds; InputError when it cannot be read."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(base_dir)
+        config = AutoConfig.from_pretrained(
+            folder, **({"gguf_file": gguf_file} if gguf_file else {})
+        )
     except Exception as e:
-        raise InputError(f"base model {base_dir}: unreadable config.json ({_first(e)})") from None
+        who = label or f"base model {folder}"
+        raise InputError(f"{who}: unreadable model config ({first_line(e, 160)})") from None
+    values = config.to_dict()
+    values.pop("quantization_config", None)
+    return type(config).from_dict(values)
+
+
+def meta_model(base_dir: Path, gguf_file: str | None = None, label: str | None = None):
+    """The base model built on the meta device (no weights read): its module tree.
+    InputError when the folder (or GGUF file) is not a causal LM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = plain_config(base_dir, gguf_file, label)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except ValueError:
-        raise InputError(
-            f"base model {base_dir} is a {config.model_type!r} model, not a causal LM"
-        ) from None
+        who = label or f"base model {base_dir}"
+        raise InputError(f"{who} is a {config.model_type!r} model, not a causal LM") from None
 
 
 def check_base_model(base_dir: Path, target_modules: list[str]) -> None:
