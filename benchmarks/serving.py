@@ -282,6 +282,8 @@ def main() -> None:
                 for mode in ("dense", "bm25", "hybrid")
             ]
             + [{"name": "plain", "base": SERVED, "adapter": names[0]}],
+            # loopback only, like bare `vllm serve`; limits above what the load asks
+            "auth": {"allow_anonymous": True, "default_limits": {}},
         }
     )
     init_ray(settings)

@@ -76,3 +76,53 @@ def start_milvus_server(data_dir: Path, port: int) -> subprocess.Popen:
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("the Milvus server did not start within 60 s")
+
+
+def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """A real MLflow tracking server (sqlite store) on 127.0.0.1:port, waited for (120 s
+    at most); the caller stops the process."""
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(1)
+        if proc.poll() is not None:
+            raise RuntimeError("mlflow server exited during start-up")
+    stop(proc)
+    raise RuntimeError("mlflow server did not answer /health within 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process this test started, by its pid: TERM, then KILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -28,7 +28,15 @@ from helpers import REPO
 CRDS = REPO / "tests" / "data" / "kuberay-crds"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 OVERLAYS = ["cpu-dev", "gpu"]
-CORE = {"Namespace", "Deployment", "Service", "StatefulSet", "PersistentVolumeClaim", "ConfigMap"}
+CORE = {
+    "Namespace",
+    "Deployment",
+    "Service",
+    "StatefulSet",
+    "PersistentVolumeClaim",
+    "ConfigMap",
+    "NetworkPolicy",
+}
 MILVUS_SPEC = {"mode", "dependencies", "components", "config"}
 
 
@@ -245,3 +253,23 @@ def test_render_check_fails_on_drift(tmp_path: Path) -> None:
     assert k8s.stale(tmp_path) == ["cpu-dev"]
     k8s.render(tmp_path)
     assert k8s.stale(tmp_path) == []
+
+
+def test_only_the_serve_port_is_open_outside_the_namespace(rendered) -> None:
+    """NetworkPolicies: every pod admits its own namespace only, and Ray nodes add the
+    Serve port from anywhere; no policy opens MLflow, Milvus, the dashboard or GCS."""
+    _, docs = rendered
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    internal = policies["loraplex-internal-only"]
+    assert internal["podSelector"] == {} and internal["ingress"] == [
+        {"from": [{"podSelector": {}}]}
+    ]
+    opened = [
+        (p["podSelector"], rule.get("ports"))
+        for p in policies.values()
+        for rule in p["ingress"]
+        if rule.get("from") != [{"podSelector": {}}]
+    ]
+    assert opened == [
+        ({"matchLabels": {"ray.io/is-ray-node": "yes"}}, [{"protocol": "TCP", "port": 8000}])
+    ]

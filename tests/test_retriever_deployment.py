@@ -23,6 +23,7 @@ def retriever_app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     from loraplex.config import load_settings
     from loraplex.retrieval.deployment import build_retriever
     from loraplex.retrieval.retriever import Retriever
+    from loraplex.serving.config import AuthConfig
 
     home = tmp_path_factory.mktemp("serve_home")
     docs = tmp_path_factory.mktemp("serve_docs")
@@ -33,7 +34,8 @@ def retriever_app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         r.ingest([docs], "kb")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_retriever(settings), name="retriever", route_prefix="/retriever")
+    app = build_retriever(settings, auth=AuthConfig(allow_anonymous=True))
+    handle = serve.run(app, name="retriever", route_prefix="/retriever")
     yield handle, f"http://127.0.0.1:{port}/retriever", settings
     serve.delete("retriever")
     serve.shutdown()
@@ -103,11 +105,14 @@ def test_python_api_through_a_handle(retriever_app) -> None:
 
 def test_lite_refuses_more_than_one_replica(tmp_path: Path) -> None:
     from loraplex.config import load_settings
-    from loraplex.retrieval.deployment import RetrieverScaling, build_retriever
+    from loraplex.retrieval.deployment import build_retriever, retriever_options
+    from loraplex.serving.scaling import RetrieverScaling
 
     settings = load_settings(overrides=[f"home={tmp_path}"])
     with pytest.raises(InputError, match="one process per data dir"):
         build_retriever(settings, RetrieverScaling(num_replicas=2))
     server = load_settings(overrides=[f"home={tmp_path}", "milvus.uri=http://127.0.0.1:19530"])
-    opts = RetrieverScaling(min_replicas=1, max_replicas=3).options(server.milvus.is_lite)
+    opts = retriever_options(
+        RetrieverScaling(min_replicas=1, max_replicas=3), server.milvus.is_lite
+    )
     assert opts["autoscaling_config"]["max_replicas"] == 3

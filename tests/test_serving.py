@@ -29,7 +29,10 @@ from helpers import (
 )
 
 KEY_ALL = "sk-test-all"
-KEY_KB = "sk-test-kb-only"
+KEY_KB = "sk-test-kb-only"  # route kb, collection kb, tenant "default"
+KEY_B = "sk-test-team-b"  # route kb, collection kb, tenant "team-b", 4 requests a minute
+VAULT = "The team B vault code is ZEBRA-4471."  # team-b's only document
+LAUNCH = "The launch code is OCELOT-9."  # collection "secrets" (default tenant)
 
 
 @dataclass
@@ -102,10 +105,27 @@ def serving_config(model_dir: Path) -> dict:
         ],
         "auth": {
             "keys": [
-                {"name": "ops", "sha256": hash_key(KEY_ALL)},
-                {"name": "kb-team", "sha256": hash_key(KEY_KB), "models": ["kb"]},
+                # the 100-stream test runs 100 at once: above the default 64
+                {"name": "ops", "sha256": hash_key(KEY_ALL), "limits": {"max_concurrent": 256}},
+                {
+                    "name": "kb-team",
+                    "sha256": hash_key(KEY_KB),
+                    "models": ["kb"],
+                    "collections": ["kb"],
+                    "tenant": "default",
+                },
+                {
+                    "name": "team-b",
+                    "sha256": hash_key(KEY_B),
+                    "models": ["kb", "embeddings"],
+                    "collections": ["kb"],
+                    "tenant": "team-b",
+                    "limits": {"requests_per_minute": 4},
+                },
             ]
         },
+        "http": {"cors_origins": ["http://app.example"]},
+        "timeouts": {"retrieval_s": 3},
         "alias_refresh_s": 1,
     }
 
@@ -139,6 +159,14 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     )
     with Retriever(settings) as r:
         r.ingest([tiny_base.world_dir / "docs"], "kb")
+        team_b = home / "team-b"
+        team_b.mkdir()
+        (team_b / "vault.md").write_text(f"# Vault\n\n{VAULT}\n")
+        r.ingest([team_b], "kb", tenant="team-b")
+        secrets = home / "secrets"
+        secrets.mkdir()
+        (secrets / "launch.md").write_text(f"# Launch\n\n{LAUNCH}\n")
+        r.ingest([secrets], "secrets")
 
     base = tiny_base.model_dir
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
@@ -308,7 +336,7 @@ def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
 
 
 def test_citations_map_back_to_doc_ids() -> None:
-    from loraplex.serving.hybrid import build_messages, citations, public_sources
+    from loraplex.serving.grounding import build_messages, citations, public_sources
 
     hits = [
         {"doc_id": "a", "chunk_id": "a#0", "text": "A text", "score": 1.0},
@@ -437,6 +465,108 @@ def test_keys_are_required_and_scoped(served: Served) -> None:
     assert "may not use 'tiny'" in e.value.message
     r = served.client(KEY_KB).chat.completions.create(model="kb", messages=msgs, max_tokens=2)
     assert r.choices
+    # the server makes its own request id; a client's x-request-id never replaces it
+    r = httpx.get(
+        f"{served.url}/models",
+        headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": "client-chosen"},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    ours = httpx.post(
+        f"{served.url}/chat/completions",
+        json={"model": "tiny", "messages": msgs, "max_tokens": 1},
+        headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": "client-chosen"},
+        timeout=60,
+    ).headers["x-loraplex-request-id"]
+    assert len(ours) == 32 and ours != "client-chosen"
+
+
+def _sources(served: Served, key: str, model: str, question: str, **retrieval) -> list[dict]:
+    extra = {"retrieval": retrieval} if retrieval else None
+    r = served.client(key).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=2,
+        extra_body=extra,
+    )
+    return r.model_extra["sources"]
+
+
+def test_a_key_reads_only_its_tenant_and_collections(served: Served) -> None:
+    question = "What is the team B vault code?"
+    # kb-team is confined to tenant "default" of collection kb, whatever it sends
+    for retrieval in ({}, {"tenant": None}, {"tenant": "default"}, {"top_k": 1}):
+        found = _sources(served, KEY_KB, "kb", question, **retrieval)
+        assert found and all(VAULT not in s["text"] for s in found), retrieval
+    for retrieval, reason in [
+        ({"tenant": "team-b"}, "cannot change it"),
+        ({"collection": "secrets"}, "cannot change it"),
+        ({"top_k": 3}, "at most 2 on this route"),
+    ]:
+        with pytest.raises(openai.APIStatusError) as e:
+            _sources(served, KEY_KB, "kb", question, **retrieval)
+        assert e.value.status_code in (400, 403) and reason in e.value.message, retrieval
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        served.client(KEY_KB).embeddings.create(model="all-MiniLM-L6-v2", input="vault")
+    assert "may not use embeddings" in e.value.message
+    # team-b sees its own tenant only: its one document, under its own chunk ids
+    found = _sources(served, KEY_B, "kb", question)
+    assert [s["doc_id"] for s in found] == ["vault"]
+    assert found[0]["chunk_id"].startswith("/team-b/vault#") and VAULT in found[0]["text"]
+    assert found[0]["source"] == "team-b/vault.md"  # relative to what was ingested
+    # an unconfined key may point retrieval at another collection of a base model
+    found = _sources(served, KEY_ALL, "tiny", "What is the launch code?", collection="secrets")
+    assert LAUNCH in found[0]["text"]
+    for s in _sources(served, KEY_ALL, "kb", question, top_k=2):
+        assert not s["source"].startswith("/")
+
+
+def test_a_key_over_its_rate_gets_429_while_others_are_served(served: Served) -> None:
+    limited = {"authorization": f"Bearer {KEY_B}"}
+    other = {"authorization": f"Bearer {KEY_ALL}"}
+    refused = None
+    with httpx.Client(timeout=30) as http:
+        for _ in range(8):  # 4 a minute: the burst runs out within 8
+            r = http.get(f"{served.url}/models", headers=limited)
+            assert r.status_code in (200, 429)
+            assert http.get(f"{served.url}/models", headers=other).status_code == 200
+            if r.status_code == 429:
+                refused = r
+                break
+    assert refused is not None, "8 requests at 4 a minute were all admitted"
+    assert int(refused.headers["retry-after"]) >= 1
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and "4 requests per minute" in error["message"]
+    assert "team-b" in error["message"] and KEY_B not in refused.text
+
+
+def test_body_size_and_cors(served: Served) -> None:
+    headers = {"authorization": f"Bearer {KEY_ALL}", "content-type": "application/json"}
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 1_200_000}]})
+    r = httpx.post(f"{served.url}/chat/completions", content=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and "http.max_body_bytes" in r.json()["error"]["message"]
+    # a page from an origin that is not listed gets no CORS grant, preflight or not
+    preflight = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+    }
+    evil = httpx.options(
+        f"{served.url}/chat/completions",
+        headers={"origin": "http://evil.example", **preflight},
+        timeout=30,
+    )
+    assert "access-control-allow-origin" not in evil.headers
+    r = httpx.get(
+        f"{served.url}/models", headers={**headers, "origin": "http://evil.example"}, timeout=30
+    )
+    assert "access-control-allow-origin" not in r.headers
+    ok = httpx.options(
+        f"{served.url}/chat/completions",
+        headers={"origin": "http://app.example", **preflight},
+        timeout=30,
+    )
+    assert ok.headers.get("access-control-allow-origin") == "http://app.example"
+    assert ok.headers.get("access-control-allow-credentials") != "true"
 
 
 BAD_REQUESTS = [
@@ -462,6 +592,21 @@ BAD_REQUESTS = [
     ),
     ("unknown collection", {"retrieval": {"collection": "nosuch"}}, 404, "unknown collection"),
     ("bad retrieval", {"retrieval": {"top_k": 0}}, 400, "retrieval.top_k"),
+    (
+        "filter break-out",
+        {"retrieval": {"filter": 'doc_id != "") or (doc_id != ""'}},
+        400,
+        "closes a parenthesis it did not open",
+    ),
+    ("message not an object", {"messages": ["hi"]}, 400, "messages.0"),
+    ("stream_options not an object", {"stream_options": "x"}, 400, "stream_options"),
+    ("retrieval not an object", {"retrieval": "kb"}, 400, "`retrieval` must be an object"),
+    (
+        "deeply nested JSON",
+        b'{"model": "tiny", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        "nested too deeply",
+    ),
 ]
 
 
@@ -548,7 +693,8 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
         headers={"authorization": f"Bearer {KEY_ALL}", "x-request-id": rid},
         timeout=60,
     )
-    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    assert r.status_code == 200
+    ours = r.headers["x-loraplex-request-id"]
 
     node = ray._private.worker.global_worker.node
     metrics_url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
@@ -559,6 +705,8 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
         "ray_loraplex_retrieval_latency_s_bucket{",
         "ray_loraplex_adapter_loads_total{",
         "ray_loraplex_request_errors_total{",
+        "ray_loraplex_key_requests_total{",
+        "ray_loraplex_key_tokens_total{",
     ]
     deadline = time.monotonic() + 90
     text = ""
@@ -570,9 +718,13 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
     assert 'adapter="tiny:beta/1"' in text
+    assert 'key="ops"' in text
 
     serve_logs = "".join(p.read_text(errors="replace") for p in served.log_dir.glob("*.log"))
-    assert rid in serve_logs
+    # the server's id in every line of the request, with the key's name (never the key)
+    # and the client's own id logged beside it
+    assert f"[{ours}] key ops: client request id {rid!r}" in serve_logs
+    assert f"[{ours}] key ops: kb adapter none:" in serve_logs
     every_log = "".join(
         p.read_text(errors="replace") for p in served.log_dir.parent.rglob("*") if p.is_file()
     )
@@ -721,6 +873,32 @@ def test_evaluation_bad_input_and_interruption(served: Served, tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------- last: Milvus down
+
+
+def test_a_hung_milvus_gives_503_within_the_deadline_and_recovers(served: Served) -> None:
+    import signal
+
+    c = openai.OpenAI(base_url=served.url, api_key=KEY_ALL, max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "What is the price of the Urven E100?"}]
+    served.milvus.send_signal(signal.SIGSTOP)  # hung, not gone: the port still accepts
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model="kb", messages=msgs, max_tokens=2)
+        assert e.value.status_code == 503 and "retrieval is unavailable" in e.value.message
+        assert e.value.response.headers.get("retry-after")
+        soft = c.chat.completions.create(model="kb-soft", messages=msgs, max_tokens=2)
+        assert soft.model_extra["retrieval"]["status"] == "unavailable"
+    finally:
+        served.milvus.send_signal(signal.SIGCONT)
+    for _ in range(30):  # bounded: the retriever answers again once Milvus does
+        try:
+            r = c.chat.completions.create(model="kb", messages=msgs, max_tokens=2)
+            break
+        except openai.APIStatusError:
+            time.sleep(2)
+    else:
+        raise AssertionError("retrieval did not recover after Milvus resumed")
+    assert r.model_extra["retrieval"]["status"] == "ok" and r.model_extra["sources"]
 
 
 def test_retrieval_while_milvus_is_unreachable(served: Served) -> None:

@@ -8,6 +8,7 @@ serving configs are validated by loraplex's model and by Ray Serve's own schema.
 from __future__ import annotations
 
 import inspect
+import time
 
 import pytest
 import yaml
@@ -94,9 +95,21 @@ def test_keys_are_kept_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
         }
     )
     digests = cfg.key_digests({"LORAPLEX_API_KEYS": "sk-a, sk-b"})
-    assert digests[hash_key("sk-team")] == {"name": "team", "models": ["m"]}
+    team = digests[hash_key("sk-team")]
+    assert (team["name"], team["models"], team["collections"], team["tenant"]) == (
+        "team",
+        ["m"],
+        ["*"],
+        None,
+    )
+    assert team["limits"] == cfg.auth.default_limits.model_dump()
     assert digests[hash_key("sk-b")]["models"] == ["*"]
     assert "sk-team" not in repr(digests) and "sk-a" not in repr(digests)
+    # a cluster's Secret carries only hashes: NAME=SHA256
+    hashed = cfg.key_digests({"LORAPLEX_API_KEY_HASHES": f"ci={hash_key('sk-ci')}"})
+    assert hashed[hash_key("sk-ci")]["name"] == "ci"
+    with pytest.raises(ValueError, match="expected NAME=SHA256"):
+        cfg.key_digests({"LORAPLEX_API_KEY_HASHES": "ci=sk-plain-key"})
 
 
 def test_serve_run_builder_takes_a_path_or_an_inline_config(tiny_base, ray_local, tmp_path):
@@ -129,26 +142,63 @@ def test_serve_run_builder_takes_a_path_or_an_inline_config(tiny_base, ray_local
 
 
 def test_keyless_serving_answers_only_loopback_clients_naming_this_machine() -> None:
-    from starlette.requests import Request
-
-    from loraplex.serving.ingress import ApiError, _loopback_only
-
-    def request(client: str, host: str) -> Request:
-        headers = [(b"host", host.encode())]
-        return Request({"type": "http", "headers": headers, "client": (client, 50000)})
+    from loraplex.serving.gate import loopback_refusal
 
     for client, host in [
         ("127.0.0.1", "127.0.0.1:8000"),
         ("127.0.0.1", "localhost"),
         ("::1", "[::1]:8000"),
     ]:
-        _loopback_only(request(client, host))
+        assert loopback_refusal(client, host) is None
     refused = [
         ("10.0.0.7", "10.0.0.1:8000"),  # another machine
         ("127.0.0.1", "evil.example:8000"),  # DNS rebinding: a page's own name
         ("127.0.0.1", ""),
     ]
     for client, host in refused:
-        with pytest.raises(ApiError) as e:
-            _loopback_only(request(client, host))
-        assert e.value.status == 403 and "loopback clients only" in e.value.message
+        e = loopback_refusal(client, host)
+        assert e is not None and e.status == 403 and "loopback clients only" in e.message
+
+
+def test_alias_resolution_survives_a_registry_outage(tmp_path) -> None:
+    """A real MLflow server is stopped while an alias is in use: the alias keeps its last
+    version (counted as stale), a never-resolved one is 'registry unavailable', and only
+    a registry that answers 'no such model' makes a 404 ('not in the registry')."""
+    import asyncio
+
+    from helpers import free_port, start_mlflow_server, stop
+    from mlflow import MlflowClient
+
+    from loraplex.config import load_settings
+    from loraplex.errors import InputError
+    from loraplex.serving.adapters import (
+        AliasResolver,
+        RegistryUnavailable,
+        short_registry_timeouts,
+    )
+
+    proc, url = start_mlflow_server(tmp_path, free_port())
+    try:
+        client = MlflowClient(tracking_uri=url)
+        run = client.create_run("0").info.run_id
+        for name in ("answers", "other"):
+            client.create_registered_model(name)
+            client.create_model_version(name, source=f"runs:/{run}/{name}", run_id=run)
+        client.set_registered_model_alias("answers", "production", "1")
+        client.set_registered_model_alias("other", "production", "1")
+        settings = load_settings(
+            overrides=[f"home={tmp_path / 'home'}", f"mlflow.tracking_uri={url}"]
+        )
+        short_registry_timeouts(2)
+        resolver = AliasResolver(settings, refresh_s=0.1, timeout_s=2)
+        assert asyncio.run(resolver.resolve("answers@production")) == ("answers", "1")
+        with pytest.raises(InputError, match="not in the registry"):
+            asyncio.run(resolver.resolve("answers@canary"))
+        with pytest.raises(InputError, match="not in the registry"):
+            asyncio.run(resolver.resolve("missing@production"))
+    finally:
+        stop(proc)
+    time.sleep(0.2)  # past refresh_s: the next lookup asks the (stopped) registry
+    assert asyncio.run(resolver.resolve("answers@production")) == ("answers", "1")
+    with pytest.raises(RegistryUnavailable, match=r"cannot be reached|did not answer"):
+        asyncio.run(resolver.resolve("other@production"))  # never resolved before

@@ -23,3 +23,12 @@ class InputError(LoraplexError):
     """A bad argument or input file given to a command."""
 
     exit_code = 2
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line (or its type), whitespace folded, cut to
+    ``limit``: what a one-line error message quotes."""
+    msg = str(getattr(e, "message", None) or e).strip()
+    if not msg:
+        return type(e).__name__
+    return " ".join(msg.splitlines()[0].split())[:limit]

@@ -9,7 +9,9 @@ Does not own: chat templates (the tokenizer's) or retrieval (``loraplex.retrieva
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,10 +41,25 @@ class Source:
     text: str
 
 
+_FENCE = re.compile(r"<(/?)(source)", re.IGNORECASE)
+
+
+def fence_text(text: str) -> str:
+    """A source's text as data inside its fence: a ``<source`` or ``</source`` in it
+    (a document that tries to end its fence and speak as the prompt) is escaped."""
+    return _FENCE.sub(r"&lt;\1\2", text)
+
+
+def fence_attribute(value: str) -> str:
+    """A doc id as a fence attribute: quotes, angle brackets and newlines escaped."""
+    return html.escape(" ".join(value.split()), quote=True)
+
+
 def render_sources(sources: Sequence[Source]) -> str:
     """Number and fence each source; the numbers are what a model cites."""
     blocks = [
-        f'<source id="{i}" doc="{s.doc_id}">\n{s.text.strip()}\n</source>'
+        f'<source id="{i}" doc="{fence_attribute(s.doc_id)}">\n'
+        f"{fence_text(s.text.strip())}\n</source>"
         for i, s in enumerate(sources, start=1)
     ]
     return "\n".join([SOURCES_HEADER, *blocks])

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraplex.config import LoraplexConfig
-from loraplex.errors import InputError, LoraplexError
+from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.folders import replace_folder, staging_folder
 from loraplex.models.builtin import BUILTIN, builtin_file
 from loraplex.models.resolve import (
     EMBEDDED,
     MARKER,
     NAME,
-    first_line,
     meta_model,
     models_dir,
     plain_config,

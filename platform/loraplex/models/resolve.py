@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from loraplex.config import LoraplexConfig
-from loraplex.errors import InputError, LoraplexError
+from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.folders import replace_folder, staging_folder
 
 EMBEDDED = "embedded"  # the tiny base model `loraplex bootstrap` builds
@@ -152,11 +152,6 @@ def _from_mlflow(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
             f"base_model {ref}: cannot download from MLflow ({first_line(e)})"
         ) from None
     return cache, canonical
-
-
-def first_line(e: Exception, limit: int = 200) -> str:
-    """An exception's first line (or its type): what a one-line error message quotes."""
-    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
 
 
 def plain_config(folder: Path, gguf_file: str | None = None, label: str | None = None):

@@ -26,9 +26,13 @@ from ray import serve
 
 from loraplex.config import LoraplexConfig, StrictModel, load_settings
 from loraplex.errors import InputError, LoraplexError
+from loraplex.serving.config import AuthConfig
+from loraplex.serving.errors import error_body, public_reason
+from loraplex.serving.scaling import RetrieverScaling, Scaling
 
 log = logging.getLogger("loraplex.retriever")
-MAX_INPUTS = 2048
+MAX_INPUTS = 256
+MAX_INPUT_CHARS = 16_000  # the model reads 256 tokens of each; longer text is cut
 
 
 class EmbeddingRequest(BaseModel):
@@ -39,48 +43,20 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-class RetrieverScaling(StrictModel):
-    """Replicas of the retriever; ``autoscaling`` wins over ``num_replicas`` when set."""
-
-    num_replicas: int = Field(default=1, ge=1)
-    min_replicas: int | None = Field(default=None, ge=0)
-    max_replicas: int | None = Field(default=None, ge=1)
-    target_ongoing_requests: float = Field(default=4.0, gt=0)
-    num_cpus: float = Field(default=1.0, gt=0)
-
-    def options(self, lite: bool) -> dict[str, Any]:
-        most = self.max_replicas or self.num_replicas
-        if lite and most > 1:
-            raise InputError(
-                "Milvus Lite admits one process per data dir: run one retriever replica, "
-                "or set milvus.uri to a Milvus server to scale out"
-            )
-        opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.num_cpus}}
-        if self.min_replicas is not None or self.max_replicas is not None:
-            opts["autoscaling_config"] = {
-                "min_replicas": self.min_replicas or 1,
-                "max_replicas": most,
-                "target_ongoing_requests": self.target_ongoing_requests,
-            }
-        else:
-            opts["num_replicas"] = self.num_replicas
-        return opts
-
-
-def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {400: "bad_request", 404: "not_found", 503: "unavailable"}.get(status)
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def retriever_options(scaling: Scaling, lite: bool) -> dict[str, Any]:
+    """Serve options; Milvus Lite (one process per data dir) runs exactly one replica."""
+    if lite and scaling.most > 1:
+        raise InputError(
+            "Milvus Lite admits one process per data dir: run one retriever replica, "
+            "or set milvus.uri to a Milvus server to scale out"
+        )
+    return scaling.deployment_config()
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=_error_body(status, message, param))
+    return JSONResponse(status_code=status, content=error_body(status, message, param))
 
 
-app = FastAPI(title="loraplex retriever")
-
-
-@app.exception_handler(RequestValidationError)
 async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ())[1:])
@@ -118,16 +94,6 @@ class RetrieverDeployment:
     def embed(self, texts: list[str]) -> list[list[float]]:
         return self.retriever.embed(texts)
 
-    # HTTP
-
-    @app.get("/v1/models")
-    def models(self) -> dict[str, Any]:
-        name, dim = self.retriever.model
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "owned_by": "loraplex", "dimensions": dim}],
-        }
-
     def openai_embeddings(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """(HTTP status, OpenAI-shaped body) for an embeddings request; also used by the
         serving ingress through a handle."""
@@ -136,29 +102,31 @@ class RetrieverDeployment:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            return 400, _error_body(400, f"{where}: {first['msg']}", where)
+            return 400, error_body(400, f"{where}: {first['msg']}", where)
         name, dim = self.retriever.model
         if req.model not in (None, name, name.split("/")[-1]):
-            return 404, _error_body(
-                404, f"model {req.model!r} not found; this endpoint embeds with {name}", "model"
+            return 404, error_body(
+                404, f"model {req.model!r:.80} not found; this endpoint embeds with {name}", "model"
             )
         if req.dimensions not in (None, dim):
-            return 400, _error_body(
+            return 400, error_body(
                 400,
                 f"{name} makes {dim}-d vectors; dimensions={req.dimensions} is not supported",
                 "dimensions",
             )
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts or not all(isinstance(t, str) for t in texts):
-            return 400, _error_body(
+            return 400, error_body(
                 400,
                 "input must be a non-empty string or list of strings (token ids are not supported)",
                 "input",
             )
         if len(texts) > MAX_INPUTS:
-            return 400, _error_body(400, f"at most {MAX_INPUTS} inputs per request", "input")
+            return 400, error_body(400, f"at most {MAX_INPUTS} inputs per request", "input")
+        if any(len(t) > MAX_INPUT_CHARS for t in texts):
+            return 400, error_body(400, f"an input is over {MAX_INPUT_CHARS} characters", "input")
         if any(not t.strip() for t in texts):
-            return 400, _error_body(400, "input contains an empty string", "input")
+            return 400, error_body(400, "input contains an empty string", "input")
         vectors = np.asarray(self.retriever.embed(texts), dtype=np.float32)
         tokens = self.retriever.embedder.count_tokens(texts)
         data = []
@@ -176,38 +144,97 @@ class RetrieverDeployment:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    @app.post("/v1/embeddings")
-    def embeddings(self, body: dict[str, Any]) -> Any:
-        status, content = self.openai_embeddings(body)
-        return JSONResponse(status_code=status, content=content)
 
-    @app.post("/v1/retrieve")
-    def retrieve(self, body: dict[str, Any]) -> Any:
-        try:
-            hits = self.search(body)
-        except InputError as e:
-            status = 404 if "unknown collection" in str(e) else 400
-            return openai_error(status, str(e))
-        except LoraplexError as e:
-            return openai_error(503, str(e))
-        return {"object": "list", "data": [{"rank": i, **h} for i, h in enumerate(hits, 1)]}
+def http_deployment(auth: AuthConfig, max_body_bytes: int = 1_048_576, share: float = 1.0):
+    """The deployment with its own HTTP routes, behind the same gate as serving: the
+    keys of ``auth`` (or loopback clients only with ``allow_anonymous``), their
+    collections and tenant confining ``/v1/retrieve``, their limits."""
+    from loraplex.serving.gate import Gate, refuse_open_anonymous
+    from loraplex.serving.grounding import narrow
+
+    keys = auth.key_digests()
+    if not keys and not auth.allow_anonymous:
+        raise InputError(
+            f"no API keys (auth.keys or ${auth.keys_env}): refusing to serve the retriever "
+            "openly; add keys, or set auth.allow_anonymous: true for loopback clients only"
+        )
+    app = FastAPI(title="loraplex retriever", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_middleware(
+        Gate,
+        keys=keys,
+        anonymous=auth.anonymous_record(),
+        max_body_bytes=max_body_bytes,
+        share=share,
+    )
+
+    @serve.ingress(app)
+    class RetrieverHTTP(RetrieverDeployment):
+        def __init__(self, settings: dict[str, Any]) -> None:
+            if not keys:
+                refuse_open_anonymous()
+            super().__init__(settings)
+
+        @app.get("/v1/models")
+        def models(self) -> dict[str, Any]:
+            name, dim = self.retriever.model
+            card = {"id": name, "object": "model", "owned_by": "loraplex", "dimensions": dim}
+            return {"object": "list", "data": [card]}
+
+        @app.post("/v1/embeddings")
+        def embeddings(self, body: dict[str, Any], request: Request) -> Any:
+            key = request.state.key
+            if "*" not in key["models"] and "embeddings" not in key["models"]:
+                return openai_error(403, "this API key may not use embeddings", "model")
+            status, content = self.openai_embeddings(body)
+            return JSONResponse(status_code=status, content=content)
+
+        @app.post("/v1/retrieve")
+        def retrieve(self, body: dict[str, Any], request: Request) -> Any:
+            from loraplex.serving.errors import ApiError
+
+            query = body.get("query")
+            try:
+                spec = narrow(
+                    None,
+                    request.state.key,
+                    {k: v for k, v in body.items() if k != "query"},
+                    self.settings.retrieval.collection,
+                )
+                assert spec is not None
+                hits = self.search({"query": query, **spec.model_dump(exclude={"on_unavailable"})})
+            except ApiError as e:
+                return e.response()
+            except InputError as e:
+                status = 404 if "unknown collection" in str(e) else 400
+                return openai_error(status, public_reason(e))
+            except LoraplexError as e:
+                return openai_error(503, public_reason(e))
+            return {"object": "list", "data": [{"rank": i, **h} for i, h in enumerate(hits, 1)]}
+
+    return serve.deployment(name="Retriever")(RetrieverHTTP)
 
 
-# The same class twice: with its HTTP routes (an application of its own), and without
-# them (a backend of the serving application, whose ingress owns the HTTP surface;
-# Ray Serve allows one FastAPI ingress per application).
-RetrieverApp = serve.deployment(name="Retriever")(serve.ingress(app)(RetrieverDeployment))
+# Without HTTP routes: a backend of the serving application, whose ingress owns the
+# HTTP surface (Ray Serve allows one FastAPI ingress per application).
 RetrieverBackend = serve.deployment(name="Retriever")(RetrieverDeployment)
 
 
 def build_retriever(
-    settings: LoraplexConfig, scaling: RetrieverScaling | None = None, http: bool = True
+    settings: LoraplexConfig,
+    scaling: Scaling | None = None,
+    http: bool = True,
+    auth: AuthConfig | None = None,
 ):
-    """The bound deployment (an Application) for a settings object; ``http=False`` for
-    the serving application's backend (Python API only)."""
+    """The bound deployment (an Application) for a settings object: with its HTTP routes
+    behind ``auth`` (refused without keys unless ``allow_anonymous``), or, with
+    ``http=False``, the serving application's backend (Python API only)."""
     scaling = scaling or RetrieverScaling()
-    options = scaling.options(lite=settings.milvus.is_lite)
-    deployment = RetrieverApp if http else RetrieverBackend
+    options = retriever_options(scaling, lite=settings.milvus.is_lite)
+    if http:
+        deployment = http_deployment(auth or AuthConfig(), share=1.0 / scaling.most)
+    else:
+        deployment = RetrieverBackend
     return deployment.options(**options).bind(settings.model_dump())
 
 
@@ -216,10 +243,16 @@ class RetrieverAppArgs(StrictModel):
 
     settings_file: str | None = None
     settings: list[str] = Field(default_factory=list, description="KEY=VALUE overrides.")
-    scaling: RetrieverScaling = Field(default_factory=RetrieverScaling)
+    scaling: Scaling = Field(default_factory=RetrieverScaling)
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig,
+        description="Keys, as in a serving config (refuses to start without keys unless "
+        "allow_anonymous).",
+    )
 
 
 def build_app(args: dict[str, Any]):
     """Ray Serve application builder (``serve run`` / RayService ``import_path``)."""
     parsed = RetrieverAppArgs.model_validate(args or {})
-    return build_retriever(load_settings(parsed.settings_file, parsed.settings), parsed.scaling)
+    settings = load_settings(parsed.settings_file, parsed.settings)
+    return build_retriever(settings, parsed.scaling, auth=parsed.auth)

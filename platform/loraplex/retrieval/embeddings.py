@@ -55,7 +55,11 @@ class Embedder:
         return vectors.astype(np.float32, copy=False)
 
     def count_tokens(self, texts: list[str]) -> int:
-        return sum(len(ids) for ids in self.model.tokenizer(texts)["input_ids"])
+        """Tokens the model reads: each text cut at its max_seq_length, as encode does."""
+        ids = self.model.tokenizer(texts, truncation=True, max_length=self.model.max_seq_length)[
+            "input_ids"
+        ]
+        return sum(len(i) for i in ids)
 
 
 @cache

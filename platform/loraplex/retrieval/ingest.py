@@ -12,6 +12,7 @@ Does not own: the Milvus schema (``store``) or reading formats (``readers``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from loraplex.config.settings import RetrievalSettings
 from loraplex.errors import InputError
 from loraplex.retrieval.chunking import Chunk, chunk_document
 from loraplex.retrieval.readers import IngestDocument, Unreadable, find_files, read_file
+from loraplex.retrieval.spec import TENANT
 from loraplex.retrieval.store import DEFAULT_TENANT, MAX_TEXT, KnowledgeStore
 
 MAX_DOC_ID = 400
@@ -106,6 +108,10 @@ def ingest(
     tenant: str = DEFAULT_TENANT,
 ) -> IngestSummary:
     """Read, chunk, compare with what is stored, embed what changed, write."""
+    if not re.match(TENANT, tenant):
+        raise InputError(
+            f"tenant {tenant[:80]!r}: use letters, digits, '.', '_' or '-' (128 at most)"
+        )
     docs, files, skipped = load_documents(paths, settings)
     chunks: list[tuple[Chunk, IngestDocument]] = []
     for d in docs:
@@ -114,8 +120,9 @@ def ingest(
         ):
             if len(c.text.encode()) > MAX_TEXT:
                 raise InputError(f"{d.source}: a chunk is over {MAX_TEXT} bytes; lower chunk_size")
-            if tenant != DEFAULT_TENANT:  # ids are unique per collection, across tenants
-                c = replace(c, chunk_id=f"{tenant}/{c.chunk_id}")
+            if tenant != DEFAULT_TENANT:  # ids are unique per collection, across tenants:
+                # doc ids never start with "/" and tenant ids hold no "/"
+                c = replace(c, chunk_id=f"/{tenant}/{c.chunk_id}")
             chunks.append((c, d))
     summary = IngestSummary(collection, files=files, documents=len(docs), skipped=skipped)
     summary.created = store.ensure(collection, *model)

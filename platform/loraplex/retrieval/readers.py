@@ -43,7 +43,7 @@ class IngestDocument:
     doc_id: str
     title: str
     text: str
-    source: str  # the file it came from
+    source: str  # the file it came from, relative to what was ingested (never absolute)
     fmt: str
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -60,6 +60,13 @@ class FoundFile:
     def doc_id(self) -> str:
         rel = self.path.relative_to(self.root) if self.root else Path(self.path.name)
         return rel.with_suffix("").as_posix()
+
+    def label(self) -> str:
+        """Where the file came from, as clients may see it: relative to the folder that
+        was ingested (``docs/guide/setup.md``), or the file's name; never absolute."""
+        if self.root is None:
+            return self.path.name
+        return (Path(self.root.name) / self.path.relative_to(self.root)).as_posix()
 
 
 def find_files(paths: Iterable[str | Path]) -> tuple[list[FoundFile], list[tuple[Path, str]]]:
@@ -118,16 +125,16 @@ def read_file(found: FoundFile, max_bytes: int) -> list[IngestDocument]:
         raise Unreadable(f"cannot read: {e.strerror}") from None
     if fmt == "pdf":
         text, title = _pdf_text(data)
-        docs = [IngestDocument(found.doc_id(), title or path.stem, text, str(path), fmt)]
+        docs = [IngestDocument(found.doc_id(), title or path.stem, text, found.label(), fmt)]
     elif fmt == "jsonl":
-        docs = list(_jsonl_documents(_decode(data), str(path)))
+        docs = list(_jsonl_documents(_decode(data), found.label()))
     else:
         text = _decode(data)
         if fmt == "html":
             text, title = _html_text(text)
         else:
             title = _markdown_title(text) if fmt == "markdown" else ""
-        docs = [IngestDocument(found.doc_id(), title or path.stem, text, str(path), fmt)]
+        docs = [IngestDocument(found.doc_id(), title or path.stem, text, found.label(), fmt)]
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise Unreadable("no text in it")
@@ -228,6 +235,8 @@ def _jsonl_documents(text: str, source: str) -> Iterator[IngestDocument]:
         if not isinstance(body, str):
             raise Unreadable(f"line {n}: no text (a string field 'text' or 'content')")
         doc_id = str(doc_id)
+        if doc_id.startswith("/") or len(doc_id) > 512:
+            raise Unreadable(f"line {n}: a document id cannot start with '/' or be over 512 chars")
         if doc_id in seen:
             raise Unreadable(f"line {n}: document id {doc_id!r} appears twice")
         seen.add(doc_id)

@@ -11,26 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from loraplex.config import LoraplexConfig, StrictModel
+from loraplex.config import LoraplexConfig
 from loraplex.prompts import Source
 from loraplex.retrieval.embeddings import Embedder, default_embedder
 from loraplex.retrieval.ingest import IngestSummary, ingest
+from loraplex.retrieval.spec import RetrievalSpec
 from loraplex.retrieval.store import DEFAULT_TENANT, Hit, KnowledgeStore
 
 
-class SearchRequest(StrictModel):
-    """One search: what the ``retrieval`` object of a chat request carries, too."""
+class SearchRequest(RetrievalSpec):
+    """One search: a query and the :class:`RetrievalSpec` it runs under."""
 
     query: str = Field(min_length=1, max_length=8000)
-    collection: str | None = Field(default=None, description="Default: retrieval.collection.")
-    top_k: int = Field(default=5, ge=1, le=100)
-    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
-    filter: str = Field(default="", max_length=4000, description="A Milvus boolean expression.")
-    tenant: str | None = Field(default=None, max_length=128)
 
 
 class Retriever:

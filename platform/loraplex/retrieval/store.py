@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from loraplex.config.settings import MilvusSettings, RetrievalSettings
-from loraplex.errors import InputError, LoraplexError
+from loraplex.errors import InputError, LoraplexError, first_line
 
 SCHEMA_VERSION = "1"
 PROP_SCHEMA = "loraplex.schema"
@@ -63,13 +63,6 @@ def _quiet_pymilvus() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     for name in ("milvus_lite", "faiss", "faiss.loader"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def first_line(e: BaseException) -> str:
-    msg = getattr(e, "message", None) or str(e)
-    return (
-        " ".join(str(msg).strip().splitlines()[0].split()) if str(msg).strip() else type(e).__name__
-    )
 
 
 # -- Milvus Lite's one-process-per-data-dir lock ---------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.config import LoraplexConfig, load_settings
-from loraplex.errors import InputError, LoraplexError
+from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.serving import metrics
 from loraplex.serving.config import parse_registry_ref
 from loraplex.serving.ray_llm import DiskMultiplexConfig, LLMServer, LoraModelLoader, get_lora_id
@@ -50,32 +51,61 @@ def _mlflow_client(settings: LoraplexConfig):
     )
 
 
-class AliasResolver:
-    """``name@alias`` / ``name/version`` -> version, with a short cache per alias."""
+class RegistryUnavailable(LoraplexError):
+    """The MLflow registry did not answer (as opposed to: it has no such adapter)."""
 
-    def __init__(self, settings: LoraplexConfig, refresh_s: float) -> None:
+
+# MLflow's answers that mean "no such model, version or alias"; anything else (a
+# connection refused, a timeout, a 5xx) means the registry cannot be asked right now.
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def short_registry_timeouts(timeout_s: float) -> None:
+    """Serving asks the registry with a short timeout and one retry (MLflow's defaults,
+    120 s and 7 retries, would hold a request for minutes while the registry is down)."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
+
+
+class AliasResolver:
+    """``name@alias`` / ``name/version`` -> version, with a short cache per alias.
+
+    While the registry cannot be reached, an alias keeps the last version it resolved
+    to (logged and counted in ``loraplex_registry_stale``); one never resolved before
+    raises :class:`RegistryUnavailable`. Only "no such adapter" is an InputError."""
+
+    def __init__(self, settings: LoraplexConfig, refresh_s: float, timeout_s: float = 5) -> None:
         self.settings = settings
         self.refresh_s = refresh_s
+        self.timeout_s = timeout_s
         self._cache: dict[str, tuple[float, str]] = {}
         self._client: Any = None
 
     def _lookup(self, name: str, alias: str | None, version: str | None) -> str:
         from mlflow.exceptions import MlflowException
 
-        if self._client is None:
-            self._client = _mlflow_client(self.settings)
         try:
+            if self._client is None:
+                self._client = _mlflow_client(self.settings)
             if alias is not None:
                 return str(self._client.get_model_version_by_alias(name, alias).version)
             return str(self._client.get_model_version(name, version).version)
         except MlflowException as e:
-            first = (e.message or str(e)).splitlines()[0]
-            raise InputError(
-                f"adapter {name}@{alias or version} is not in the registry: {first}"
+            first = first_line(e, 200)
+            if e.error_code in NOT_FOUND_CODES:
+                raise InputError(
+                    f"adapter {name}@{alias or version} is not in the registry: {first}"
+                ) from None
+            raise RegistryUnavailable(f"the MLflow registry cannot be reached: {first}") from None
+        except Exception as e:  # connection refused, timeouts, a broken store
+            raise RegistryUnavailable(
+                f"the MLflow registry cannot be reached: {first_line(e, 200)}"
             ) from None
 
     async def resolve(self, ref: str) -> tuple[str, str]:
-        """(registered name, version); InputError when the registry has no such version."""
+        """(registered name, version); InputError when the registry has no such version,
+        RegistryUnavailable when it cannot be asked and nothing was resolved before."""
         name, alias, version = parse_registry_ref(ref)
         if version is not None:
             return name, version
@@ -83,7 +113,20 @@ class AliasResolver:
         cached = self._cache.get(ref)
         if cached and now - cached[0] < self.refresh_s:
             return name, cached[1]
-        got = await asyncio.to_thread(self._lookup, name, alias, None)
+        try:
+            async with asyncio.timeout(self.timeout_s * 3):
+                got = await asyncio.to_thread(self._lookup, name, alias, None)
+        except (RegistryUnavailable, TimeoutError) as e:
+            if cached is None:
+                if isinstance(e, TimeoutError):
+                    raise RegistryUnavailable(
+                        f"the MLflow registry did not answer within {self.timeout_s * 3:g} s"
+                    ) from None
+                raise
+            metrics.registry_stale.inc(tags={"adapter": ref})
+            log.warning("registry unreachable; %s keeps serving version %s (%s)", ref, cached[1], e)
+            self._cache[ref] = (now, cached[1])  # ask again after refresh_s, not every request
+            return name, cached[1]
         if cached and cached[1] != got:
             log.info("adapter %s now resolves to version %s (was %s)", ref, got, cached[1])
         self._cache[ref] = (now, got)

@@ -43,7 +43,7 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     from loraplex.serving.adapters import AliasResolver
 
     base_dirs = {m.id: resolve_base_model(m.source, settings)[0] for m in cfg.models}
-    resolver = AliasResolver(settings, cfg.alias_refresh_s)
+    resolver = AliasResolver(settings, cfg.alias_refresh_s, cfg.timeouts.registry_s)
     versions = {}
     for a in cfg.adapters:
         versions[f"{a.base}:{a.name}"] = resolver.check(a.registry)
@@ -118,6 +118,7 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
 
     from loraplex.retrieval.deployment import build_retriever
     from loraplex.serving.adapters import LoraplexLLMServer, RegistryLoraLoader
+    from loraplex.serving.gate import build_fastapi_app
     from loraplex.serving.ingress import ENDPOINTS, LoraplexIngress
     from loraplex.serving.ray_llm import build_llm_deployment, make_fastapi_ingress
 
@@ -136,16 +137,19 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     retriever = (
         build_retriever(settings, cfg.retriever, http=False) if cfg.retriever is not None else None
     )
-    ingress_cls = make_fastapi_ingress(LoraplexIngress, endpoint_map=ENDPOINTS)
+    # auth, body size and per-key limits run in the app's middleware (``gate``), before
+    # any endpoint; the key digests reach the replicas inside it, never the plain keys
+    app = build_fastapi_app(cfg, checked.key_digests)
+    ingress_cls = make_fastapi_ingress(LoraplexIngress, endpoint_map=ENDPOINTS, app=app)
     options = cfg.ingress.deployment_config()
-    options["ray_actor_options"] = {"num_cpus": 0.5}
+    options.setdefault("ray_actor_options", {"num_cpus": 0.5})
     return serve.deployment(ingress_cls, name="LoraplexIngress", **options).bind(
         llm_deployments=deployments,
         model_cards=cards,
         serving=cfg.model_dump(mode="json"),
         settings=settings.model_dump(mode="json"),
-        key_digests=checked.key_digests,
         retriever=retriever,
+        anonymous=not checked.key_digests,
     )
 
 

@@ -23,9 +23,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from loraplex.config import StrictModel, load_model
-from loraplex.retrieval.deployment import RetrieverScaling
+from loraplex.retrieval.spec import COLLECTION, TENANT, RetrievalSpec
+from loraplex.serving.scaling import RetrieverScaling, Scaling
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+EMBEDDINGS = "embeddings"  # what a key lists in `models` to use /v1/embeddings
 REGISTRY_REF = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[1-9][0-9]{0,8}))$"
 )
@@ -40,38 +42,6 @@ def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
             "or NAME/VERSION (json-answer/3)"
         )
     return m["name"], m["alias"], m["version"]
-
-
-class Scaling(StrictModel):
-    """Replicas of one deployment: fixed, or Ray Serve autoscaling when min/max are set."""
-
-    num_replicas: int = Field(default=1, ge=1)
-    min_replicas: int | None = Field(default=None, ge=0)
-    max_replicas: int | None = Field(default=None, ge=1)
-    target_ongoing_requests: float = Field(default=16, gt=0)
-    max_ongoing_requests: int = Field(default=64, ge=1)
-
-    @model_validator(mode="after")
-    def _min_below_max(self) -> Scaling:
-        if (
-            self.min_replicas is not None
-            and self.max_replicas is not None
-            and self.min_replicas > self.max_replicas
-        ):
-            raise ValueError("min_replicas must not exceed max_replicas")
-        return self
-
-    def deployment_config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests}
-        if self.min_replicas is not None or self.max_replicas is not None:
-            cfg["autoscaling_config"] = {
-                "min_replicas": self.min_replicas if self.min_replicas is not None else 1,
-                "max_replicas": self.max_replicas or max(1, self.min_replicas or 1),
-                "target_ongoing_requests": self.target_ongoing_requests,
-            }
-        else:
-            cfg["num_replicas"] = self.num_replicas
-        return cfg
 
 
 class BaseModelSpec(StrictModel):
@@ -117,18 +87,9 @@ class AdapterSpec(StrictModel):
         return v
 
 
-class RouteRetrieval(StrictModel):
-    """Retrieval for a route (and the shape of the per-request `retrieval` field)."""
+class RouteRetrieval(RetrievalSpec):
+    """A route's retrieval: what it searches (a request may only narrow it)."""
 
-    collection: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$",
-        description="Default: retrieval.collection of the settings.",
-    )
-    top_k: int = Field(default=5, ge=1, le=50)
-    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
-    filter: str = Field(default="", max_length=4000, description="A Milvus boolean expression.")
-    tenant: str | None = Field(default=None, max_length=128)
     on_unavailable: Literal["error", "answer_without_context"] = Field(
         default="error",
         description="When Milvus cannot be reached: 503 (error), or answer without sources "
@@ -152,8 +113,18 @@ class Route(StrictModel):
     )
 
 
+class KeyLimits(StrictModel):
+    """What one key may use; ``null`` is no limit. Enforced by the ingress (429)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="Prompt + completion tokens (token bucket)."
+    )
+    max_concurrent: int | None = Field(default=None, ge=1, description="Requests at once.")
+
+
 class ApiKey(StrictModel):
-    """One API key, kept only as its SHA-256, allowed to use the listed models/routes."""
+    """One API key, kept only as its SHA-256, with what it may use and read."""
 
     name: str = Field(pattern=NAME, description="Who the key belongs to (shown in logs).")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
@@ -165,8 +136,20 @@ class ApiKey(StrictModel):
     models: list[str] = Field(
         default_factory=lambda: ["*"],
         min_length=1,
-        description="Routes, base models or base:adapter ids this key may use; '*' for all.",
+        description="Routes, base models, base:adapter ids and 'embeddings' this key may "
+        "use; '*' for all.",
     )
+    collections: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="Collections this key's requests may search; '*' for all.",
+    )
+    tenant: str | None = Field(
+        default=None,
+        pattern=TENANT,
+        description="Every search of this key is confined to this tenant, whatever it sends.",
+    )
+    limits: KeyLimits | None = Field(default=None, description="Default: auth.default_limits.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ApiKey:
@@ -193,11 +176,60 @@ class AuthConfig(StrictModel):
         default="LORAPLEX_API_KEYS",
         description="Also read comma-separated keys (allowed everything) from this variable.",
     )
+    hashes_env: str = Field(
+        default="LORAPLEX_API_KEY_HASHES",
+        description="Also read comma-separated NAME=SHA256 (or bare SHA256) key hashes "
+        "(allowed everything) from this variable: a cluster's Secret holds only hashes.",
+    )
     allow_anonymous: bool = Field(
         default=False,
         description="Serve without keys, to loopback clients only (127.0.0.1). Without "
         "keys and without this, the application refuses to start.",
     )
+    default_limits: KeyLimits = Field(
+        default_factory=lambda: KeyLimits(
+            requests_per_minute=1200, tokens_per_minute=2_000_000, max_concurrent=64
+        ),
+        description="Limits of keys that set none (and of anonymous clients, together).",
+    )
+
+    def key_digests(self, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """sha256 -> what the key may do (name, models, collections, tenant, limits); the
+        plain keys never leave this function."""
+        env = dict(os.environ) if env is None else env
+        limits = self.default_limits
+
+        def record(name: str, key: ApiKey | None = None) -> dict[str, Any]:
+            return {
+                "name": name,
+                "models": key.models if key else ["*"],
+                "collections": key.collections if key else ["*"],
+                "tenant": key.tenant if key else None,
+                "limits": ((key.limits if key else None) or limits).model_dump(),
+            }
+
+        out = {k.digest(): record(k.name, k) for k in self.keys}
+        for i, key in enumerate(filter(None, env.get(self.keys_env, "").split(","))):
+            out[hash_key(key.strip())] = record(f"{self.keys_env}[{i}]")
+        for i, item in enumerate(filter(None, env.get(self.hashes_env, "").split(","))):
+            name, _, digest = item.strip().rpartition("=")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(
+                    f"${self.hashes_env} item {i + 1}: expected NAME=SHA256 "
+                    "(64 lowercase hex digits)"
+                )
+            out[digest] = record(name or f"{self.hashes_env}[{i}]")
+        return out
+
+    def anonymous_record(self) -> dict[str, Any]:
+        """What keyless (loopback) clients may do, together: everything, default limits."""
+        return {
+            "name": "anonymous",
+            "models": ["*"],
+            "collections": ["*"],
+            "tenant": None,
+            "limits": self.default_limits.model_dump(),
+        }
 
 
 class HttpConfig(StrictModel):
@@ -205,7 +237,36 @@ class HttpConfig(StrictModel):
         default=None, description="Default: 0.0.0.0 with keys, 127.0.0.1 without (forced)."
     )
     port: int = Field(default=8000, ge=1, le=65535)
-    request_timeout_s: float = Field(default=300, gt=0)
+    request_timeout_s: float = Field(
+        default=300, gt=0, description="End-to-end deadline of one request (504 after it)."
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Larger request bodies get 413."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS); none by default.",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin == "*" or not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(
+                    f"cors origin {origin!r}: give full origins such as https://app.example "
+                    "(no '*': keys are credentials)"
+                )
+        return v
+
+
+class Timeouts(StrictModel):
+    """How long the ingress waits for each backend before it answers for it."""
+
+    retrieval_s: float = Field(default=10, gt=0, description="A search (then 503).")
+    registry_s: float = Field(
+        default=5, gt=0, description="One MLflow registry call (alias refresh)."
+    )
 
 
 class ServingConfig(StrictModel):
@@ -219,9 +280,12 @@ class ServingConfig(StrictModel):
         default_factory=RetrieverScaling,
         description="The retriever deployment; null to serve without retrieval.",
     )
-    ingress: Scaling = Field(default_factory=lambda: Scaling(max_ongoing_requests=1000))
+    ingress: Scaling = Field(
+        default_factory=lambda: Scaling(max_ongoing_requests=1000, num_cpus=0.5)
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
     alias_refresh_s: float = Field(
         default=10.0, gt=0, le=30, description="How often an alias is re-read from the registry."
     )
@@ -257,20 +321,22 @@ class ServingConfig(StrictModel):
             set(bases)
             | {r.name for r in self.routes}
             | {f"{a.base}:{a.name}" for a in self.adapters}
+            | ({EMBEDDINGS} if self.retriever is not None else set())
         )
         for k in self.auth.keys:
             unknown = [m for m in k.models if m != "*" and m not in known]
             if unknown:
                 raise ValueError(f"key {k.name}: unknown models {unknown}")
+            bad = [c for c in k.collections if c != "*" and not re.match(COLLECTION, c)]
+            if bad:
+                raise ValueError(f"key {k.name}: not collection names: {bad}")
         return self
 
     def key_digests(self, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-        """sha256 -> {name, models}; the plain keys never leave this function."""
-        env = dict(os.environ) if env is None else env
-        out = {k.digest(): {"name": k.name, "models": k.models} for k in self.auth.keys}
-        for i, key in enumerate(filter(None, env.get(self.auth.keys_env, "").split(","))):
-            out[hash_key(key.strip())] = {"name": f"{self.auth.keys_env}[{i}]", "models": ["*"]}
-        return out
+        return self.auth.key_digests(env)
+
+    def anonymous_record(self) -> dict[str, Any]:
+        return self.auth.anonymous_record()
 
 
 def _unique(what: str, names: list[str]) -> None:

@@ -2,7 +2,8 @@
 
 Owns: the metric objects (``ray.util.metrics``; Ray exports them with the prefix
 ``ray_``): requests, errors, prompt and completion tokens, request latency and
-retrieval latency per route and adapter, and adapter loads and evictions per adapter.
+retrieval latency per route and adapter; adapter loads and evictions per adapter;
+requests, tokens and 429s per key name; requests shed; stale registry answers.
 Does not own: Ray Serve's and vLLM's own metrics, which are exported beside these.
 """
 
@@ -41,5 +42,26 @@ adapter_loads = Counter(
 adapter_evictions = Counter(
     "loraplex_adapter_evictions",
     "Adapter versions evicted from a replica (least recently used).",
+    tag_keys=("adapter",),
+)
+key_requests = Counter(
+    "loraplex_key_requests",
+    "Requests admitted per API key name (never the key itself).",
+    tag_keys=("key",),
+)
+key_tokens = Counter(
+    "loraplex_key_tokens", "Prompt + completion tokens per API key name.", tag_keys=("key",)
+)
+key_rejections = Counter(
+    "loraplex_key_rejections",
+    "Requests refused with 429 per API key name and the limit it hit.",
+    tag_keys=("key", "limit"),
+)
+shed = Counter(
+    "loraplex_shed", "Requests shed with 503/504 (queue full, deadline).", tag_keys=("reason",)
+)
+registry_stale = Counter(
+    "loraplex_registry_stale",
+    "Alias lookups answered from the last good version while the registry was unreachable.",
     tag_keys=("adapter",),
 )
