@@ -77,6 +77,7 @@ class Tally:
         self.latency: dict[str, list[float]] = {"A": [], "B": []}
         self.leaks: list[str] = []
         self.unexpected: list[str] = []
+        self.shed: Counter[str] = Counter()  # 503 reasons, first words
 
     def summary(self) -> dict:
         by_key: dict[str, dict[str, int]] = {}
@@ -91,6 +92,7 @@ class Tally:
             "cross_tenant_chunks": len(self.leaks),
             "leak_examples": self.leaks[:5],
             "unexpected": self.unexpected[:10],
+            "503_reasons": dict(self.shed.most_common(5)),
             "p50_s": {k: pct(v, 50) for k, v in self.latency.items()},
             "p95_s": {k: pct(v, 95) for k, v in self.latency.items()},
             "requests": sum(self.status.values()),
@@ -141,11 +143,15 @@ async def one_request(
             ) as r:
                 status = r.status_code
                 events = 0
+                if status != 200:
+                    await r.aread()  # the error body, for the tally
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     events += 1
                     data = json.loads(line[6:])
+                    if "error" in data:
+                        tally.unexpected.append(f"stream error event: {line[:120]}")
                     if "sources" in data:
                         check_sources(who, data, team_b_docs, tally)
                     if cancel and events >= 2:
@@ -166,6 +172,11 @@ async def one_request(
         tally.unexpected.append(f"{type(e).__name__}: {e}")
         status = -1
     tally.status[(who, status)] += 1
+    if status == 503:
+        try:
+            tally.shed[r.json()["error"]["message"][:60]] += 1
+        except Exception:
+            tally.shed["(no JSON body)"] += 1
     if status == 200:
         tally.latency[who].append(time.perf_counter() - started)
 
@@ -235,20 +246,18 @@ async def run_plain(url: str, clients: int, seconds: float) -> dict:
 
 
 def replica_rss() -> dict[str, float]:
-    """RSS (GiB) of the ingress and engine replica processes, by actor class."""
+    """RSS (GiB) of the ingress and engine replica processes (Ray titles them
+    ``ray::ServeReplica:<app>:<deployment>``)."""
     import psutil
-    from ray.util.state import list_actors
 
     out: dict[str, float] = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")]):
-        name = a.class_name or ""
-        if "LoraplexIngress" in name or "LLMServer" in name or "LLMServer" in (a.name or ""):
-            try:
-                rss = psutil.Process(a.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            label = "ingress" if "Ingress" in name else "engine"
-            out[label] = out.get(label, 0.0) + rss / 2**30
+    for p in psutil.process_iter(["cmdline", "memory_info"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if "ServeReplica:loraplex:" not in title:
+            continue
+        label = "ingress" if "LoraplexIngress" in title else "engine" if "LLM" in title else ""
+        if label and p.info["memory_info"] is not None:
+            out[label] = round(out.get(label, 0.0) + p.info["memory_info"].rss / 2**30, 3)
     return out
 
 
@@ -302,7 +311,10 @@ def main() -> None:
                     "max_model_len": 512,
                     "dtype": "float32",
                     "kv_cache_gib": 1,
-                    "scaling": {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing},
+                    "scaling": {
+                        "max_ongoing_requests": ongoing,
+                        "max_queued_requests": max(1, ongoing // 2),
+                    },
                 }
             ],
             "routes": [

@@ -273,3 +273,22 @@ def test_only_the_serve_port_is_open_outside_the_namespace(rendered) -> None:
     assert opened == [
         ({"matchLabels": {"ray.io/is-ray-node": "yes"}}, [{"protocol": "TCP", "port": 8000}])
     ]
+
+
+def test_every_ray_cluster_requires_ray_token_auth(rendered) -> None:
+    """The dashboard / Jobs API of every cluster refuses callers without Ray's token."""
+    _, docs = rendered
+    clusters = 0
+    for d in docs:
+        spec = d.get("spec", {})
+        if d["kind"] == "RayCluster":
+            cluster = spec
+        elif d["kind"] == "RayJob":
+            cluster = spec["rayClusterSpec"]
+        elif d["kind"] == "RayService":
+            cluster = spec["rayClusterConfig"]
+        else:
+            continue
+        clusters += 1
+        assert cluster.get("authOptions") == {"mode": "token"}, d["metadata"]["name"]
+    assert clusters == 5

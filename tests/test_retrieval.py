@@ -396,3 +396,84 @@ def test_eval_retrieval_on_a_generated_world(capsys, home: Path, tmp_path: Path)
     code, _, err = cli(capsys, home, "eval", "retrieval", "--data", str(world))
     line = one_line_error(subprocess.CompletedProcess([], code, "", err))
     assert code == 2 and "q-unknown" in line and "test.tsv:2" in line
+
+
+THREE = {
+    "observatory.md": "# The observatory\n\nThe hill observatory opens its dome on clear "
+    "nights; visitors look at Saturn through the main telescope.\n",
+    "teapots.md": "# Teapot works\n\nThe works glazes every teapot in cobalt blue before "
+    "the second firing.\n",
+    "ferry.md": "# Ferry timetable\n\nThe ferry leaves the harbour at seven and returns "
+    "at noon; what is on the timetable is the only schedule there is.\n",
+    "codes.md": "# Urven E1000\n\nThe Urven E1000 kettle has a warranty of 36 months.\n",
+    "code.md": "# Urven E100\n\nThe Urven E100 kettle has a warranty of 12 months.\n",
+}
+
+
+def _three_docs(root: Path) -> Path:
+    docs = root / "three"
+    docs.mkdir()
+    for name, text in THREE.items():
+        (docs / name).write_text(text)
+    return docs
+
+
+def _ranked(r, query: str, mode: str, collection: str = "three") -> list[str]:
+    from loraplex.retrieval.retriever import SearchRequest
+
+    hits = r.search(SearchRequest(query=query, collection=collection, mode=mode, top_k=5))
+    return [h.doc_id for h in hits]
+
+
+@pytest.mark.parametrize("backend", ["lite", "server"])
+def test_english_analysis_under_bm25(backend: str, tmp_path: Path) -> None:
+    """Stems, stop words and exact identifiers, the same on Milvus Lite and a server:
+    a small knowledge base asked an ordinary question ranks the right page first."""
+    from loraplex.config import load_settings
+    from loraplex.retrieval.analysis import analyze
+    from loraplex.retrieval.retriever import Retriever
+
+    assert analyze("glaze", "english-snowball-1") == analyze("glazes", "english-snowball-1")
+    assert analyze("What is the", "english-snowball-1") == ""
+    server = None
+    overrides = [f"home={tmp_path / 'home'}"]
+    if backend == "server":
+        port = free_port()
+        server = start_milvus_server(tmp_path / "server-data", port)
+        overrides.append(f"milvus.uri=http://127.0.0.1:{port}")
+    try:
+        with Retriever(load_settings(overrides=overrides)) as r:
+            r.ingest([_three_docs(tmp_path)], "three")
+            assert r.store.info("three").analysis == "english-snowball-1"
+            # "glaze" meets "glazes" only through the stemmer; "what is the" is not a vote
+            for mode in ("bm25", "hybrid", "dense"):
+                assert _ranked(r, "what colour is the glaze", mode)[0] == "teapots", mode
+            assert _ranked(r, "glazing teapots", "bm25") == ["teapots"]
+            # a query of stop words only: BM25 finds nothing, hybrid follows dense
+            assert _ranked(r, "what is the", "bm25") == []
+            assert _ranked(r, "what is the", "hybrid") == _ranked(r, "what is the", "dense")
+            # identifiers stay exact: E100 is not E1000
+            assert _ranked(r, "warranty of the E100", "bm25")[0] == "code"
+            assert _ranked(r, "warranty of the E100", "hybrid")[0] == "code"
+            assert _ranked(r, "warranty of the E1000", "hybrid")[0] == "codes"
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def test_a_collection_keeps_the_analysis_it_was_built_with(tmp_path: Path) -> None:
+    from loraplex.config import load_settings
+    from loraplex.retrieval.retriever import Retriever
+
+    raw = load_settings(overrides=[f"home={tmp_path}", "retrieval.language=none"])
+    with Retriever(raw) as r:
+        r.ingest([_three_docs(tmp_path)], "raw")
+        assert r.store.info("raw").analysis == "none"
+    # the default changed back to English: the collection is still queried unanalysed
+    with Retriever(load_settings(overrides=[f"home={tmp_path}"])) as r:
+        assert r.store.info("raw").analysis == "none"
+        assert _ranked(r, "glazes", "bm25", "raw") == ["teapots"]  # the exact word
+        assert _ranked(r, "glaze", "bm25", "raw") == []  # no stemming here
+        r.ingest([tmp_path / "three"], "stemmed")
+        assert _ranked(r, "glaze", "bm25", "stemmed") == ["teapots"]

@@ -37,8 +37,7 @@ def retriever_app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     app = build_retriever(settings, auth=AuthConfig(allow_anonymous=True))
     handle = serve.run(app, name="retriever", route_prefix="/retriever")
     yield handle, f"http://127.0.0.1:{port}/retriever", settings
-    serve.delete("retriever")
-    serve.shutdown()
+    serve.shutdown()  # idempotent: the last test restarts Serve on its own
 
 
 def test_embeddings_through_the_openai_client(retriever_app) -> None:
@@ -91,6 +90,11 @@ def test_retrieve_route_and_errors(retriever_app) -> None:
         assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
         r = http.post(f"{base}/v1/embeddings", json={"inputs": "typo"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+        r = http.post(f"{base}/v1/embeddings", json={"input": ["x"] * 257})
+        assert r.status_code == 400 and "at most 256 inputs" in r.json()["error"]["message"]
+        # keyless serving: a request naming another host (DNS rebinding) is refused
+        r = http.get(f"{base}/v1/models", headers={"host": "evil.example:8000"})
+        assert r.status_code == 403 and "loopback clients only" in r.json()["error"]["message"]
 
 
 def test_python_api_through_a_handle(retriever_app) -> None:
@@ -116,3 +120,31 @@ def test_lite_refuses_more_than_one_replica(tmp_path: Path) -> None:
         RetrieverScaling(min_replicas=1, max_replicas=3), server.milvus.is_lite
     )
     assert opts["autoscaling_config"]["max_replicas"] == 3
+
+
+def test_anonymous_app_refuses_to_start_when_serve_listens_beyond_loopback(
+    retriever_app, tmp_path: Path
+) -> None:
+    """Keyless (allow_anonymous) serving binds loopback only: with Serve's proxies on
+    every interface, the app's replica refuses to start and says why; without keys and
+    without allow_anonymous the app is not even built."""
+    from ray import serve
+
+    from loraplex.config import load_settings
+    from loraplex.retrieval.deployment import build_retriever
+    from loraplex.serving.config import AuthConfig
+
+    settings = load_settings(overrides=[f"home={tmp_path}"])
+    with pytest.raises(InputError, match="refusing to serve the retriever openly"):
+        build_retriever(settings)
+    serve.shutdown()  # the module's Serve (on 127.0.0.1) is done with: start one on all
+    serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
+    try:
+        with pytest.raises(Exception, match=r"binds 127\.0\.0\.1 only"):
+            serve.run(
+                build_retriever(settings, auth=AuthConfig(allow_anonymous=True)),
+                name="anonymous",
+                route_prefix="/anonymous",
+            )
+    finally:
+        serve.shutdown()

@@ -159,14 +159,30 @@ class RetrievalSettings(StrictModel):
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
     top_k: int = Field(default=5, ge=1, le=1000)
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
-    rrf_k: int = Field(default=60, ge=1, description="Reciprocal-rank-fusion constant.")
+    rrf_k: int = Field(
+        default=10,
+        ge=1,
+        description="Reciprocal-rank-fusion constant (chosen on benchmarks/data/stdlib-docs "
+        "and the embedded world together; see benchmarks/RESULTS.md).",
+    )
     fusion: Literal["weighted_rrf", "rrf"] = Field(
         default="weighted_rrf",
         description="hybrid: 'rrf' = Milvus hybrid_search with RRFRanker (equal weights); "
         "'weighted_rrf' = dense and BM25 searches fused with the weights below.",
     )
     dense_weight: float = Field(default=1.0, ge=0)
-    bm25_weight: float = Field(default=3.0, ge=0)
+    bm25_weight: float = Field(default=1.0, ge=0, description="BM25's weight in weighted_rrf.")
+    identifier_bm25_weight: float = Field(
+        default=3.0,
+        ge=0,
+        description="BM25's weight when the query holds an identifier (a term with a digit).",
+    )
+    language: Literal["english", "none"] = Field(
+        default="english",
+        description="Analysis under BM25 for new collections: english (stop words out, "
+        "Snowball stems, identifiers exact) or none (text as it is, for code or ids). A "
+        "collection keeps the analysis it was built with.",
+    )
     hnsw_m: int = Field(default=16, ge=4, le=64)
     hnsw_ef_construction: int = Field(default=200, ge=8)
     hnsw_ef: int = Field(default=64, ge=1, description="Search-time HNSW breadth.")

@@ -9,6 +9,7 @@ surface (``deployment``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from loraplex.retrieval.embeddings import Embedder, default_embedder
 from loraplex.retrieval.ingest import IngestSummary, ingest
 from loraplex.retrieval.spec import RetrievalSpec
 from loraplex.retrieval.store import DEFAULT_TENANT, Hit, KnowledgeStore
+
+QUERY_CACHE = 2048
 
 
 class SearchRequest(RetrievalSpec):
@@ -40,6 +43,7 @@ class Retriever:
         self.settings = settings
         self.embedder = embedder or default_embedder()
         self.store = store or KnowledgeStore.open(settings.milvus, settings.retrieval)
+        self._queries: OrderedDict[str, list[float]] = OrderedDict()  # recent query vectors
 
     def close(self) -> None:
         self.store.close()
@@ -58,12 +62,25 @@ class Retriever:
         vectors = self.embedder.encode(texts, self.settings.retrieval.embed_batch_size, progress)
         return vectors.tolist()
 
+    def query_vector(self, query: str) -> list[float]:
+        """The query's embedding; the last QUERY_CACHE queries are kept (a route asked the
+        same question by many users embeds it once)."""
+        vector = self._queries.get(query)
+        if vector is None:
+            vector = self.embed([query])[0]
+            self._queries[query] = vector
+            if len(self._queries) > QUERY_CACHE:
+                self._queries.popitem(last=False)
+        else:
+            self._queries.move_to_end(query)
+        return vector
+
     def search(self, request: SearchRequest) -> list[Hit]:
         collection = request.collection or self.settings.retrieval.collection
         vector = None
         if request.mode != "bm25":
             self.store.info(collection)  # unknown collection / model mismatch before embedding
-            vector = self.embed([request.query])[0]
+            vector = self.query_vector(request.query)
         return self.store.search(
             collection,
             request.query,

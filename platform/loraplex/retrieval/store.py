@@ -12,7 +12,7 @@ Collection schema (one row per chunk)::
     id            VARCHAR(512)  primary key: "<doc_id>#<position>-<content hash[:12]>"
     doc_id        VARCHAR(512)  the document the chunk belongs to (delete by it)
     position      INT64         the chunk's place in its document
-    text          VARCHAR       the chunk, analysed (standard analyzer) for BM25 and text_match
+    text          VARCHAR       the chunk as it is (text_match: standard analyzer)
     title         VARCHAR       document title
     heading       VARCHAR       heading path inside the document ("Title > Section")
     source        VARCHAR       the file (or JSONL file) it came from
@@ -20,9 +20,13 @@ Collection schema (one row per chunk)::
     content_hash  VARCHAR(64)   sha256 of the chunk text
     tenant        VARCHAR       partition key (default "default"): one collection, many teams
     dense         FLOAT_VECTOR  all-MiniLM-L6-v2, 384-d, unit length; HNSW, COSINE
-    sparse        SPARSE_FLOAT_VECTOR  made by Milvus's BM25 function from ``text``
+    lexical       VARCHAR       the chunk after ``analysis`` (English: stop words out, stems)
+    sparse        SPARSE_FLOAT_VECTOR  made by Milvus's BM25 function from ``lexical``
 
-Collection properties record the schema version, the embedding model and its dimension.
+Collection properties record the schema version, the embedding model and its dimension,
+and the analysis (``loraplex.analysis``) its documents were indexed with: queries are
+analysed the same way, whatever ``retrieval.language`` says later. Collections made by
+schema 1 (BM25 on raw ``text``) keep being written and queried that way.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +45,11 @@ from urllib.parse import urlparse
 
 from loraplex.config.settings import MilvusSettings, RetrievalSettings
 from loraplex.errors import InputError, LoraplexError, first_line
+from loraplex.retrieval.analysis import LEGACY, analysis_for, analyze
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the `lexical` field (analysed text) feeds BM25
 PROP_SCHEMA = "loraplex.schema"
+PROP_ANALYSIS = "loraplex.analysis"
 PROP_MODEL = "loraplex.embedding_model"
 PROP_DIM = "loraplex.embedding_dim"
 OUTPUT_FIELDS = ["doc_id", "position", "text", "title", "heading", "source", "start", "end"]
@@ -200,6 +207,7 @@ class CollectionInfo:
     rows: int
     model: str
     dimension: int
+    analysis: str = LEGACY  # what BM25 sees: see ``analysis``; legacy = raw `text`
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -222,14 +230,20 @@ class KnowledgeStore:
         self.client = client
         self.milvus = milvus
         self.settings = settings
+        # reads (lists, queries, searches) give up instead of hanging on a stalled server;
+        # the caller turns the failure into "retrieval unavailable"
+        self.read_timeout = (milvus.timeout_s * 2) if milvus is not None else None
         self._error = MilvusException
         self._ready: set[str] = set()
+        self._analysis: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milvus-search")
 
     @classmethod
     def open(cls, milvus: MilvusSettings, retrieval: RetrievalSettings) -> KnowledgeStore:
         return cls(connect(milvus), retrieval, milvus)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False)
         if self.milvus is not None:
             disconnect(self.client, self.milvus)
             self.milvus = None
@@ -252,7 +266,9 @@ class KnowledgeStore:
     # collections
 
     def collections(self) -> list[str]:
-        return sorted(self._call("list collections", self.client.list_collections))
+        return sorted(
+            self._call("list collections", self.client.list_collections, timeout=self.read_timeout)
+        )
 
     def info(self, name: str) -> CollectionInfo:
         """Details of an existing collection; a one-line error for an unknown one."""
@@ -272,9 +288,17 @@ class KnowledgeStore:
         if name not in self._ready:
             self._load(name)
         stats = self._call("statistics", self.client.get_collection_stats, name)
+        analysis = props.get(PROP_ANALYSIS, LEGACY)
+        self._analysis[name] = analysis
         return CollectionInfo(
-            name, int(stats.get("row_count", 0)), props.get(PROP_MODEL, "?"), int(dim)
+            name, int(stats.get("row_count", 0)), props.get(PROP_MODEL, "?"), int(dim), analysis
         )
+
+    def analysis(self, name: str) -> str:
+        """The analysis the collection was built with (its queries use the same)."""
+        if name not in self._analysis:
+            self.info(name)
+        return self._analysis[name]
 
     def _load(self, name: str) -> None:
         """Load a collection into memory once per process (Milvus needs it for reads)."""
@@ -317,12 +341,15 @@ class KnowledgeStore:
         s.add_field("content_hash", DataType.VARCHAR, max_length=64)
         s.add_field("tenant", DataType.VARCHAR, max_length=128, is_partition_key=True)
         s.add_field("dense", DataType.FLOAT_VECTOR, dim=dimension)
+        # BM25 reads `lexical`: the chunk after loraplex's analysis (``analysis``), which
+        # Milvus's standard analyzer then only splits on spaces
+        s.add_field("lexical", DataType.VARCHAR, max_length=MAX_TEXT, enable_analyzer=True)
         s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         s.add_function(
             Function(
-                name="text_bm25",
+                name="lexical_bm25",
                 function_type=FunctionType.BM25,
-                input_field_names=["text"],
+                input_field_names=["lexical"],
                 output_field_names=["sparse"],
             )
         )
@@ -342,7 +369,12 @@ class KnowledgeStore:
             name,
             schema=s,
             index_params=idx,
-            properties={PROP_SCHEMA: SCHEMA_VERSION, PROP_MODEL: model, PROP_DIM: str(dimension)},
+            properties={
+                PROP_SCHEMA: SCHEMA_VERSION,
+                PROP_MODEL: model,
+                PROP_DIM: str(dimension),
+                PROP_ANALYSIS: analysis_for(self.settings.language),
+            },
         )
 
     def drop(self, name: str) -> None:
@@ -365,12 +397,16 @@ class KnowledgeStore:
                 name,
                 filter=expr,
                 output_fields=["doc_id", "position", "content_hash"],
+                timeout=self.read_timeout,
             )
             for r in rows:
                 out.setdefault(r["doc_id"], {})[int(r["position"])] = (r["id"], r["content_hash"])
         return out
 
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> None:
+        analysis = self.analysis(name)
+        if analysis != LEGACY:  # what BM25 indexes: the text as the collection analyses it
+            rows = [{**r, "lexical": analyze(r["text"], analysis)[:MAX_TEXT]} for r in rows]
         for batch in _batches(rows, WRITE_BATCH):
             self._call("upsert", self.client.upsert, name, batch)
 
@@ -414,38 +450,56 @@ class KnowledgeStore:
         if mode not in ("dense", "bm25", "hybrid"):
             raise InputError(f"unknown search mode {mode!r}; use dense, bm25 or hybrid")
         params = {"dense": dense_param, "bm25": sparse_param}
+        # BM25 sees the query as the collection's documents were analysed; a query of
+        # stop words only has no term to match: BM25 gets no vote rather than noise
+        lexical = analyze(query, self.analysis(name)).strip()
 
         def route(which: str, limit: int) -> list:
             """One Milvus search: the dense vector field or the BM25 sparse field."""
+            if which == "bm25" and not lexical:
+                return []
             return self.client.search(
                 name,
-                data=[vector if which == "dense" else query],
+                data=[vector if which == "dense" else lexical],
                 anns_field="dense" if which == "dense" else "sparse",
                 limit=limit,
                 filter=expr,
                 search_params=params[which],
                 output_fields=OUTPUT_FIELDS,
+                timeout=self.read_timeout,
             )[0]
 
         # each route brings more candidates than k, so fusion has something to fuse
         pool = max(k * 4, 20)
         try:
             if mode == "hybrid" and self.settings.fusion == "weighted_rrf":
-                res = [self._weighted_rrf(route("dense", pool), route("bm25", pool), k)]
+                weight = self._bm25_weight(lexical)
+                bm25 = self._pool.submit(route, "bm25", pool)  # both searches at once
+                dense = route("dense", pool)
+                res = [self._weighted_rrf(dense, bm25.result(), k, weight)]
+            elif mode == "hybrid" and not lexical:
+                res = [route("dense", k)]
             elif mode == "hybrid":
                 from pymilvus import AnnSearchRequest, RRFRanker
 
                 reqs = [
                     AnnSearchRequest([vector], "dense", dense_param, pool, expr=expr or None),
-                    AnnSearchRequest([query], "sparse", sparse_param, pool, expr=expr or None),
+                    AnnSearchRequest([lexical], "sparse", sparse_param, pool, expr=expr or None),
                 ]
                 res = self.client.hybrid_search(
-                    name, reqs, RRFRanker(self.settings.rrf_k), limit=k, output_fields=OUTPUT_FIELDS
+                    name,
+                    reqs,
+                    RRFRanker(self.settings.rrf_k),
+                    limit=k,
+                    output_fields=OUTPUT_FIELDS,
+                    timeout=self.read_timeout,
                 )
             else:
                 res = [route(mode, k)]
         except self._error as e:
             msg = first_line(e)
+            if any(w in msg.lower() for w in ("deadline", "timeout", "timed out", "unavailable")):
+                raise LoraplexError(f"Milvus search failed: {msg}") from None
             if name not in self.collections():
                 self.info(name)  # raises the helpful unknown-collection error
             if filter.strip():
@@ -470,14 +524,19 @@ class KnowledgeStore:
             )
         return hits
 
-    def _weighted_rrf(self, dense: list, sparse: list, k: int) -> list[dict]:
+    def _bm25_weight(self, lexical: str) -> float:
+        """BM25's weight in fusion: higher when the query names an identifier (a term
+        with a digit: a model code, a version), where exact matching is what counts and
+        dense embeddings confuse near-duplicate names; even otherwise."""
+        has_identifier = any(any(c.isdigit() for c in t) for t in lexical.split())
+        s = self.settings
+        return s.identifier_bm25_weight if has_identifier else s.bm25_weight
+
+    def _weighted_rrf(self, dense: list, sparse: list, k: int, bm25_weight: float) -> list[dict]:
         """Reciprocal-rank fusion with a weight per route: sum of w / (rrf_k + rank)."""
         fused: dict[str, dict] = {}
         scores: dict[str, float] = {}
-        for weight, hits in (
-            (self.settings.dense_weight, dense),
-            (self.settings.bm25_weight, sparse),
-        ):
+        for weight, hits in ((self.settings.dense_weight, dense), (bm25_weight, sparse)):
             for rank, h in enumerate(hits, 1):
                 fused.setdefault(h["id"], h)
                 scores[h["id"]] = scores.get(h["id"], 0.0) + weight / (self.settings.rrf_k + rank)

@@ -376,9 +376,7 @@ class LoraplexIngress(OpenAiIngress):
         started: float,
         deadline: float,
     ) -> Response:
-        client_rid = request.headers.get("x-request-id")
-        if client_rid:
-            log.info("[%s] key %s: client request id %s", rid, key["name"], shorten(client_rid))
+        client_rid = shorten(request.headers.get("x-request-id") or "", 80)
         body = await _json_body(request)
         t = self._target(body.get("model"))
         tags["route"] = t.name
@@ -432,7 +430,7 @@ class LoraplexIngress(OpenAiIngress):
         limiter = getattr(request.state, "limiter", None)
 
         def finish(usage: dict[str, Any] | None) -> None:
-            self._record(key, limiter, tags, usage, started, rid)
+            self._record(key, limiter, tags, usage, started, rid, client_rid)
 
         if not stream:
             return responses.complete(first, grounded.sources, extra, finish)
@@ -449,7 +447,11 @@ class LoraplexIngress(OpenAiIngress):
         usage: dict[str, Any] | None,
         started: float,
         rid: str,
+        client_rid: str,
     ) -> None:
+        """Count the finished request; one log line with the server's request id, the
+        key's name and the client's own request id (Serve's proxy makes one when the
+        client sends none)."""
         if usage is None:
             metrics.errors.inc(tags={**tags, "status": "499"})
             log.info("[%s] key %s: stream for %s ended early", rid, key["name"], tags["route"])
@@ -463,7 +465,8 @@ class LoraplexIngress(OpenAiIngress):
         metrics.completion_tokens.inc(completion, tags=tags)
         metrics.latency.observe(elapsed, tags=tags)
         log.info(
-            "[%s] key %s: %s adapter %s: %d prompt + %d completion tokens in %.2f s",
+            "[%s] key %s: %s adapter %s: %d prompt + %d completion tokens in %.2f s "
+            "(client request id %s)",
             rid,
             key["name"],
             tags["route"],
@@ -471,6 +474,7 @@ class LoraplexIngress(OpenAiIngress):
             prompt,
             completion,
             elapsed,
+            client_rid,
         )
 
 
