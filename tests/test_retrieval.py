@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, one_line_error, start_milvus_server
+from helpers import REPO, free_port, one_line_error, start_milvus_server
 
 GUIDE = """# Kettle guide
 
@@ -387,10 +387,25 @@ def test_eval_retrieval_on_a_generated_world(capsys, home: Path, tmp_path: Path)
     assert run.data.metrics["hybrid.ndcg_at_10"] == pytest.approx(metrics["hybrid"]["ndcg_at_10"])
     assert run.data.tags["loraplex.kind"] == "eval-retrieval"
 
-    # the table form, and a second run that writes nothing new
-    code, out, err = cli(capsys, home, "eval", "retrieval", "--data", str(world), "--no-mlflow")
+    # the table form, and a second run that writes nothing new, beside the real-text set
+    stdlib = REPO / "benchmarks" / "data" / "stdlib-docs"
+    args = ["eval", "retrieval", "--data", str(world), "--data", str(stdlib), "--no-mlflow"]
+    code, out, err = cli(capsys, home, *args)
     assert code == 0, err
     assert "0 added, 0 updated, 0 removed" in out and "hybrid" in out and "ndcg@10" in out
+    assert "eval_world" in out and "eval_stdlib_docs" in out and out.count("ndcg@10") == 2
+    code, out, err = cli(capsys, home, *args, "--json")
+    assert code == 0, err
+    world_run, real = json.loads(out)
+    assert (world_run["collection"], real["collection"]) == ("eval_world", "eval_stdlib_docs")
+    # real English: hybrid keeps up with the better single mode, BM25 does not drown it
+    m = real["metrics"]
+    assert m["hybrid"]["recall_at_5"] >= 0.95
+    assert (
+        m["hybrid"]["ndcg_at_10"] >= max(m["dense"]["ndcg_at_10"], m["bm25"]["ndcg_at_10"]) - 0.01
+    )
+    code, _, err = cli(capsys, home, *args, "-c", "one")
+    assert code == 2 and "one --data folder only" in err
 
     (world / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq-unknown\tdoc\t1\n")
     code, _, err = cli(capsys, home, "eval", "retrieval", "--data", str(world))

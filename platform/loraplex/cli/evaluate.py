@@ -15,6 +15,7 @@ import click
 
 from loraplex.cli.context import CliState, pass_state
 from loraplex.cli.retrieval import collection_name
+from loraplex.errors import InputError
 
 
 @click.group(name="eval", invoke_without_command=True)
@@ -78,13 +79,15 @@ def evaluate(ctx: click.Context, questions: Path | None, **options) -> None:
     "--data",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
-    help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.",
+    multiple=True,
+    help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (repeat for several).",
 )
 @click.option("--split", default="test", show_default=True, help="Which qrels file to score.")
 @click.option(
     "--collection",
     "-c",
-    help="Collection holding the corpus (default: eval_<folder name>, ingested first).",
+    help="Collection holding the corpus (default: eval_<folder name>, ingested first); "
+    "one --data only.",
 )
 @click.option("--no-ingest", is_flag=True, help="Search --collection as it is.")
 @click.option("--no-mlflow", is_flag=True, help="Print only; log nothing.")
@@ -92,53 +95,61 @@ def evaluate(ctx: click.Context, questions: Path | None, **options) -> None:
 @pass_state
 def retrieval(
     state: CliState,
-    data: Path,
+    data: tuple[Path, ...],
     split: str,
     collection: str | None,
     no_ingest: bool,
     no_mlflow: bool,
     as_json: bool,
 ) -> None:
-    """Recall@k, MRR@10 and nDCG@10 of dense, BM25 and hybrid search over a BEIR folder.
+    """Recall@k, MRR@10 and nDCG@10 of dense, BM25 and hybrid search over BEIR folders.
 
-    The corpus is ingested into the collection first (idempotent: a second run writes
+    Each corpus is ingested into its collection first (idempotent: a second run writes
     nothing), every judged query of the split is searched in each mode, and the
-    results go to a table and to one MLflow run.
+    results go to one table per folder and to one MLflow run per folder.
 
-    Example: loraplex eval retrieval --data .loraplex/worlds/seed-0
+    Example: loraplex eval retrieval --data .loraplex/worlds/seed-0 --data my-beir-folder
     """
-    from loraplex.evaluation.retrieval import MODES, evaluate_retrieval, load_beir, log_to_mlflow
+    from loraplex.evaluation.retrieval import evaluate_retrieval, load_beir, log_to_mlflow
     from loraplex.retrieval.retriever import Retriever
 
+    if collection and len(data) > 1:
+        raise InputError("--collection names the collection of one --data folder only")
     settings = state.settings()
-    beir = load_beir(data, split)
-    name = collection_name(collection) or "eval_" + re.sub(
-        r"[^A-Za-z0-9_]", "_", data.absolute().name
-    )
+    sets = [(folder, load_beir(folder, split)) for folder in data]  # all read before searching
+    reports = []
     with Retriever(settings) as retriever:
-        if not no_ingest:
-            summary = retriever.ingest([beir.corpus], name)
+        for folder, beir in sets:
+            name = collection_name(collection) or "eval_" + re.sub(
+                r"[^A-Za-z0-9_]", "_", folder.absolute().name
+            )
+            if not no_ingest:
+                summary = retriever.ingest([beir.corpus], name)
+                if not as_json:
+                    click.echo(summary.lines()[0])
+            results = evaluate_retrieval(retriever, beir, name)
+            run_id = None if no_mlflow else log_to_mlflow(settings, beir, name, results)
+            reports.append({"collection": name, "mlflow_run_id": run_id, "metrics": results})
             if not as_json:
-                click.echo(summary.lines()[0])
-        results = evaluate_retrieval(retriever, beir, name)
-    run_id = None if no_mlflow else log_to_mlflow(settings, beir, name, results)
+                _print_retrieval_table(folder, split, name, results)
+                if run_id:
+                    click.echo(f"MLflow run {run_id} ({settings.mlflow.tracking_uri})")
     if as_json:
-        click.echo(
-            json.dumps({"collection": name, "mlflow_run_id": run_id, "metrics": results}, indent=2)
-        )
-        return
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+
+
+def _print_retrieval_table(folder: Path, split: str, name: str, results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from loraplex.evaluation.retrieval import MODES
+
     keys = [k for k in results[MODES[0]] if k != "queries"]
-    table = Table(
-        title=f"{data} ({split}: {int(results[MODES[0]]['queries'])} queries, collection {name})"
-    )
+    queries = int(results[MODES[0]]["queries"])
+    table = Table(title=f"{folder} ({split}: {queries} queries, collection {name})")
     table.add_column("mode")
     for k in keys:
         table.add_column(k.replace("_at_", "@"), justify="right")
     for mode in MODES:
         table.add_row(mode, *(f"{results[mode][k]:.3f}" for k in keys))
     Console().print(table)
-    if run_id:
-        click.echo(f"MLflow run {run_id} ({settings.mlflow.tracking_uri})")
