@@ -206,6 +206,7 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
         "broken_pdf": tmp_path / "broken.pdf",
         "bad_jsonl": tmp_path / "rows.jsonl",
         "big": tmp_path / "big.txt",
+        "deep_jsonl": tmp_path / "deep.jsonl",
     }
     files["binary"].write_bytes(bytes(range(256)) * 4)
     files["garbage"].write_text("\x01\x02\x03\x04\x05\x06\x07\x08" * 200)
@@ -214,6 +215,7 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     files["broken_pdf"].write_bytes(b"%PDF-1.4\n garbage that is not a pdf body\n")
     files["bad_jsonl"].write_text('{"_id": "a", "text": "fine"}\n{"_id": "b", "text": \n')
     files["big"].write_text("word " * 300_000)
+    files["deep_jsonl"].write_text('{"_id": "d", "text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     return files
 
 
@@ -225,6 +227,7 @@ EXPECTED = {
     "broken_pdf": "unreadable PDF",
     "bad_jsonl": "line 2: not JSON",
     "big": "over the",
+    "deep_jsonl": "nested too deeply",
 }
 
 
@@ -492,3 +495,74 @@ def test_a_collection_keeps_the_analysis_it_was_built_with(tmp_path: Path) -> No
         assert _ranked(r, "glaze", "bm25", "raw") == []  # no stemming here
         r.ingest([tmp_path / "three"], "stemmed")
         assert _ranked(r, "glaze", "bm25", "stemmed") == ["teapots"]
+
+
+def test_an_ingest_interrupted_before_its_delete_is_repaired_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between writing a document's new chunks and deleting its old ones, an
+    ingest leaves both; the next ingest finds every stored row of the document by a
+    query on doc_id and leaves exactly the current chunks, and nothing old is found."""
+    from loraplex.config import load_settings
+    from loraplex.retrieval.retriever import Retriever
+    from loraplex.retrieval.store import KnowledgeStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    old = "# Kettle\n\nThe Brava kettle boils in three minutes.\n\n" + "Old filler. " * 200
+    new = "# Kettle\n\nThe Brava kettle now boils in ninety seconds.\n"
+    (docs / "kettle.md").write_text(old)
+    settings = load_settings(overrides=[f"home={tmp_path / 'home'}"])
+
+    def stored(r: Retriever) -> set[str]:
+        return set(r.store.existing("crash", ["kettle"]).get("kettle", {}))
+
+    with Retriever(settings) as r:
+        r.ingest([docs], "crash")
+        before = stored(r)
+        assert len(before) > 1
+        (docs / "kettle.md").write_text(new)
+
+        def killed(*_: object) -> None:
+            raise KeyboardInterrupt  # the process dies here: upserted, nothing deleted
+
+        monkeypatch.setattr(KnowledgeStore, "delete_ids", killed)
+        with pytest.raises(KeyboardInterrupt):
+            r.ingest([docs], "crash")
+        monkeypatch.undo()
+        assert stored(r) > before  # the old rows and the new one, side by side
+        summary = r.ingest([docs], "crash")
+        assert summary.unchanged == 1 and summary.added == 0
+        after = stored(r)
+        assert len(after) == 1 and not after & before
+        texts = [h.text for h in r.search(_request("three minutes", "crash"))]
+        assert texts and all("three minutes" not in t for t in texts)
+        assert r.delete(["kettle"], "crash") == 1
+        assert stored(r) == set()
+
+
+def _request(query: str, collection: str):
+    from loraplex.retrieval.retriever import SearchRequest
+
+    return SearchRequest(query=query, collection=collection, mode="hybrid", top_k=5)
+
+
+def test_links_are_not_followed_out_of_the_folder(capsys, home: Path, tmp_path: Path) -> None:
+    """A link to a file outside the ingested folder is passed over with its reason, a
+    link back to the folder itself (a loop) ends nothing, a link inside is read."""
+    outside = tmp_path / "outside.md"
+    outside.write_text("# Private\n\nThe payroll password is hunter2.\n")
+    folder = tmp_path / "kb"
+    folder.mkdir()
+    (folder / "good.md").write_text("# Good\n\nThe Velo bike has 21 gears.\n")
+    (folder / "leak.md").symlink_to(outside)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    (folder / "alias.md").symlink_to(folder / "good.md")
+    code, out, err = cli(capsys, home, "ingest", str(folder), "-c", "links", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["documents"] == 2  # good and its alias inside the folder
+    reasons = {Path(p).name: r for p, r in s["skipped"]}
+    assert reasons == {"leak.md": "a link to outside the folder (not followed)"}
+    code, out, _ = cli(capsys, home, "search", "payroll password", "-c", "links", "--json")
+    assert code == 0 and "hunter2" not in out

@@ -53,3 +53,37 @@ def test_ids_are_stable_and_change_only_where_the_text_changes() -> None:
     changed = [x.position for x, y in zip(a, c, strict=True) if x.chunk_id != y.chunk_id]
     assert changed == [len(a) - 1]
     assert all(x.chunk_id.startswith("guide#") for x in a)
+
+
+def test_hostile_lines_are_chunked_in_linear_time() -> None:
+    """Lines built to make a regular expression backtrack (100k characters of spaces,
+    ``#`` and mixed whitespace) go through chunking without hanging: an alarm fails the
+    test instead of letting a cubic pattern run for hours."""
+    import signal
+
+    from loraplex.retrieval.chunking import heading
+
+    assert heading("## Setup ##") == (2, "Setup") and heading("# C#") == (1, "C")
+    assert heading("####### seven") is None and heading("#nospace") is None
+    n = 100_000
+    hostile = [
+        "# a" + " " * n + "b",
+        "#" * n,
+        "# " + "#" * n + " x",
+        "# " + " \t" * (n // 2) + "#",
+        "\n".join(["# " + " " * 1000 + "x"] * 100),
+        " \t\n" * (n // 3),
+    ]
+
+    def too_slow(*_: object) -> None:
+        raise TimeoutError("chunking a hostile line did not finish within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        for text in hostile:
+            chunks = chunk_document("hostile", text, "Hostile", size=1000, overlap=100)
+            assert all(text[c.start : c.end] == c.text for c in chunks)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

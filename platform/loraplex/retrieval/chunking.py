@@ -16,8 +16,25 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_BREAK = re.compile(r"\n[ \t]*\n")
+_BREAK = re.compile(r"\n[ \t]*\n")  # linear: no nested quantifiers
+
+
+def heading(line: str) -> tuple[int, str] | None:
+    """(level, title) of a Markdown ATX heading line (``## Setup ##``), else None.
+
+    Parsed by hand, in linear time: the regular expression it replaces backtracked
+    cubically on a line such as ``# a`` + 10,000 spaces + ``b``."""
+    if not line.startswith("#"):
+        return None
+    level = len(line) - len(line.lstrip("#"))
+    rest = line[level:]
+    if level > 6 or not rest or rest[0] not in " \t":
+        return None
+    body = rest.strip()
+    if not body or "\n" in body or "\r" in body:
+        return None
+    title = body.rstrip("#").rstrip() or body  # closing hashes are decoration
+    return level, title
 
 
 @dataclass(frozen=True)
@@ -54,8 +71,8 @@ def _blocks(text: str) -> list[tuple[int, int, int, str]]:
             e = offset + len(piece.rstrip())
             offset += len(piece)
             if e > s:
-                h = _HEADING.match(text[s:e])
-                out.append((s, e, len(h.group(1)) if h else 0, h.group(2) if h else ""))
+                h = heading(text[s:e])
+                out.append((s, e, h[0] if h else 0, h[1] if h else ""))
         pos = m.end() if m else len(text)
     return out
 
@@ -65,7 +82,7 @@ def _split_headings(segment: str) -> list[str]:
     pieces: list[str] = []
     cur = ""
     for line in lines:
-        if _HEADING.match(line.strip()) and line.lstrip() == line:
+        if line.lstrip() == line and heading(line.strip()):
             if cur:
                 pieces.append(cur)
             pieces.append(line)

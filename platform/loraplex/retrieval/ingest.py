@@ -126,22 +126,24 @@ def ingest(
             chunks.append((c, d))
     summary = IngestSummary(collection, files=files, documents=len(docs), skipped=skipped)
     summary.created = store.ensure(collection, *model)
+    # Every stored row of these documents, found by a query on doc_id: what the new
+    # chunks do not keep goes, rows an interrupted or concurrent ingest left included.
     held = store.existing(collection, [d.doc_id for d in docs], tenant)
+    keep: set[str] = set()
     todo: list[tuple[Chunk, IngestDocument]] = []
-    stale: list[str] = []
     for c, d in chunks:
-        before = held.get(d.doc_id, {}).pop(c.position, None)
-        if before is None:
-            summary.added += 1
-            todo.append((c, d))
-        elif before[0] == c.chunk_id:
+        stored = held.get(d.doc_id, {})
+        keep.add(c.chunk_id)
+        if c.chunk_id in stored:
             summary.unchanged += 1
-        else:
+        elif c.position in stored.values():
             summary.updated += 1
             todo.append((c, d))
-            stale.append(before[0])
-    leftover = [cid for positions in held.values() for cid, _ in positions.values()]
-    summary.removed = len(leftover)
+        else:
+            summary.added += 1
+            todo.append((c, d))
+    leftover = [cid for stored in held.values() for cid in stored if cid not in keep]
+    summary.removed = max(0, len(leftover) - summary.updated)
     bar = tqdm(total=len(todo), desc="embedding + writing", unit="chunk", disable=not todo)
     step = max(settings.embed_batch_size * 4, 256)
     for i in range(0, len(todo), step):
@@ -170,7 +172,7 @@ def ingest(
         bar.update(len(batch))
     bar.close()
     # Old chunks go only after their replacements are written.
-    store.delete_ids(collection, stale + leftover)
-    if todo or stale or leftover:
+    store.delete_ids(collection, leftover)
+    if todo or leftover:
         store.flush(collection)
     return summary

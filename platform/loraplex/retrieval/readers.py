@@ -69,6 +69,9 @@ class FoundFile:
         return (Path(self.root.name) / self.path.relative_to(self.root)).as_posix()
 
 
+MAX_PDF_PAGES = 2000
+
+
 def find_files(paths: Iterable[str | Path]) -> tuple[list[FoundFile], list[tuple[Path, str]]]:
     """Files to read, and (path, reason) for what was passed over in folders.
 
@@ -89,9 +92,19 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[FoundFile], list[tuple
                 )
             found.append(FoundFile(p, None))
             continue
-        for f in sorted(p.rglob("*")):
+        root = p.resolve()
+        for f in sorted(p.rglob("*")):  # rglob does not descend into linked folders
             rel = f.relative_to(p)
-            if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if f.is_symlink():
+                target = f.resolve()
+                if not target.is_relative_to(root):
+                    passed.append((f, "a link to outside the folder (not followed)"))
+                    continue
+                if not target.is_file():
+                    continue  # a link to a folder inside: its files are found there
+            elif not f.is_file():
                 continue
             if f.suffix.lower() in SUFFIXES:
                 found.append(FoundFile(f, p))
@@ -196,19 +209,25 @@ def _pdf_text(data: bytes) -> tuple[str, str]:
     import logging
 
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import LimitReachedError, PdfReadError, PyPdfError
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise Unreadable("encrypted PDF (decrypt it first)")
+        if len(reader.pages) > MAX_PDF_PAGES:
+            raise Unreadable(f"{len(reader.pages)} pages is over the {MAX_PDF_PAGES}-page limit")
         pages = [(page.extract_text() or "").strip() for page in reader.pages]
         meta = reader.metadata
         title = str(meta.title).strip() if meta and meta.title else ""
     except Unreadable:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
+    except LimitReachedError:
+        raise Unreadable("PDF expands beyond pypdf's limits (a decompression bomb?)") from None
+    except RecursionError:
+        raise Unreadable("PDF objects nest too deeply") from None
+    except (PdfReadError, PyPdfError, ValueError, KeyError, TypeError, OSError) as e:
         raise Unreadable(f"unreadable PDF ({type(e).__name__}: {str(e)[:80]})") from None
     text = "\n\n".join(p for p in pages if p)
     if not text:
@@ -226,6 +245,8 @@ def _jsonl_documents(text: str, source: str) -> Iterator[IngestDocument]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise Unreadable(f"line {n}: not JSON ({e.msg})") from None
+        except RecursionError:
+            raise Unreadable(f"line {n}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise Unreadable(f"line {n}: expected a JSON object")
         doc_id = next((row[k] for k in ("_id", "id", "doc_id") if k in row), None)

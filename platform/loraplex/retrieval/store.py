@@ -384,23 +384,30 @@ class KnowledgeStore:
 
     def existing(
         self, name: str, doc_ids: Iterable[str], tenant: str = DEFAULT_TENANT
-    ) -> dict[str, dict[int, tuple[str, str]]]:
-        """doc id -> {position: (chunk id, content hash)} for what the tenant holds."""
-        out: dict[str, dict[int, tuple[str, str]]] = {}
+    ) -> dict[str, dict[str, int]]:
+        """doc id -> {chunk id: position} of every row the tenant holds for these
+        documents: all of them, read by a query on ``doc_id`` (rows an interrupted or
+        concurrent ingest left behind included), page by page."""
+        out: dict[str, dict[str, int]] = {}
         for batch in _batches(sorted(set(doc_ids)), _QUERY_BATCH):
             expr = (
                 f"doc_id in [{', '.join(_quote(d) for d in batch)}] and tenant == {_quote(tenant)}"
             )
-            rows = self._call(
+            pages = self._call(
                 "query",
-                self.client.query,
+                self.client.query_iterator,
                 name,
+                batch_size=1000,
                 filter=expr,
-                output_fields=["doc_id", "position", "content_hash"],
+                output_fields=["doc_id", "position"],
                 timeout=self.read_timeout,
             )
-            for r in rows:
-                out.setdefault(r["doc_id"], {})[int(r["position"])] = (r["id"], r["content_hash"])
+            try:
+                while rows := self._call("query", pages.next):
+                    for r in rows:
+                        out.setdefault(r["doc_id"], {})[r["id"]] = int(r["position"])
+            finally:
+                pages.close()
         return out
 
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> None:
@@ -422,7 +429,7 @@ class KnowledgeStore:
         """Remove every chunk of these documents; the number of chunks removed."""
         self.info(name)
         held = self.existing(name, doc_ids, tenant)
-        ids = [cid for positions in held.values() for cid, _ in positions.values()]
+        ids = [cid for chunks in held.values() for cid in chunks]
         self.delete_ids(name, ids)
         return len(ids)
 
