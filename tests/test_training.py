@@ -165,6 +165,26 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     assert again.mlflow_run_id != run.info.run_id
     assert str(client.get_model_version_by_alias("json-tiny", "production").version) == "1"
 
+    # promote checks the files load on the base; rollback walks the alias's history back
+    def production() -> str:
+        return str(client.get_model_version_by_alias("json-tiny", "production").version)
+
+    code, out, err = cli(capsys, "adapters", "promote", "json-tiny", "2", "--alias", "production")
+    assert code == 0 and "(was version 1)" in out, err
+    code, out, err = cli(capsys, "adapters", "rollback", "json-tiny", "--alias", "production")
+    assert code == 0 and "version 1 (rolled back from version 2)" in out, err
+    assert production() == "1"
+    code, _, err = cli(capsys, "adapters", "rollback", "json-tiny", "--alias", "production")
+    assert code == 2 and "no earlier version" in err
+    # a damaged version is refused and the alias stays where it was
+    stored = Path(client.get_model_version("json-tiny", "2").source.removeprefix("file://"))
+    weights = next(stored.rglob("adapter_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:64])
+    code, _, err = cli(capsys, "adapters", "promote", "json-tiny", "2", "--alias", "production")
+    line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert code == 2 and "alias not moved" in line and "safetensors" in line, line
+    assert production() == "1"
+
 
 def test_a_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tiny_base, settings, tmp_path):
     from loraplex.training.job import run_training
@@ -465,3 +485,40 @@ def test_max_examples_trains_on_a_seeded_sample(tmp_path) -> None:
     assert len(load_examples(everything).train) == 100
     # a sampled run is a different dataset for the demo's reuse check
     assert dataset_sha256(data) != dataset_sha256(everything)
+
+
+def test_registry_lists_every_page_and_undoes_a_version_without_its_alias(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More than 100 registered adapters are all listed and promotable (MLflow pages
+    its answers); a version whose alias cannot be set is removed again."""
+    from mlflow import MlflowClient
+
+    from loraplex.errors import LoraplexError
+    from loraplex.training.registry import list_adapters, log_and_register, promote
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("x")).info.run_id
+    for i in range(103):
+        name = f"team's-adapter-{i:03d}" if i == 102 else f"adapter-{i:03d}"
+        client.create_registered_model(name)
+        client.create_model_version(
+            name, f"runs:/{run}/a", run_id=run, tags={"loraplex.base_model": "tiny"}
+        )
+    names = {a.name for a in list_adapters(client)}
+    assert len(names) == 103 and "team's-adapter-102" in names
+    assert promote(client, "adapter-101", "1", "production") is None
+    assert promote(client, "team's-adapter-102", "1", "production") is None
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+
+    def registry_down(*_: object, **__: object) -> None:
+        raise ConnectionError("registry went away")
+
+    monkeypatch.setattr(client, "set_registered_model_alias", registry_down)
+    with pytest.raises(LoraplexError, match="version 2 was removed again"):
+        log_and_register(client, run, folder, "adapter-000", "candidate", "tiny", 4)
+    assert [str(v.version) for v in client.search_model_versions("name = 'adapter-000'")] == ["1"]

@@ -1,4 +1,4 @@
-"""``loraplex train`` and ``loraplex adapters list|promote|register``.
+"""``loraplex train`` and ``loraplex adapters list|promote|rollback|register``.
 
 Owns: loading and validating a training config (YAML + ``--set``) before anything
 starts, printing a job's outcome, and the registry commands' arguments and tables.
@@ -101,17 +101,35 @@ def list_(state: CliState, as_json: bool) -> None:
 @click.option("--alias", default="production", show_default=True)
 @pass_state
 def promote(state: CliState, name: str, version: str, alias: str) -> None:
-    """Point an alias at a version (serving follows the alias).
+    """Point an alias at a version (serving follows the alias), after checking that the
+    version's files download and fit its base model; `rollback` undoes it.
 
     Example: loraplex adapters promote json-answer 3 --alias production
     """
+    from loraplex.training.registry import check_loads
     from loraplex.training.registry import promote as do_promote
 
     if not version.isdigit():
         raise InputError(f"version must be a number, not {version!r}")
-    before = do_promote(_client(state), name, version, alias)
+    client = _client(state)
+    before = do_promote(client, name, version, alias, check=check_loads(state.settings()))
     was = f" (was version {before})" if before else ""
     click.echo(f"{name}@{alias} -> version {version}{was}")
+
+
+@adapters.command()
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True)
+@pass_state
+def rollback(state: CliState, name: str, alias: str) -> None:
+    """Move an alias back to the version it pointed at before its last move.
+
+    Example: loraplex adapters rollback json-answer --alias production
+    """
+    from loraplex.training.registry import rollback as do_rollback
+
+    was, now = do_rollback(_client(state), name, alias)
+    click.echo(f"{name}@{alias} -> version {now} (rolled back from version {was})")
 
 
 @adapters.command()

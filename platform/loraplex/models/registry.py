@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.errors import InputError
+from loraplex.registry_search import all_registered_models, all_versions
 
 ARTIFACT = "base_model"
 KIND_TAG = "loraplex.kind"
@@ -85,14 +86,13 @@ class BaseModelVersion:
 def list_base_models(client) -> list[BaseModelVersion]:
     """Every version of every registered base model (all pages)."""
     out = []
-    for rm in _all_registered(client):
+    for rm in all_registered_models(client):
         if (rm.tags or {}).get(KIND_TAG) != KIND:
             continue
         by_version: dict[str, list[str]] = {}
         for alias, version in (rm.aliases or {}).items():
             by_version.setdefault(str(version), []).append(alias)
-        escaped = rm.name.replace("'", "\\'")
-        for mv in client.search_model_versions(f"name = '{escaped}'"):
+        for mv in all_versions(client, rm.name):
             out.append(
                 BaseModelVersion(
                     rm.name,
@@ -103,13 +103,3 @@ def list_base_models(client) -> list[BaseModelVersion]:
                 )
             )
     return sorted(out, key=lambda v: (v.name, int(v.version)))
-
-
-def _all_registered(client):
-    token = None
-    while True:
-        page = client.search_registered_models(max_results=100, page_token=token)
-        yield from page
-        token = getattr(page, "token", None)
-        if not token:
-            return

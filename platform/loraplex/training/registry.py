@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InputError, LoraplexError
+from loraplex.registry_search import all_registered_models, all_versions
 
 ARTIFACT = "adapter"
 MAX_SERVING_RANK = 64
@@ -65,7 +67,19 @@ def log_and_register(
         **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()},
     }
     mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    client.set_registered_model_alias(name, alias, mv.version)
+    try:
+        set_alias(client, name, alias, str(mv.version))
+    except Exception as e:
+        # a version without its alias is an orphan nothing would ever serve: undo it
+        try:
+            client.delete_model_version(name, mv.version)
+            undone = f"version {mv.version} was removed again"
+        except Exception:
+            undone = f"version {mv.version} is left without the alias"
+        raise LoraplexError(
+            f"registered {name} version {mv.version} but could not set alias {alias!r} "
+            f"({_mlflow_error(e)}); {undone}"
+        ) from None
     return str(mv.version)
 
 
@@ -81,13 +95,15 @@ class AdapterVersion:
     source: str
 
 
-def list_adapters(client) -> list[AdapterVersion]:
+def list_adapters(client, name: str | None = None) -> list[AdapterVersion]:
+    """Every version of every registered adapter (or of ``name``), all pages."""
     out = []
-    for rm in client.search_registered_models():
+    models = [client.get_registered_model(name)] if name else all_registered_models(client)
+    for rm in models:
         by_version: dict[str, list[str]] = {}
         for alias, version in (rm.aliases or {}).items():
             by_version.setdefault(str(version), []).append(alias)
-        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+        for mv in all_versions(client, rm.name):
             tags = mv.tags or {}
             if "loraplex.base_model" not in tags:
                 continue
@@ -110,24 +126,110 @@ def list_adapters(client) -> list[AdapterVersion]:
     return sorted(out, key=lambda a: (a.name, int(a.version)))
 
 
-def promote(client, name: str, version: str, alias: str) -> str | None:
-    """Point ``alias`` at ``version``; returns the version it pointed at before."""
+HISTORY_TAG = "loraplex.alias_history.{alias}"  # on the registered model: JSON list
+HISTORY_KEEP = 20
+
+
+def _history(client, name: str, alias: str) -> list[str]:
+    tags = client.get_registered_model(name).tags or {}
+    try:
+        return [str(v) for v in json.loads(tags.get(HISTORY_TAG.format(alias=alias), "[]"))]
+    except (json.JSONDecodeError, TypeError):
+        return []
+
+
+def set_alias(client, name: str, alias: str, version: str) -> str | None:
+    """Point ``alias`` at ``version``, remembering the version it pointed at before (the
+    history ``rollback`` goes back through); returns that previous version."""
+    try:
+        before = str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        before = None
+    client.set_registered_model_alias(name, alias, version)
+    if before is not None and before != version:
+        history = [*_history(client, name, alias), before][-HISTORY_KEEP:]
+        client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    return before
+
+
+def _versions(client, name: str) -> dict[str, AdapterVersion]:
+    try:
+        return {a.version: a for a in list_adapters(client, name)}
+    except Exception:
+        return {}
+
+
+def promote(
+    client,
+    name: str,
+    version: str,
+    alias: str,
+    check: Callable[[AdapterVersion], None] | None = None,
+) -> str | None:
+    """Point ``alias`` at ``version`` after ``check`` (e.g. that the version's files load
+    against its base model) passed; returns the version it pointed at before. A failed
+    check raises and leaves the alias where it was."""
     if not _ALIAS.match(alias):
         raise InputError(
             f"alias {alias!r}: use letters, digits, '_' and '-', starting with a letter"
         )
-    versions = {a.version for a in list_adapters(client) if a.name == name}
+    versions = _versions(client, name)
     if not versions:
         raise InputError(f"no adapter named {name!r} (see `loraplex adapters list`)")
     if str(version) not in versions:
         known = ", ".join(sorted(versions, key=int))
         raise InputError(f"adapter {name!r} has no version {version} (versions: {known})")
+    if check is not None:
+        check(versions[str(version)])
+    return set_alias(client, name, alias, str(version))
+
+
+def rollback(client, name: str, alias: str) -> tuple[str, str]:
+    """Move ``alias`` back to the version it pointed at before its last move; returns
+    (from, to). The history shrinks by one, so a second rollback goes further back."""
+    history = _history(client, name, alias)
     try:
-        before = client.get_model_version_by_alias(name, alias).version
+        current = str(client.get_model_version_by_alias(name, alias).version)
     except Exception:
-        before = None
-    client.set_registered_model_alias(name, alias, str(version))
-    return str(before) if before is not None else None
+        raise InputError(f"{name}@{alias} does not exist: nothing to roll back") from None
+    if not history:
+        raise InputError(f"{name}@{alias} has no earlier version to roll back to")
+    target = history[-1]
+    if target not in _versions(client, name):
+        raise InputError(f"{name} version {target} (before {current}) no longer exists")
+    client.set_registered_model_alias(name, alias, target)
+    client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[:-1]))
+    return current, target
+
+
+def check_loads(settings) -> Callable[[AdapterVersion], None]:
+    """A ``promote`` check: the version's files download and fit its base model."""
+
+    def check(v: AdapterVersion) -> None:
+        import tempfile
+
+        import mlflow
+
+        from loraplex.models.resolve import resolve_base_model
+
+        base_dir, _ = resolve_base_model(v.base_model, settings)
+        with tempfile.TemporaryDirectory(prefix="loraplex-promote-") as tmp:
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{v.name}/{v.version}", dst_path=tmp
+                )
+            except Exception as e:
+                raise InputError(
+                    f"{v.name} version {v.version} cannot be downloaded ({_mlflow_error(e)}); "
+                    "alias not moved"
+                ) from None
+            try:
+                validate_adapter(Path(path), base_dir)
+            except InputError as e:
+                reason = str(e).replace(str(path), f"{v.name}/{v.version}")
+                raise InputError(f"{reason}; alias not moved") from None
+
+    return check
 
 
 # -- adapters trained elsewhere ----------------------------------------------------
