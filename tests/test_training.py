@@ -522,3 +522,50 @@ def test_registry_lists_every_page_and_undoes_a_version_without_its_alias(
     with pytest.raises(LoraplexError, match="version 2 was removed again"):
         log_and_register(client, run, folder, "adapter-000", "candidate", "tiny", 4)
     assert [str(v.version) for v in client.search_model_versions("name = 'adapter-000'")] == ["1"]
+
+
+def test_resume_after_a_failure_past_fit_registers_without_training_again(
+    tiny_base, settings, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry fails after training finished: the run fails with a reason that
+    says --resume registers the adapter; --resume does exactly that (fit() is not called
+    again); a changed config is refused for --resume; a second train of a job that is
+    running is refused with the holder named."""
+    from ray.train.torch import TorchTrainer
+
+    from loraplex.errors import InputError, LoraplexError
+    from loraplex.training import job
+
+    cfg = load(
+        write_config(tmp_path, "resume-tiny", train__max_steps=2, ray__num_workers=1),
+        settings.home,
+    )
+
+    def registry_down(*_: object, **__: object) -> str:
+        raise ConnectionError("the MLflow server went away")
+
+    with monkeypatch.context() as m:
+        m.setattr("loraplex.training.registry.log_and_register", registry_down)
+        with pytest.raises(LoraplexError, match="--resume to register its finished adapter"):
+            job.run_training(cfg, settings)
+
+    changed = load(
+        write_config(tmp_path, "resume-tiny", train__max_steps=3, ray__num_workers=1),
+        settings.home,
+    )
+    with pytest.raises(InputError, match="the config changed since it started"):
+        job.run_training(changed, settings, resume=True)
+
+    def no_training(*_: object, **__: object) -> None:
+        raise AssertionError("fit() ran again")
+
+    monkeypatch.setattr(TorchTrainer, "fit", no_training)
+    result = job.run_training(cfg, settings, resume=True)
+    assert result.resumed and result.version == "1"
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("resume-tiny", "candidate").version) == "1"
+
+    storage = Path(settings.ray.storage_path)
+    held = pytest.raises(InputError, match=r"already running \(pid \d+ on ")
+    with job.job_lock(storage, "resume-tiny"), held:
+        job.run_training(cfg, settings)

@@ -7,6 +7,7 @@ touches a config file. Does not own: the settings model (``loraplex.config``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import click
@@ -27,6 +28,8 @@ class CliState:
             if self.home is not None:
                 overrides.insert(0, f"home={self.home}")
             self._settings = load_settings(self.config_file, overrides)
+            # `log_level` (setting or LORAPLEX_LOG_LEVEL) sets how much loraplex says
+            logging.getLogger("loraplex").setLevel(self._settings.log_level)
         return self._settings
 
 

@@ -16,13 +16,17 @@ run, in the same Ray run folder and the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +86,52 @@ def _write_state(storage: Path, name: str, state: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
+@contextlib.contextmanager
+def job_lock(storage: Path, name: str) -> Iterator[None]:
+    """Hold the job's lock for the whole run: a second ``loraplex train`` of the same
+    job (same storage) is refused with the holder named, not run beside it."""
+    path = storage / name / "job.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(
+                f"job {name!r} is already running ({holder}); wait for it, or stop it first"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_fingerprint(cfg: TrainConfig, dataset_sha256: str) -> dict[str, str]:
+    """What a resumed run must share with the run it continues."""
+    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return {
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "dataset_sha256": dataset_sha256,
+    }
+
+
+def check_resumable(entry: dict[str, Any], fingerprint: dict[str, str]) -> None:
+    for key, what in (("config_sha256", "the config"), ("dataset_sha256", "the dataset")):
+        if entry.get(key) not in (None, fingerprint[key]):
+            raise InputError(
+                f"cannot resume {entry['run_name']}: {what} changed since it started "
+                f"({entry[key][:12]} then, {fingerprint[key][:12]} now); run without "
+                "--resume for a new run"
+            )
+
+
 def plan_run(storage: Path, name: str, resume: bool) -> tuple[dict[str, Any], bool]:
     """The run to do now: (its state entry, resumed?)."""
     state = _read_state(storage, name)
@@ -105,7 +155,21 @@ def plan_run(storage: Path, name: str, resume: bool) -> tuple[dict[str, Any], bo
 
 
 def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = False) -> TrainResult:
-    """Train, log, register. ``cfg`` paths must already be resolved."""
+    """Train, log, register. ``cfg`` paths must already be resolved. One run of a job
+    at a time (``job_lock``)."""
+    storage = Path(
+        cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
+    )
+    if "://" in str(cfg.ray.storage_path or ""):
+        raise InputError("ray.storage_path: remote storage is set in settings (ray.storage_path)")
+    storage = storage.expanduser().absolute()
+    with job_lock(storage, cfg.name):
+        return _run_training(cfg, settings, resume, storage)
+
+
+def _run_training(
+    cfg: TrainConfig, settings: LoraplexConfig, resume: bool, storage: Path
+) -> TrainResult:
     import mlflow
     from transformers import AutoTokenizer
 
@@ -114,12 +178,6 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
     from loraplex.training.dataset import load_examples, tokenize
     from loraplex.training.registry import log_and_register
 
-    storage = Path(
-        cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
-    )
-    if "://" in str(cfg.ray.storage_path or ""):
-        raise InputError("ray.storage_path: remote storage is set in settings (ray.storage_path)")
-    storage = storage.expanduser().absolute()
     entry, resumed = plan_run(storage, cfg.name, resume)
 
     base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
@@ -145,6 +203,9 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
         base_ref,
     )
 
+    fingerprint = run_fingerprint(cfg, examples.fingerprint["sha256"])
+    if resumed:
+        check_resumable(entry, fingerprint)
     experiment_id = tracking.setup(settings, cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
     if resumed:
@@ -171,6 +232,7 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
         client.log_param(run_id, "dataset.truncated", truncated + eval_truncated)
         client.log_dict(run_id, examples.fingerprint, "dataset_fingerprint.json")
         entry["mlflow_run_id"] = run_id
+        entry.update(fingerprint)
     state = _read_state(storage, cfg.name)
     state["runs"] = [r for r in state["runs"] if r["run_name"] != entry["run_name"]] + [
         {**entry, "status": "RUNNING", "started": time.time()}
@@ -213,44 +275,39 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    kept = job_dir / "final-adapter"
+    trained = resumed and entry.get("trained") and (kept / "adapter_config.json").exists()
     try:
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise LoraplexError(f"training run {entry['run_name']} produced no checkpoint")
-        with tempfile.TemporaryDirectory(prefix="loraplex-adapter-") as tmp:
-            with result.checkpoint.as_directory() as d:
-                from loraplex.training.worker import ADAPTER_DIR
-
-                if not (Path(d) / ADAPTER_DIR / "adapter_config.json").exists():
-                    raise LoraplexError("the final checkpoint holds no adapter")
-                adapter = Path(tmp) / ADAPTER_DIR
-                shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
-            metrics = {
-                k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)
-            }
-            version = log_and_register(
-                client,
-                run_id,
-                adapter,
-                cfg.mlflow.registered_model,
-                cfg.mlflow.alias,
-                base_ref=base_ref,
-                lora_rank=cfg.lora.r,
-                metrics=metrics,
-            )
-            kept = job_dir / "final-adapter"
-            if kept.exists():
-                shutil.rmtree(kept)
-            shutil.copytree(adapter, kept)
+        if trained:
+            # the failure came after fit(): the finished adapter is kept; register it
+            log.info("run %s finished training before; registering its adapter", entry["run_name"])
+            adapter, metrics = kept, {k: float(v) for k, v in entry.get("metrics", {}).items()}
+        else:
+            adapter, metrics = _fit(trainer, entry["run_name"], kept)
+            _mark_trained(storage, cfg.name, entry["run_name"], metrics)
+        version = log_and_register(
+            client,
+            run_id,
+            adapter,
+            cfg.mlflow.registered_model,
+            cfg.mlflow.alias,
+            base_ref=base_ref,
+            lora_rank=cfg.lora.r,
+            metrics=metrics,
+        )
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         _finish_state(storage, cfg.name, entry["run_name"], "FAILED")
         if isinstance(e, LoraplexError):
             raise
+        after = (
+            "register its finished adapter"
+            if _is_trained(storage, cfg.name, entry)
+            else ("continue from its last checkpoint")
+        )
         raise LoraplexError(
-            f"training run {entry['run_name']} failed: {first} (rerun with --resume to "
-            "continue from its last checkpoint)"
+            f"training run {entry['run_name']} failed: {first} (rerun with --resume to {after})"
         ) from e
     for key, value in metrics.items():
         client.log_metric(run_id, f"final_{key}", value)
@@ -267,6 +324,40 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
         kept,
         resumed,
     )
+
+
+def _fit(trainer: Any, run_name: str, kept: Path) -> tuple[Path, dict[str, float]]:
+    """Train; the final adapter lands in ``kept`` (replaced whole, never half-written)
+    before anything is registered, so a failure after this point resumes without
+    training again."""
+    from loraplex.folders import replace_folder, staging_folder
+    from loraplex.training.worker import ADAPTER_DIR
+
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise LoraplexError(f"training run {run_name} produced no checkpoint")
+    staging = staging_folder(kept)
+    with result.checkpoint.as_directory() as d:
+        if not (Path(d) / ADAPTER_DIR / "adapter_config.json").exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise LoraplexError("the final checkpoint holds no adapter")
+        shutil.copytree(Path(d) / ADAPTER_DIR, staging, dirs_exist_ok=True)
+    replace_folder(staging, kept)
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    return kept, metrics
+
+
+def _mark_trained(storage: Path, name: str, run_name: str, metrics: dict[str, float]) -> None:
+    state = _read_state(storage, name)
+    for r in state["runs"]:
+        if r["run_name"] == run_name:
+            r.update(trained=True, metrics=metrics)
+    _write_state(storage, name, state)
+
+
+def _is_trained(storage: Path, name: str, entry: dict[str, Any]) -> bool:
+    state = _read_state(storage, name)
+    return any(r["run_name"] == entry["run_name"] and r.get("trained") for r in state["runs"])
 
 
 def _finish_state(storage: Path, name: str, run_name: str, status: str, **extra: Any) -> None:
