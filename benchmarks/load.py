@@ -313,7 +313,7 @@ def main() -> None:
                     "kv_cache_gib": 1,
                     "scaling": {
                         "max_ongoing_requests": ongoing,
-                        "max_queued_requests": max(1, ongoing // 2),
+                        "max_queued_requests": max(1, ongoing // 4),
                     },
                 }
             ],

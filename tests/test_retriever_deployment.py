@@ -140,11 +140,14 @@ def test_anonymous_app_refuses_to_start_when_serve_listens_beyond_loopback(
     serve.shutdown()  # the module's Serve (on 127.0.0.1) is done with: start one on all
     serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
     try:
-        with pytest.raises(Exception, match=r"binds 127\.0\.0\.1 only"):
+        with pytest.raises(Exception, match="Deploying application anonymous failed"):
             serve.run(
                 build_retriever(settings, auth=AuthConfig(allow_anonymous=True)),
                 name="anonymous",
                 route_prefix="/anonymous",
             )
+        status = serve.status().applications["anonymous"]
+        why = status.message + " ".join(d.message for d in status.deployments.values())
+        assert "binds 127.0.0.1 only" in why and "listens on 0.0.0.0" in why, why
     finally:
         serve.shutdown()

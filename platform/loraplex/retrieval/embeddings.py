@@ -55,10 +55,14 @@ class Embedder:
         return vectors.astype(np.float32, copy=False)
 
     def count_tokens(self, texts: list[str]) -> int:
-        """Tokens the model reads: each text cut at its max_seq_length, as encode does."""
-        ids = self.model.tokenizer(texts, truncation=True, max_length=self.model.max_seq_length)[
-            "input_ids"
-        ]
+        """Tokens the model reads: each text cut at its max_seq_length, as encode does.
+        Under the same lock as ``encode``: a fast tokenizer's truncation settings are
+        shared state, and a call from another thread changed them mid-encode (seen as
+        "Unable to create tensor" under load)."""
+        with self._lock:
+            ids = self.model.tokenizer(
+                texts, truncation=True, max_length=self.model.max_seq_length
+            )["input_ids"]
         return sum(len(i) for i in ids)
 
 

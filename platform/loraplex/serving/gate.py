@@ -162,7 +162,10 @@ class Gate:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # http.disconnect, when it comes
+            try:
+                return await receive()  # http.disconnect, when it comes
+            except Exception:  # Serve cancels the receive of a request whose client left
+                return {"type": "http.disconnect"}
 
         return replay
 
