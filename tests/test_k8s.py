@@ -292,3 +292,20 @@ def test_every_ray_cluster_requires_ray_token_auth(rendered) -> None:
         clusters += 1
         assert cluster.get("authOptions") == {"mode": "token"}, d["metadata"]["name"]
     assert clusters == 5
+
+
+def test_plain_client_keys_reach_the_evaluation_job_only(rendered) -> None:
+    """Serving pods get key hashes (loraplex-env); the plain key the evaluation job
+    sends (loraplex-client) is mounted nowhere else."""
+    _, docs = rendered
+
+    def secrets(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["secretRef"]["name"]] if "secretRef" in node else []
+            return found + [s for v in node.values() for s in secrets(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in secrets(v)]
+        return []
+
+    holders = {d["metadata"]["name"] for d in docs if "loraplex-client" in secrets(d)}
+    assert holders == {"loraplex-evaluate"}
