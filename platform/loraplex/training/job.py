@@ -157,12 +157,15 @@ def plan_run(storage: Path, name: str, resume: bool) -> tuple[dict[str, Any], bo
 def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = False) -> TrainResult:
     """Train, log, register. ``cfg`` paths must already be resolved. One run of a job
     at a time (``job_lock``)."""
-    storage = Path(
-        cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
-    )
-    if "://" in str(cfg.ray.storage_path or ""):
-        raise InputError("ray.storage_path: remote storage is set in settings (ray.storage_path)")
-    storage = storage.expanduser().absolute()
+    where = cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
+    if "://" in str(where):
+        # never Path("s3://bucket") (a local folder named "s3:"): say what works instead
+        raise InputError(
+            f"ray.storage_path {str(where)[:120]!r}: fine-tuning keeps its job state and "
+            "checkpoints on a filesystem path; on a cluster, use a volume every node mounts "
+            "(a ReadWriteMany PVC or NFS path)"
+        )
+    storage = Path(where).expanduser().absolute()
     with job_lock(storage, cfg.name):
         return _run_training(cfg, settings, resume, storage)
 
