@@ -279,9 +279,8 @@ def main() -> None:
 
     from loraplex.config import load_settings
     from loraplex.models.resolve import resolve_base_model
-    from loraplex.ray_runtime import init_ray
     from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.builder import build
+    from loraplex.serving.builder import start
     from loraplex.serving.config import ServingConfig, hash_key
 
     settings = load_settings(overrides=[f"home={args.home}"])
@@ -344,11 +343,7 @@ def main() -> None:
             },
         }
     )
-    init_ray(settings)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1"
+    url = start(cfg, settings, port=free_port())
     results: dict = {"concurrency": args.concurrency, "engine_ongoing": ongoing}
     try:
         print("warm-up (30 s)")

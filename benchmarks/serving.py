@@ -215,9 +215,8 @@ def main() -> None:
     from loraplex import tracking
     from loraplex.config import load_settings
     from loraplex.models.resolve import resolve_base_model
-    from loraplex.ray_runtime import init_ray
     from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.builder import build
+    from loraplex.serving.builder import start
     from loraplex.serving.config import ServingConfig
     from loraplex.training.registry import register_external
 
@@ -286,11 +285,7 @@ def main() -> None:
             "auth": {"allow_anonymous": True, "default_limits": {}},
         }
     )
-    init_ray(settings)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1"
+    url = start(cfg, settings, port=free_port())
     try:
         print(f"loraplex{' without adapters' if base_only else ''}:")
         results["loraplex_base" if base_only else "loraplex"] = levels(url, SERVED, args)

@@ -150,7 +150,7 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     from loraplex import tracking
     from loraplex.config import load_settings
     from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.builder import build
+    from loraplex.serving.builder import start
     from loraplex.serving.config import ServingConfig
     from loraplex.training.registry import register_external
 
@@ -183,12 +183,10 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     weights.write_bytes(weights.read_bytes()[:100])
 
     cfg = ServingConfig.model_validate(serving_config(base))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build(cfg, settings), name="loraplex", route_prefix="/")
+        url = start(cfg, settings, port=free_port())
         log_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-        yield Served(f"http://127.0.0.1:{port}/v1", settings, milvus, tiny_base.world_dir, log_dir)
+        yield Served(url, settings, milvus, tiny_base.world_dir, log_dir)
     finally:
         serve.shutdown()
 

@@ -150,9 +150,8 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     from loraplex.basemodel.bootstrap import world_dir
     from loraplex.errors import InputError
     from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
-    from loraplex.ray_runtime import init_ray
     from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.builder import build, check
+    from loraplex.serving.builder import check, start
     from loraplex.serving.config import AdapterSpec, load_serving_config
     from loraplex.world.generate import generate_world, is_current
 
@@ -194,10 +193,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     step(4, total, "serving: vLLM behind Ray Serve, adapters, retriever (1-2 minutes)")
     checked = check(cfg, settings)
     owned_ray = not ray.is_initialized()
-    init_ray(settings)
-    serve.start(http_options={"host": "127.0.0.1", "port": opts.port})
-    serve.run(build(cfg, settings, checked), name=cfg.name, route_prefix="/")
-    url = f"http://127.0.0.1:{opts.port}/v1"
+    url = start(cfg, settings, checked, port=opts.port)
     try:
         step(
             5,

@@ -95,7 +95,7 @@ def _run(cfg, settings, checked, host: str) -> None:
     from rich.console import Console
 
     from loraplex.ray_runtime import init_ray
-    from loraplex.serving.builder import build
+    from loraplex.serving.builder import start
 
     console = Console(stderr=True)
     stop = threading.Event()
@@ -107,11 +107,7 @@ def _run(cfg, settings, checked, host: str) -> None:
         with console.status(
             f"starting {_summary(cfg)}: vLLM loads the model (about 1-2 minutes on CPU)"
         ):
-            ray_serve.start(http_options={"host": host, "port": cfg.http.port})
-            ray_serve.run(
-                build(cfg, settings, checked), name=cfg.name, route_prefix="/", blocking=False
-            )
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{cfg.http.port}/v1"
+            url = start(cfg, settings, checked, host=host)
         click.echo(f"loraplex is serving at {url} (OpenAI-compatible)")
         for m in cfg.models:
             click.echo(f"  base model  {m.id}")

@@ -4,9 +4,10 @@ Owns: :func:`check` (everything that can be wrong before Ray starts: base model
 folders, adapters in the registry, keys), :func:`llm_config` (one ``LLMConfig`` per
 base model: vLLM engine settings, CPU or GPU, LoRA limits, replicas/autoscaling, the
 ``LORAPLEX_*`` environment its adapter downloader needs), :func:`build` (LLMServer
-deployments + the Retriever + :class:`~loraplex.serving.ingress.LoraplexIngress`) and
+deployments + the Retriever + :class:`~loraplex.serving.ingress.LoraplexIngress`),
 :func:`build_app`, the import path for ``serve run`` / ``serve deploy`` / a RayService
-``serveConfigV2``. Does not own: request handling (``ingress``) or starting Serve
+``serveConfigV2``, and :func:`start`, the one place loraplex itself starts the
+application. Does not own: request handling (``ingress``) or running until stopped
 (``loraplex serve``).
 """
 
@@ -151,6 +152,29 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
         retriever=retriever,
         anonymous=not checked.key_digests,
     )
+
+
+def start(
+    cfg: ServingConfig,
+    settings: LoraplexConfig,
+    checked: Checked | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+) -> str:
+    """The one way loraplex starts its application: Ray (local or ``ray.address``),
+    Serve's HTTP proxy on ``host:port``, the application deployed and running. Returns
+    the OpenAI base URL. ``loraplex serve``, the demo, the benchmarks and the tests all
+    start it here."""
+    from ray import serve
+
+    from loraplex.ray_runtime import init_ray
+
+    app = build(cfg, settings, checked)  # checks before Ray starts anything
+    init_ray(settings)
+    port = port or cfg.http.port
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=cfg.name, route_prefix="/")
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
 
 
 class AppArgs(StrictModel):
