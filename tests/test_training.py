@@ -534,7 +534,7 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
     from ray.train.torch import TorchTrainer
 
     from loraplex.errors import InputError, LoraplexError
-    from loraplex.training import job
+    from loraplex.training import job, state
 
     cfg = load(
         write_config(tmp_path, "resume-tiny", train__max_steps=2, ray__num_workers=1),
@@ -567,5 +567,5 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
 
     storage = Path(settings.ray.storage_path)
     held = pytest.raises(InputError, match=r"already running \(pid \d+ on ")
-    with job.job_lock(storage, "resume-tiny"), held:
+    with state.job_lock(storage, "resume-tiny"), held:
         job.run_training(cfg, settings)

@@ -4,29 +4,19 @@ Owns: :func:`run_training`: checking the base model (resolved by ``loraplex.mode
 loading and tokenizing the data, the job's one MLflow run (params, tags, dataset
 fingerprint; ended with its final status), the Ray Train ``TorchTrainer``
 (``FailureConfig`` for worker failures, checkpoints in Ray's storage path), logging the
-adapter (the PEFT folder only) and registering it; and the job state file that decides
-between a new run and ``--resume``.
-Does not own: the worker loop (``worker``), the registry conventions (``registry``).
-
-Job state lives in ``<storage>/<job name>/job.json``: every run of the job (its Ray run
-name, MLflow run id and status). A job whose last run finished starts a new run
-(``<name>-<n>``) unless told to resume, and ``--resume`` continues only an unfinished
-run, in the same Ray run folder and the same MLflow run.
+adapter (the PEFT folder only) and registering it. A failure after training keeps the
+finished adapter, so ``--resume`` registers it without training again. Does not own:
+the worker loop (``worker``), the registry conventions (``registry``), or the job's
+state between runs (``state``: ``job.json``, the lock, new run or ``--resume``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +25,7 @@ from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError
 from loraplex.evaluation.provenance import SEEDS_TAG, seeds_tag
 from loraplex.models.resolve import check_base_model, resolve_base_model
+from loraplex.training import state
 from loraplex.training.config import REPO_ROOT, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -66,91 +57,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-# -- job state -----------------------------------------------------------------
-
-
-def _state_path(storage: Path, name: str) -> Path:
-    return storage / name / "job.json"
-
-
-def _read_state(storage: Path, name: str) -> dict[str, Any]:
-    p = _state_path(storage, name)
-    return json.loads(p.read_text()) if p.exists() else {"name": name, "runs": []}
-
-
-def _write_state(storage: Path, name: str, state: dict[str, Any]) -> None:
-    p = _state_path(storage, name)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, p)
-
-
-@contextlib.contextmanager
-def job_lock(storage: Path, name: str) -> Iterator[None]:
-    """Hold the job's lock for the whole run: a second ``loraplex train`` of the same
-    job (same storage) is refused with the holder named, not run beside it."""
-    path = storage / name / "job.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise InputError(
-                f"job {name!r} is already running ({holder}); wait for it, or stop it first"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def run_fingerprint(cfg: TrainConfig, dataset_sha256: str) -> dict[str, str]:
-    """What a resumed run must share with the run it continues."""
-    config = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
-    return {
-        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-        "dataset_sha256": dataset_sha256,
-    }
-
-
-def check_resumable(entry: dict[str, Any], fingerprint: dict[str, str]) -> None:
-    for key, what in (("config_sha256", "the config"), ("dataset_sha256", "the dataset")):
-        if entry.get(key) not in (None, fingerprint[key]):
-            raise InputError(
-                f"cannot resume {entry['run_name']}: {what} changed since it started "
-                f"({entry[key][:12]} then, {fingerprint[key][:12]} now); run without "
-                "--resume for a new run"
-            )
-
-
-def plan_run(storage: Path, name: str, resume: bool) -> tuple[dict[str, Any], bool]:
-    """The run to do now: (its state entry, resumed?)."""
-    state = _read_state(storage, name)
-    runs = state["runs"]
-    if resume:
-        if not runs:
-            raise InputError(f"job {name!r} has no earlier run to resume")
-        last = runs[-1]
-        if last["status"] == "FINISHED":
-            raise InputError(
-                f"job {name!r} finished (run {last['run_name']}, adapter version "
-                f"{last.get('version', '?')}); nothing to resume: run it without --resume "
-                "for a new run"
-            )
-        return last, True
-    run_name = name if not runs else f"{name}-{len(runs) + 1}"
-    return {"run_name": run_name, "status": "NEW"}, False
-
-
 # -- the job -------------------------------------------------------------------
 
 
@@ -166,7 +72,7 @@ def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = Fals
             "(a ReadWriteMany PVC or NFS path)"
         )
     storage = Path(where).expanduser().absolute()
-    with job_lock(storage, cfg.name):
+    with state.job_lock(storage, cfg.name):
         return _run_training(cfg, settings, resume, storage)
 
 
@@ -181,7 +87,7 @@ def _run_training(
     from loraplex.training.dataset import load_examples, tokenize
     from loraplex.training.registry import log_and_register
 
-    entry, resumed = plan_run(storage, cfg.name, resume)
+    entry, resumed = state.plan_run(storage, cfg.name, resume)
 
     base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
     check_base_model(base_dir, cfg.lora.target_modules)
@@ -206,9 +112,9 @@ def _run_training(
         base_ref,
     )
 
-    fingerprint = run_fingerprint(cfg, examples.fingerprint["sha256"])
+    fingerprint = state.run_fingerprint(cfg, examples.fingerprint["sha256"])
     if resumed:
-        check_resumable(entry, fingerprint)
+        state.check_resumable(entry, fingerprint)
     experiment_id = tracking.setup(settings, cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
     if resumed:
@@ -236,32 +142,32 @@ def _run_training(
         client.log_dict(run_id, examples.fingerprint, "dataset_fingerprint.json")
         entry["mlflow_run_id"] = run_id
         entry.update(fingerprint)
-    state = _read_state(storage, cfg.name)
-    state["runs"] = [r for r in state["runs"] if r["run_name"] != entry["run_name"]] + [
+    job_state = state.read_state(storage, cfg.name)
+    job_state["runs"] = [r for r in job_state["runs"] if r["run_name"] != entry["run_name"]] + [
         {**entry, "status": "RUNNING", "started": time.time()}
     ]
-    _write_state(storage, cfg.name, state)
+    state.write_state(storage, cfg.name, job_state)
 
     init_ray(settings)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from loraplex.training.worker import train_loop_per_worker
+    from loraplex.training.worker import WorkerConfig, train_loop_per_worker
 
     job_dir = storage / cfg.name / entry["run_name"]
-    loop_config = {
-        "base_dir": str(base_dir),
-        "job_dir": str(job_dir),
-        "lora": cfg.lora.model_dump(),
-        "train": cfg.train.model_dump(),
-        "deepspeed": cfg.deepspeed.as_dict(),
-        "use_gpu": cfg.ray.use_gpu,
-        "cpus_per_worker": cfg.ray.cpus_per_worker,
-        "train_rows": train_rows,
-        "eval_rows": eval_rows,
-        "run_id": run_id,
-        "tracking_uri": mlflow.get_tracking_uri(),
-    }
+    loop_config = WorkerConfig(
+        base_dir=str(base_dir),
+        job_dir=str(job_dir),
+        lora=cfg.lora,
+        train=cfg.train,
+        deepspeed=cfg.deepspeed.as_dict(),
+        use_gpu=cfg.ray.use_gpu,
+        cpus_per_worker=cfg.ray.cpus_per_worker,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        run_id=run_id,
+        tracking_uri=mlflow.get_tracking_uri(),
+    ).model_dump(mode="json")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.use_gpu else "cpu")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -287,7 +193,7 @@ def _run_training(
             adapter, metrics = kept, {k: float(v) for k, v in entry.get("metrics", {}).items()}
         else:
             adapter, metrics = _fit(trainer, entry["run_name"], kept)
-            _mark_trained(storage, cfg.name, entry["run_name"], metrics)
+            state.mark_trained(storage, cfg.name, entry["run_name"], metrics)
         version = log_and_register(
             client,
             run_id,
@@ -301,12 +207,12 @@ def _run_training(
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        _finish_state(storage, cfg.name, entry["run_name"], "FAILED")
+        state.finish(storage, cfg.name, entry["run_name"], "FAILED")
         if isinstance(e, LoraplexError):
             raise
         after = (
             "register its finished adapter"
-            if _is_trained(storage, cfg.name, entry)
+            if state.is_trained(storage, cfg.name, entry)
             else ("continue from its last checkpoint")
         )
         raise LoraplexError(
@@ -315,7 +221,7 @@ def _run_training(
     for key, value in metrics.items():
         client.log_metric(run_id, f"final_{key}", value)
     client.set_terminated(run_id, status="FINISHED")
-    _finish_state(storage, cfg.name, entry["run_name"], "FINISHED", version=version)
+    state.finish(storage, cfg.name, entry["run_name"], "FINISHED", version=version)
     return TrainResult(
         cfg.name,
         entry["run_name"],
@@ -348,24 +254,3 @@ def _fit(trainer: Any, run_name: str, kept: Path) -> tuple[Path, dict[str, float
     replace_folder(staging, kept)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return kept, metrics
-
-
-def _mark_trained(storage: Path, name: str, run_name: str, metrics: dict[str, float]) -> None:
-    state = _read_state(storage, name)
-    for r in state["runs"]:
-        if r["run_name"] == run_name:
-            r.update(trained=True, metrics=metrics)
-    _write_state(storage, name, state)
-
-
-def _is_trained(storage: Path, name: str, entry: dict[str, Any]) -> bool:
-    state = _read_state(storage, name)
-    return any(r["run_name"] == entry["run_name"] and r.get("trained") for r in state["runs"])
-
-
-def _finish_state(storage: Path, name: str, run_name: str, status: str, **extra: Any) -> None:
-    state = _read_state(storage, name)
-    for r in state["runs"]:
-        if r["run_name"] == run_name:
-            r.update(status=status, ended=time.time(), **extra)
-    _write_state(storage, name, state)

@@ -19,10 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
+from loraplex.training.config import Hyperparameters, LoraConfigModel
 from loraplex.training.dataset import IGNORE
 
 ADAPTER_DIR = "adapter"
+
+
+class WorkerConfig(BaseModel):
+    """What ``job`` hands every worker, typed on both sides of the Ray boundary: the
+    driver sends ``model_dump()``, each worker validates it again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_dir: str
+    job_dir: str
+    lora: LoraConfigModel
+    train: Hyperparameters
+    deepspeed: dict[str, Any]
+    use_gpu: bool
+    cpus_per_worker: int
+    train_rows: list[dict[str, list[int]]]
+    eval_rows: list[dict[str, list[int]]]
+    run_id: str | None = None
+    tracking_uri: str
 
 
 class PadCollator:
@@ -42,7 +63,7 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
-def _callbacks(cfg: dict[str, Any], rank: int):
+def _callbacks(cfg: WorkerConfig, rank: int):
     from transformers import TrainerCallback
 
     class ProgressAndMlflow(TrainerCallback):
@@ -50,10 +71,10 @@ def _callbacks(cfg: dict[str, Any], rank: int):
 
         def __init__(self) -> None:
             self.client = None
-            if cfg.get("run_id"):
+            if cfg.run_id:
                 from mlflow.tracking import MlflowClient
 
-                self.client = MlflowClient(cfg["tracking_uri"])
+                self.client = MlflowClient(cfg.tracking_uri)
             self.last: tuple[float, int] | None = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -81,7 +102,7 @@ def _callbacks(cfg: dict[str, Any], rank: int):
                 from mlflow.entities import Metric
 
                 self.client.log_batch(
-                    cfg["run_id"],
+                    cfg.run_id,
                     metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()],
                 )
 
@@ -90,7 +111,7 @@ def _callbacks(cfg: dict[str, Any], rank: int):
     return [RayTrainReportCallback(), *([ProgressAndMlflow()] if rank == 0 else [])]
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     from peft import LoraConfig, get_peft_model
     from ray.train.huggingface.transformers import prepare_trainer
@@ -98,55 +119,56 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    cfg = WorkerConfig.model_validate(config)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg["cpus_per_worker"])
+    torch.set_num_threads(cfg.cpus_per_worker)
     # Where the worker process is, for operators (and the fault-tolerance test).
-    pid_dir = Path(cfg["job_dir"]) / "workers"
+    pid_dir = Path(cfg.job_dir) / "workers"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["base_dir"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_dir"], dtype=torch.float32)
-    lora = cfg["lora"]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_dir)
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_dir, dtype=torch.float32)
+    lora = cfg.lora
     model = get_peft_model(
         model,
         LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-            use_dora=lora["use_dora"],
-            use_rslora=lora["use_rslora"],
-            bias=lora["bias"],
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            bias=lora.bias,
             task_type="CAUSAL_LM",
         ),
     )
-    hp = cfg["train"]
+    hp = cfg.train
     work = Path(tempfile.mkdtemp(prefix=f"loraplex-train-rank{rank}-"))
-    has_eval = bool(cfg["eval_rows"])
+    has_eval = bool(cfg.eval_rows)
     args = TrainingArguments(
         output_dir=str(work / "hf"),
-        per_device_train_batch_size=hp["per_device_batch_size"],
-        per_device_eval_batch_size=hp["per_device_batch_size"],
-        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
-        learning_rate=hp["learning_rate"],
-        num_train_epochs=hp["epochs"],
-        max_steps=hp["max_steps"],
-        lr_scheduler_type=hp["lr_scheduler"],
-        warmup_steps=hp["warmup_ratio"],  # a float in [0, 1) is a ratio of the total
-        weight_decay=hp["weight_decay"],
-        logging_steps=hp["logging_steps"],
+        per_device_train_batch_size=hp.per_device_batch_size,
+        per_device_eval_batch_size=hp.per_device_batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=hp.warmup_ratio,  # a float in [0, 1) is a ratio of the total
+        weight_decay=hp.weight_decay,
+        logging_steps=hp.logging_steps,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=hp["eval_steps"],
+        eval_steps=hp.eval_steps,
         save_strategy="steps",
-        save_steps=hp["save_steps"],
+        save_steps=hp.save_steps,
         save_total_limit=2,
-        seed=hp["seed"],
+        seed=hp.seed,
         report_to=[],
-        deepspeed=cfg["deepspeed"],
-        use_cpu=not cfg["use_gpu"],
-        ddp_backend=None if cfg["use_gpu"] else "gloo",
+        deepspeed=cfg.deepspeed,
+        use_cpu=not cfg.use_gpu,
+        ddp_backend=None if cfg.use_gpu else "gloo",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         include_num_input_tokens_seen="all",
@@ -156,8 +178,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=cfg["train_rows"],
-        eval_dataset=cfg["eval_rows"] or None,
+        train_dataset=cfg.train_rows,
+        eval_dataset=cfg.eval_rows or None,
         data_collator=PadCollator(tokenizer.pad_token_id or 0),
         callbacks=_callbacks(cfg, rank),
     )
