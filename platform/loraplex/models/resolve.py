@@ -52,7 +52,8 @@ def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
     what to do when it cannot be had."""
     from loraplex.models.builtin import BUILTIN
 
-    if ref == EMBEDDED:
+    if ref == EMBEDDED or ref.startswith(f"{EMBEDDED}:"):
+        # "embedded:<folder>" is the canonical form tags record: this home's tiny model
         folder = models_dir(settings) / EMBEDDED_FOLDER
         if not (folder / "config.json").exists():
             raise InputError(f"no embedded base model in {folder}: run `loraplex bootstrap` first")

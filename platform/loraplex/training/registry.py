@@ -16,6 +16,7 @@ Conventions (tags on each model version): ``loraplex.base_model`` (the base refe
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,8 @@ def check_loads(settings) -> Callable[[AdapterVersion], None]:
         from loraplex.models.resolve import resolve_base_model
 
         base_dir, _ = resolve_base_model(v.base_model, settings)
+        # an adapter is a few MB: no progress bar, so a refusal stays one line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory(prefix="loraplex-promote-") as tmp:
             try:
                 path = mlflow.artifacts.download_artifacts(

@@ -47,6 +47,7 @@ def job_lock(storage: Path, name: str) -> Iterator[None]:
     """Hold the job's lock for the whole run: a second ``loraplex train`` of the same
     job (same storage) is refused with the holder named, not run beside it."""
     path = storage / name / "job.lock"
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -66,6 +67,10 @@ def job_lock(storage: Path, name: str) -> Iterator[None]:
         finally:
             f.seek(0)
             f.truncate()
+            if created and [p.name for p in path.parent.iterdir()] == [path.name]:
+                # refused before anything was written: leave no empty job behind
+                path.unlink()
+                path.parent.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
