@@ -78,11 +78,19 @@ def start_milvus_server(data_dir: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("the Milvus server did not start within 60 s")
 
 
-def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(
+    root: Path, port: int, proxied: bool = False
+) -> tuple[subprocess.Popen, str]:
     """A real MLflow tracking server (sqlite store) on 127.0.0.1:port, waited for (120 s
-    at most); the caller stops the process."""
+    at most); the caller stops the process. ``proxied``: artifacts go through the server
+    (``--serve-artifacts``), as on a cluster where no node sees the server's disk."""
     import urllib.request
 
+    store = (
+        ["--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
+        if proxied
+        else ["--default-artifact-root", str(root / "artifacts")]
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -95,8 +103,7 @@ def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
             str(port),
             "--backend-store-uri",
             f"sqlite:///{root}/mlflow.db",
-            "--default-artifact-root",
-            str(root / "artifacts"),
+            *store,
             "--workers",
             "1",
         ],
@@ -118,11 +125,11 @@ def start_mlflow_server(root: Path, port: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlflow server did not answer /health within 120 s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test started, by its pid: TERM, then KILL after 30 s."""
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process this test started, by its pid: TERM, then KILL after ``timeout`` s."""
     proc.terminate()
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

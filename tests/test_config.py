@@ -21,6 +21,29 @@ def test_embedded_defaults_live_under_home(tmp_path: Path):
     assert cfg.adapters.uri == str(tmp_path / "adapters")
 
 
+def test_variables_of_other_parts_are_not_settings(tmp_path: Path):
+    """A serving pod holds LORAPLEX_API_KEY_HASHES (the k8s secret) and each replica
+    LORAPLEX_BASE_MODEL: the settings every process loads must not trip over them."""
+    env = {
+        "LORAPLEX_HOME": str(tmp_path),
+        "LORAPLEX_API_KEY_HASHES": "ops=" + "0" * 64,
+        "LORAPLEX_BASE_MODEL": "models:/tiny-llama/1",
+        "LORAPLEX_API_KEYS": "k",
+        "LORAPLEX_API_KEY": "k",
+        "LORAPLEX_URL": "http://127.0.0.1:8000/v1",
+    }
+    assert load_settings(env=env).home == tmp_path
+
+
+def test_a_tracking_server_keeps_artifacts_in_its_own_store(tmp_path: Path):
+    """With a server, experiments are created without a location of this machine's disk
+    (the server's proxied store): adapters must be downloadable from every node."""
+    env = {"LORAPLEX_HOME": str(tmp_path), "LORAPLEX_MLFLOW__TRACKING_URI": "http://mlflow:5000"}
+    assert load_settings(env=env).mlflow.artifact_location is None
+    env["LORAPLEX_MLFLOW__ARTIFACT_LOCATION"] = "s3://bucket/mlflow"
+    assert load_settings(env=env).mlflow.artifact_location == "s3://bucket/mlflow"
+
+
 def test_default_home_is_dot_loraplex_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_settings(env={}).home == tmp_path / ".loraplex"

@@ -34,7 +34,15 @@ ENV_PREFIX = "LORAPLEX_"
 ENV_CONFIG_FILE = "LORAPLEX_CONFIG"
 # LORAPLEX_* variables that are not settings: the config file, and the endpoint and keys
 # of the serving clients (loraplex chat/eval) and server (keys allowed everything).
-ENV_NOT_SETTINGS = (ENV_CONFIG_FILE, "LORAPLEX_URL", "LORAPLEX_API_KEY", "LORAPLEX_API_KEYS")
+# LORAPLEX_BASE_MODEL: a serving replica's base-model reference (serving.builder)
+ENV_NOT_SETTINGS = (
+    ENV_CONFIG_FILE,
+    "LORAPLEX_URL",
+    "LORAPLEX_API_KEY",
+    "LORAPLEX_API_KEYS",
+    "LORAPLEX_API_KEY_HASHES",  # serving.config auth.hashes_env: the k8s secret's hashes
+    "LORAPLEX_BASE_MODEL",
+)
 DEFAULT_HOME = ".loraplex"
 
 _MLFLOW_SCHEMES = {"sqlite", "file", "http", "https", "postgresql", "mysql", "databricks"}
@@ -51,7 +59,10 @@ class MlflowSettings(StrictModel):
     registry_uri: str | None = Field(default=None, description="Default: the tracking URI.")
     artifact_location: str | None = Field(
         default=None,
-        description="Where new experiments keep artifacts. Default: <home>/mlartifacts.",
+        description=(
+            "Where new experiments keep artifacts. Default: <home>/mlartifacts with the "
+            "embedded store; with a tracking server, the server's own (proxied) store."
+        ),
     )
     experiment: str = Field(default="loraplex", min_length=1)
     timeout_s: float = Field(default=5.0, gt=0, description="Reachability check timeout.")
@@ -224,7 +235,11 @@ class LoraplexConfig(StrictModel):
         h = self.home
         if self.mlflow.tracking_uri is None:
             object.__setattr__(self.mlflow, "tracking_uri", f"sqlite:///{h / 'mlflow.db'}")
-        if self.mlflow.artifact_location is None:
+        server = urlparse(self.mlflow.tracking_uri).scheme in ("http", "https", "databricks")
+        if self.mlflow.artifact_location is None and not server:
+            # with a tracking server the experiment takes the server's artifact store
+            # (mlflow-artifacts:/, proxied): a folder of this machine's disk would hold
+            # adapters no other node or pod can download
             object.__setattr__(self.mlflow, "artifact_location", str(h / "mlartifacts"))
         if self.milvus.uri is None:
             object.__setattr__(self.milvus, "uri", str(h / "milvus" / "milvus.db"))

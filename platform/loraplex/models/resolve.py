@@ -11,6 +11,10 @@ config may hold:
   never reused);
 - a local folder, or a hub id where the hub is reachable.
 
+On a cluster, :func:`on_this_node` gives a remote task (a training worker, a serving
+replica) the folder on the node it runs on: the driver's folder where that node sees it,
+else a download from the registry into that node's own cache.
+
 Also the meta-device checks every consumer needs (:func:`meta_model`,
 :func:`check_base_model`). Does not own: importing (``importer``) or the registry
 conventions (``registry``).
@@ -58,7 +62,7 @@ def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
         if not (folder / "config.json").exists():
             raise InputError(f"no embedded base model in {folder}: run `loraplex bootstrap` first")
         return folder, f"embedded:{folder}"
-    if ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    if ref.startswith(REGISTRY_PREFIXES):
         return _from_mlflow(ref, settings)
     local = Path(ref).expanduser()
     if local.exists():
@@ -80,6 +84,28 @@ def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
                 f"base model {ref} is not imported yet: run `loraplex models import {ref}`"
             )
     return _from_hub(ref)
+
+
+REGISTRY_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def on_this_node(folder: str, ref: str, settings: LoraplexConfig) -> Path:
+    """The base model's folder on the node this code runs on: ``folder`` (the driver's)
+    where this node sees it (one machine, a shared volume), else ``ref`` downloaded from
+    the registry into this node's cache. InputError naming the node when neither works:
+    a folder of the driver's disk cannot reach another node."""
+    local = Path(folder)
+    if (local / "config.json").exists():
+        return local
+    if ref.startswith(REGISTRY_PREFIXES):
+        return _from_mlflow(ref, settings)[0]
+    import socket
+
+    raise InputError(
+        f"base model {ref}: the folder {folder} is not on node {socket.gethostname()}; on a "
+        "cluster name the base model by its registry URI (models:/NAME@ALIAS, see "
+        "`loraplex models list`) so that every node downloads it"
+    )
 
 
 def _from_hub(ref: str) -> tuple[Path, str]:

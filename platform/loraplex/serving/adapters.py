@@ -227,11 +227,30 @@ class RegistryLoraLoader(LoraModelLoader):
 
 
 class LoraplexLLMServer(LLMServer):
-    """Ray Serve LLM's ``LLMServer`` with one fix: the first requests to an adapter that
-    arrive together load it into vLLM once. Upstream, each request checks "is it loaded?"
-    and then loads it, so concurrent first requests raced and all but one failed with
-    "has already been loaded" (measured: 3 of 80 answers of an evaluation at
-    concurrency 4)."""
+    """Ray Serve LLM's ``LLMServer`` with two changes.
+
+    - The base model reaches the replica from wherever it runs: the driver's folder
+      where this node sees it, else the registry version (``models:/...``) downloaded
+      into this node's cache before vLLM starts (Ray Serve LLM itself knows hub ids and
+      object-store mirrors, not the MLflow registry).
+    - The first requests to an adapter that arrive together load it into vLLM once.
+      Upstream, each request checks "is it loaded?" and then loads it, so concurrent
+      first requests raced and all but one failed with "has already been loaded"
+      (measured: 3 of 80 answers of an evaluation at concurrency 4)."""
+
+    async def start(self) -> None:
+        from loraplex.models.resolve import on_this_node
+        from loraplex.serving.builder import BASE_MODEL_ENV
+
+        loading = self._llm_config.model_loading_config
+        ref = os.environ.get(BASE_MODEL_ENV) or str(loading.model_source)
+        folder = await asyncio.to_thread(
+            on_this_node, str(loading.model_source), ref, load_settings()
+        )
+        if str(folder) != str(loading.model_source):
+            log.info("base model %s downloaded to this node: %s", ref, folder)
+            loading.model_source = str(folder)
+        await super().start()
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         from ray import serve

@@ -14,7 +14,7 @@ application. Does not own: request handling (``ingress``) or running until stopp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,20 @@ from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_c
 log = logging.getLogger("loraplex.serving")
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = REPO / "serving" / "local.yaml"
+# the base model's reference in a replica's environment: what a node without the
+# driver's folder downloads (read by adapters.LoraplexLLMServer)
+BASE_MODEL_ENV = "LORAPLEX_BASE_MODEL"
 
 
 @dataclass(frozen=True)
 class Checked:
-    """What :func:`check` found: base model folders, adapter versions, key digests."""
+    """What :func:`check` found: base model folders (and the references every node can
+    download them by), adapter versions, key digests."""
 
     base_dirs: dict[str, Path]
     adapter_versions: dict[str, str]
     key_digests: dict[str, dict[str, Any]]
+    base_refs: dict[str, str] = field(default_factory=dict)
 
 
 def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
@@ -43,7 +48,8 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     from loraplex.models.resolve import resolve_base_model
     from loraplex.serving.adapters import AliasResolver
 
-    base_dirs = {m.id: resolve_base_model(m.source, settings)[0] for m in cfg.models}
+    resolved = {m.id: resolve_base_model(m.source, settings) for m in cfg.models}
+    base_dirs = {k: v[0] for k, v in resolved.items()}
     resolver = AliasResolver(settings, cfg.alias_refresh_s, cfg.timeouts.registry_s)
     versions = {}
     for a in cfg.adapters:
@@ -57,7 +63,7 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
             f"no API keys (auth.keys or ${cfg.auth.keys_env}): refusing to serve openly; "
             "add keys, or set auth.allow_anonymous: true to serve loopback clients only"
         )
-    return Checked(base_dirs, versions, digests)
+    return Checked(base_dirs, versions, digests, {k: v[1] for k, v in resolved.items()})
 
 
 def settings_env(settings: LoraplexConfig) -> dict[str, str]:
@@ -72,7 +78,15 @@ def settings_env(settings: LoraplexConfig) -> dict[str, str]:
     return env
 
 
-def llm_config(spec: BaseModelSpec, base_dir: Path, settings: LoraplexConfig, with_lora: bool):
+def llm_config(
+    spec: BaseModelSpec,
+    base_dir: Path,
+    settings: LoraplexConfig,
+    with_lora: bool,
+    base_ref: str | None = None,
+):
+    """Ray Serve LLM's config for one base model. ``base_dir`` is the driver's folder; a
+    replica on a node that does not see it downloads ``base_ref`` (``models:/...``)."""
     from loraplex.serving.ray_llm import LLMConfig
 
     engine: dict[str, Any] = {
@@ -83,6 +97,7 @@ def llm_config(spec: BaseModelSpec, base_dir: Path, settings: LoraplexConfig, wi
         "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
     env = {**settings_env(settings), "TOKENIZERS_PARALLELISM": "false"}
+    env[BASE_MODEL_ENV] = base_ref or str(base_dir)
     if spec.accelerator == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
     else:
@@ -128,7 +143,13 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     deployments = {}
     cards = {}
     for spec in cfg.models:
-        conf = llm_config(spec, checked.base_dirs[spec.id], settings, spec.id in with_lora)
+        conf = llm_config(
+            spec,
+            checked.base_dirs[spec.id],
+            settings,
+            spec.id in with_lora,
+            checked.base_refs.get(spec.id),
+        )
         deployments[spec.id] = build_llm_deployment(
             conf,
             bind_kwargs={"model_downloader": RegistryLoraLoader},
@@ -172,7 +193,7 @@ def start(
     app = build(cfg, settings, checked)  # checks before Ray starts anything
     init_ray(settings)
     port = port or cfg.http.port
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=cfg.http.proxy_location, http_options={"host": host, "port": port})
     serve.run(app, name=cfg.name, route_prefix="/")
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1"
 

@@ -237,6 +237,13 @@ class HttpConfig(StrictModel):
         default=None, description="Default: 0.0.0.0 with keys, 127.0.0.1 without (forced)."
     )
     port: int = Field(default=8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode",
+        description=(
+            "Where Serve runs its HTTP proxy (Ray Serve's proxy_location): every node, as "
+            "on KubeRay, or the head only (nodes that share one address, as in tests)."
+        ),
+    )
     request_timeout_s: float = Field(
         default=300, gt=0, description="End-to-end deadline of one request (504 after it)."
     )

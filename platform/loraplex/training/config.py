@@ -95,6 +95,14 @@ class RayTrainConfig(StrictModel):
     use_gpu: bool = False
     storage_path: str | None = Field(default=None, description="Default: ray.storage_path.")
     max_failures: int = Field(default=2, ge=-1, description="Worker failures to recover from.")
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        default="SPREAD",
+        description=(
+            "How workers are placed on nodes (Ray placement group strategy): SPREAD puts "
+            "them on different nodes where it can (one node: all there), so one node's "
+            "death takes one worker, not all."
+        ),
+    )
 
 
 class Hyperparameters(StrictModel):

@@ -157,6 +157,8 @@ def _run_training(
     job_dir = storage / cfg.name / entry["run_name"]
     loop_config = WorkerConfig(
         base_dir=str(base_dir),
+        base_ref=base_ref,
+        home=str(settings.home),
         job_dir=str(job_dir),
         lora=cfg.lora,
         train=cfg.train,
@@ -167,6 +169,7 @@ def _run_training(
         eval_rows=eval_rows,
         run_id=run_id,
         tracking_uri=mlflow.get_tracking_uri(),
+        registry_uri=settings.mlflow.registry_uri,
     ).model_dump(mode="json")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.use_gpu else "cpu")
     trainer = TorchTrainer(
@@ -176,6 +179,7 @@ def _run_training(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name=entry["run_name"],

@@ -33,7 +33,9 @@ class WorkerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_dir: str
+    base_dir: str  # the driver's folder; used where this node sees it
+    base_ref: str  # else downloaded by this reference (models:/...) into the node's cache
+    home: str  # LORAPLEX_HOME of the driver: the node's cache where the node sets none
     job_dir: str
     lora: LoraConfigModel
     train: Hyperparameters
@@ -44,6 +46,20 @@ class WorkerConfig(BaseModel):
     eval_rows: list[dict[str, list[int]]]
     run_id: str | None = None
     tracking_uri: str
+    registry_uri: str | None = None
+
+    def base_folder(self) -> Path:
+        """The base model on the node this worker runs on."""
+        from loraplex.config import LoraplexConfig
+        from loraplex.models.resolve import on_this_node
+
+        settings = LoraplexConfig.model_validate(
+            {
+                "home": os.environ.get("LORAPLEX_HOME") or self.home,
+                "mlflow": {"tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri},
+            }
+        )
+        return on_this_node(self.base_dir, self.base_ref, settings)
 
 
 class PadCollator:
@@ -112,6 +128,7 @@ def _callbacks(cfg: WorkerConfig, rank: int):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray
     import ray.train
     from peft import LoraConfig, get_peft_model
     from ray.train.huggingface.transformers import prepare_trainer
@@ -127,9 +144,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     pid_dir = Path(cfg.job_dir) / "workers"
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    (pid_dir / f"rank-{rank}.node").write_text(ray.get_runtime_context().get_node_id())
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_dir)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_dir, dtype=torch.float32)
+    base_dir = cfg.base_folder()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = cfg.lora
     model = get_peft_model(
         model,

@@ -1,0 +1,339 @@
+"""loraplex on a multi-node Ray cluster whose worker nodes have private disks.
+
+A Ray head and two worker nodes on 127.0.0.1 (``tests/cluster.py``), each worker node in
+its own mount namespace with an empty tmpfs over the driver's ``LORAPLEX_HOME`` and the
+session's home (where the tiny base model's folder is): a worker reaches the base model
+only through the MLflow server (artifacts proxied by the server), and the job's state
+and checkpoints only through the shared volume. Token authentication stays on, as Ray
+ships it. The session's in-process Ray is shut down meanwhile (two Rays do not come up
+side by side on this machine) and started again afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from cluster import RAY, LocalCluster, can_run
+from helpers import REPO, free_port, start_mlflow_server, stop
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(can_run()), reason=str(can_run()))]
+
+BASE = "tiny-cluster"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_base, settings, tmp_path_factory) -> Iterator[dict]:
+    """MLflow server (proxied artifacts) holding the tiny base model as a registered
+    version, and a head plus two private worker nodes."""
+    import ray
+
+    from loraplex.models.registry import register_base_model
+    from loraplex.ray_runtime import init_ray
+
+    root = tmp_path_factory.mktemp("cluster")
+    server, url = start_mlflow_server(root / "mlflow", free_port(), proxied=True)
+    client = mlflow.MlflowClient(url)
+    experiment = client.create_experiment("base-models")
+    register_base_model(client, experiment, tiny_base.model_dir, BASE, {"loraplex.source": "test"})
+    home = root / "driver-home"  # the job's LORAPLEX_HOME: private on worker nodes
+    home.mkdir()
+    ray.shutdown()
+    local = LocalCluster(private=[home, settings.home], head_cpus=1, node_cpus=2)
+    try:
+        local.start()
+        local.add_node("w1")
+        local.add_node("w2")
+        yield {"cluster": local, "mlflow": url, "home": home, "client": client}
+    finally:
+        local.stop()
+        stop(server)
+        init_ray(settings)  # the session's Ray, for the tests after this one
+
+
+def _job_config(folder: Path, session_home: Path, storage: Path, **train) -> Path:
+    data = session_home / "worlds" / "seed-0" / "datasets" / "json_answer"
+    cfg = {
+        "name": "spread",
+        "base_model": f"models:/{BASE}@current",
+        "data": {
+            "train": str(data / "train.openai.jsonl"),
+            "eval": str(data / "test.openai.jsonl"),
+            "format": "openai",
+            "max_length": 256,
+        },
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "deepspeed": {"stage": 2},
+        "ray": {
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "max_failures": 2,
+            "storage_path": str(storage),
+        },
+        "train": {
+            "per_device_batch_size": 2,
+            "learning_rate": 0.001,
+            "logging_steps": 1,
+            "eval_steps": 100,
+            **train,
+        },
+        "mlflow": {"registered_model": "spread"},
+    }
+    path = folder / "spread.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _job(c: LocalCluster, command: str, *args: str, timeout: float = 120) -> str:
+    """``ray job COMMAND --address DASHBOARD ARGS``: its output (Ray logs to stderr)."""
+    proc = subprocess.run(
+        [RAY, "job", command, f"--address={c.dashboard}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=c.client_env(),
+    )
+    return proc.stdout + proc.stderr
+
+
+def _nodes_of_ranks(c: LocalCluster, workers: Path) -> dict[str, str]:
+    return {p.stem: c.node_of(p.read_text()) for p in sorted(workers.glob("rank-*.node"))}
+
+
+def test_training_spreads_over_private_nodes_and_survives_a_node_death(
+    cluster, settings, tmp_path
+) -> None:
+    """`ray job submit` of jobs/finetune.py: two workers on two private worker nodes, the
+    base model downloaded on each from the registry; one worker node dies mid-run and a
+    replacement joins; the job resumes from its last checkpoint on the shared volume and
+    finishes in the same MLflow run, registered on the MLflow server."""
+    c: LocalCluster = cluster["cluster"]
+    storage = c.shared / "ray"
+    config = _job_config(tmp_path, settings.home, storage, max_steps=120, save_steps=10)
+    env_vars = {
+        "LORAPLEX_HOME": str(cluster["home"]),
+        "LORAPLEX_MLFLOW__TRACKING_URI": cluster["mlflow"],
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    submitted = _job(
+        c,
+        "submit",
+        "--no-wait",
+        "--runtime-env-json",
+        json.dumps({"env_vars": env_vars}),
+        "--",
+        sys.executable,
+        str(REPO / "jobs" / "finetune.py"),
+        str(config),
+    )
+    job_id = next(
+        w.strip("'\"")
+        for line in submitted.splitlines()
+        for w in line.split()
+        if w.strip("'\"").startswith("raysubmit_")
+    )
+    client: mlflow.MlflowClient = cluster["client"]
+    state = storage / "spread" / "job.json"
+
+    def steps(run_id: str) -> list[int]:
+        return sorted({m.step for m in client.get_metric_history(run_id, "loss")})
+
+    def status() -> str:
+        return _job(c, "status", job_id).upper()
+
+    # phase 1: both workers up, on two different worker nodes, past a checkpoint (the
+    # tiny model takes ~0.2 s a step: the node dies well before step 120)
+    first: dict[str, str] = {}
+    run_id = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if state.exists():
+            runs = json.loads(state.read_text())["runs"]
+            run_id = runs[-1].get("mlflow_run_id")
+        workers = storage / "spread" / (runs[-1]["run_name"] if state.exists() else "-")
+        ranks = list((workers / "workers").glob("rank-*.node"))
+        if run_id and len(ranks) == 2 and (got := steps(run_id)) and max(got) >= 20:
+            first = _nodes_of_ranks(c, workers / "workers")
+            break
+        assert "FAILED" not in (s := status()) and "SUCCEEDED" not in s, s
+        time.sleep(2)
+    assert first, f"never at step 20 on two workers: {status()}{_job(c, 'logs', job_id)}"
+    assert sorted(first.values()) == ["w1", "w2"], first  # SPREAD over the two nodes
+
+    # phase 2: the node of rank 1 dies; a replacement joins
+    c.kill_node(first["rank-1"])
+    c.add_node("w3")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and not any(
+        word in (s := status()) for word in ("SUCCEEDED", "FAILED", "STOPPED")
+    ):
+        time.sleep(3)
+    logs = _job(c, "logs", job_id)
+    assert "SUCCEEDED" in s, s + logs[-4000:]
+    assert "registered spread version 1" in logs
+    assert "resuming from the checkpoint of step" in logs
+
+    got = steps(run_id)
+    assert got[-1] == 120, got
+    assert max(b - a for a, b in itertools.pairwise(got)) <= 10, got  # ≤ save_steps lost
+    runs = json.loads(state.read_text())["runs"]
+    assert [r["status"] for r in runs] == ["FINISHED"]
+    after = _nodes_of_ranks(c, workers / "workers")
+    assert first["rank-1"] not in after.values(), after  # nothing runs on the dead node
+
+    # the version is on the MLflow server, its artifacts reachable through it alone
+    mv = client.get_model_version_by_alias("spread", "candidate")
+    assert mv.run_id == run_id
+    assert mv.source.startswith("mlflow-artifacts:/"), mv.source  # the server's store
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(tmp_path / "dl"), tracking_uri=cluster["mlflow"]
+        )
+    )
+    assert list(folder.rglob("adapter_config.json"))
+
+
+def _replica_nodes(c: LocalCluster, deployment: str = "LoraplexLLMServer") -> list[str]:
+    """Harness names of the nodes that run an alive replica of a deployment."""
+    out = subprocess.run(
+        [RAY, "list", "actors", "--format=json", f"--address={c.dashboard}", "--limit=1000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=c.client_env(),
+    ).stdout
+    actors = json.loads(out or "[]")
+    return sorted(
+        c.node_of(a["node_id"])
+        for a in actors
+        if a.get("state") == "ALIVE" and deployment in a.get("class_name", "")
+    )
+
+
+def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_path) -> None:
+    """Two LLM server replicas on two private worker nodes: each downloads the base model
+    and the adapter from the registry (the nodes cannot see the driver's folders). Under a
+    steady load one replica's node dies: only requests running on it may fail, the rest
+    keep succeeding, and Serve brings the replica back on the remaining capacity."""
+    import threading
+
+    import httpx
+    from openai import OpenAI
+
+    c: LocalCluster = cluster["cluster"]
+    port = free_port()
+    config = tmp_path / "serving.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cluster",
+                "models": [
+                    {
+                        "id": "tiny",
+                        "source": f"models:/{BASE}@current",
+                        "accelerator": "cpu",
+                        "max_model_len": 512,
+                        "dtype": "float32",
+                        "kv_cache_gib": 1,
+                        "max_adapters_per_replica": 2,
+                        "max_lora_rank": 8,
+                        "num_cpus": 1,
+                        "scaling": {"num_replicas": 2},
+                    }
+                ],
+                "adapters": [{"name": "spread", "base": "tiny", "registry": "spread@candidate"}],
+                "retriever": None,
+                "auth": {"allow_anonymous": True},
+                "http": {"port": port, "proxy_location": "HeadOnly"},
+            }
+        )
+    )
+    env = {
+        **c.client_env(),
+        "LORAPLEX_HOME": str(cluster["home"]),
+        "LORAPLEX_MLFLOW__TRACKING_URI": cluster["mlflow"],
+        "LORAPLEX_RAY__ADDRESS": c.address,
+    }
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("loraplex")), "serve", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        # ready when `loraplex serve` says so (the ingress answers /v1/models before the
+        # model replicas are up)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and server.poll() is None:
+            if "loraplex is serving at" in (tmp_path / "serve.log").read_text(errors="replace"):
+                break
+            time.sleep(3)
+        served = (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+        assert server.poll() is None and "loraplex is serving at" in served, served
+        assert httpx.get(f"{base}/models", timeout=30).status_code == 200
+        # the first answers of a fresh CPU engine are slow (two engines share two cores)
+        openai = OpenAI(base_url=base, api_key="none", max_retries=0, timeout=300)
+        msgs = [{"role": "user", "content": "What is the warranty of the Urven E100?"}]
+        for model in ("tiny", "tiny:spread"):
+            r = openai.chat.completions.create(model=model, messages=msgs, max_tokens=8)
+            assert r.choices[0].message.content is not None
+        nodes = _replica_nodes(c)
+        assert len(nodes) == 2 and "head" not in nodes, nodes
+
+        # steady load from two clients; the node of one replica dies
+        results: list[tuple[float, bool]] = []
+        done = threading.Event()
+
+        def client() -> None:
+            while not done.is_set():
+                try:
+                    openai.chat.completions.create(model="tiny", messages=msgs, max_tokens=8)
+                    results.append((time.monotonic(), True))
+                except Exception:
+                    results.append((time.monotonic(), False))
+
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(10)
+        # the node of a model replica that holds no ingress replica (the ingress has
+        # replicas of its own; its death is the proxy's problem, not this test's)
+        ingress = _replica_nodes(c, "LoraplexIngress")
+        victim = next((n for n in nodes if n not in ingress), None)
+        assert victim, (nodes, ingress)
+        killed_at = time.monotonic()
+        c.kill_node(victim)
+        time.sleep(60)
+        done.set()
+        for t in threads:
+            t.join(timeout=150)
+        before = [ok for at, ok in results if at < killed_at]
+        after = [ok for at, ok in results if at >= killed_at]
+        assert before and all(before)
+        assert after.count(False) <= 2, after  # at most the two requests running on it
+        assert after[-5:] == [True] * 5, after  # the surviving replica answers
+
+        # capacity returns: Serve brings the second replica back on a node that joins
+        c.add_node("w4")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and len(_replica_nodes(c)) < 2:
+            time.sleep(5)
+        assert len(_replica_nodes(c)) == 2
+        r = openai.chat.completions.create(model="tiny:spread", messages=msgs, max_tokens=8)
+        assert r.choices[0].message.content is not None
+    finally:
+        stop(server, timeout=120)  # loraplex serve removes its application first
+        log.close()
