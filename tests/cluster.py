@@ -192,20 +192,24 @@ class LocalCluster:
         node = self.nodes.pop(name)
         _kill_group(node.proc, signal.SIGKILL)
 
-    def alive_nodes(self) -> list[dict]:
-        """``ray list nodes`` of the alive nodes, asked through the state API."""
+    def alive(self, kind: str) -> list[dict]:
+        """``ray list KIND`` (nodes, actors) through the state API, alive ones only;
+        empty while the dashboard is still starting."""
         proc = subprocess.run(
-            [RAY, "list", "nodes", "--format=json", f"--address={self.dashboard}"],
+            [RAY, "list", kind, "--format=json", "--limit=1000", f"--address={self.dashboard}"],
             capture_output=True,
             text=True,
             timeout=60,
             env=self.client_env(),
         )
         try:
-            nodes = json.loads(proc.stdout) if proc.returncode == 0 else []
-        except json.JSONDecodeError:  # the dashboard is still starting
+            found = json.loads(proc.stdout) if proc.returncode == 0 else []
+        except json.JSONDecodeError:
             return []
-        return [n for n in nodes if n.get("state") == "ALIVE"]
+        return [x for x in found if x.get("state") == "ALIVE"]
+
+    def alive_nodes(self) -> list[dict]:
+        return self.alive("nodes")
 
     def node_of(self, node_id: str) -> str:
         """The harness name (head, w1, ...) of a Ray node id."""

@@ -205,18 +205,8 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
 
 def _replica_nodes(c: LocalCluster, deployment: str = "LoraplexLLMServer") -> list[str]:
     """Harness names of the nodes that run an alive replica of a deployment."""
-    out = subprocess.run(
-        [RAY, "list", "actors", "--format=json", f"--address={c.dashboard}", "--limit=1000"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=c.client_env(),
-    ).stdout
-    actors = json.loads(out or "[]")
     return sorted(
-        c.node_of(a["node_id"])
-        for a in actors
-        if a.get("state") == "ALIVE" and deployment in a.get("class_name", "")
+        c.node_of(a["node_id"]) for a in c.alive("actors") if deployment in a.get("class_name", "")
     )
 
 

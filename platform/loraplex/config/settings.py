@@ -32,15 +32,15 @@ from loraplex.config.loading import StrictModel, load_model
 
 ENV_PREFIX = "LORAPLEX_"
 ENV_CONFIG_FILE = "LORAPLEX_CONFIG"
-# LORAPLEX_* variables that are not settings: the config file, and the endpoint and keys
-# of the serving clients (loraplex chat/eval) and server (keys allowed everything).
-# LORAPLEX_BASE_MODEL: a serving replica's base-model reference (serving.builder)
+# LORAPLEX_* variables that are not settings: the config file, the endpoint and key of
+# the serving clients (loraplex chat/eval), the server's keys and key hashes (the k8s
+# secret), and a serving replica's base-model reference (serving.builder).
 ENV_NOT_SETTINGS = (
     ENV_CONFIG_FILE,
     "LORAPLEX_URL",
     "LORAPLEX_API_KEY",
     "LORAPLEX_API_KEYS",
-    "LORAPLEX_API_KEY_HASHES",  # serving.config auth.hashes_env: the k8s secret's hashes
+    "LORAPLEX_API_KEY_HASHES",
     "LORAPLEX_BASE_MODEL",
 )
 DEFAULT_HOME = ".loraplex"

@@ -14,7 +14,7 @@ application. Does not own: request handling (``ingress``) or running until stopp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class Checked:
     base_dirs: dict[str, Path]
     adapter_versions: dict[str, str]
     key_digests: dict[str, dict[str, Any]]
-    base_refs: dict[str, str] = field(default_factory=dict)
+    base_refs: dict[str, str]
 
 
 def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
@@ -83,7 +83,7 @@ def llm_config(
     base_dir: Path,
     settings: LoraplexConfig,
     with_lora: bool,
-    base_ref: str | None = None,
+    base_ref: str,
 ):
     """Ray Serve LLM's config for one base model. ``base_dir`` is the driver's folder; a
     replica on a node that does not see it downloads ``base_ref`` (``models:/...``)."""
@@ -97,7 +97,7 @@ def llm_config(
         "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
     env = {**settings_env(settings), "TOKENIZERS_PARALLELISM": "false"}
-    env[BASE_MODEL_ENV] = base_ref or str(base_dir)
+    env[BASE_MODEL_ENV] = base_ref
     if spec.accelerator == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
     else:
@@ -148,7 +148,7 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
             checked.base_dirs[spec.id],
             settings,
             spec.id in with_lora,
-            checked.base_refs.get(spec.id),
+            checked.base_refs[spec.id],
         )
         deployments[spec.id] = build_llm_deployment(
             conf,
