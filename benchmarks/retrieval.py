@@ -34,7 +34,7 @@ from tqdm import tqdm
 from loraplex.config import load_settings
 from loraplex.evaluation.retrieval import MODES, evaluate_retrieval, load_beir
 from loraplex.retrieval.ingest import ingest
-from loraplex.retrieval.retriever import Retriever
+from loraplex.retrieval.retriever import Retriever, SearchRequest
 from loraplex.world.catalog import ATTRIBUTE_KEYS, draw_catalog
 from loraplex.world.documents import catalog_documents
 from loraplex.world.generate import generate_world
@@ -157,6 +157,17 @@ def scale(
             lat.append((time.perf_counter() - t) * 1000)
         out[f"{mode}_p50_ms"] = percentile(lat, 50)
         out[f"{mode}_p95_ms"] = percentile(lat, 95)
+    # the whole retrieval stage of a route (what the Retriever deployment runs per request):
+    # the query embedded (not cached: each query is new to it), then searched
+    for mode in MODES:
+        lat = []
+        for q in queries:
+            retriever._queries.clear()
+            t = time.perf_counter()
+            retriever.search(SearchRequest(query=q, collection=name, mode=mode, top_k=3))
+            lat.append((time.perf_counter() - t) * 1000)
+        out[f"stage_{mode}_p50_ms"] = percentile(lat, 50)
+        out[f"stage_{mode}_p95_ms"] = percentile(lat, 95)
     # HNSW (Milvus Lite) against exact search on the same vectors
     hnsw_lat, exact_lat, overlap = [], [], []
     for q, v in zip(queries, qvec, strict=True):

@@ -167,6 +167,16 @@ class RetrievalSettings(StrictModel):
     chunk_size: int = Field(default=1000, ge=100, le=16000, description="Characters per chunk.")
     chunk_overlap: int = Field(default=150, ge=0, description="Characters shared by neighbours.")
     max_file_mb: float = Field(default=20.0, gt=0, description="Larger files are refused.")
+    max_pdf_pages: int = Field(default=2000, ge=1, description="Longer PDFs are refused.")
+    max_file_seconds: float = Field(
+        default=60.0, gt=0, description="A file that takes longer to read is skipped."
+    )
+    ingest_lock_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long an ingest waits for another ingest of the same collection "
+        "(Milvus server) before it is refused; 0 refuses at once.",
+    )
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
     top_k: int = Field(default=5, ge=1, le=1000)
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"

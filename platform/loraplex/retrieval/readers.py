@@ -4,8 +4,10 @@ Owns: finding files under the paths a user names, telling the supported formats 
 (markdown, plain text, HTML, PDF, JSONL including BEIR ``corpus.jsonl``), turning each
 into :class:`IngestDocument` s (a stable doc id, a title, text whose structure survives
 as markdown headings and blank-line paragraphs), and refusing what cannot be read with
-a one-line reason (binary or garbage, empty, too large, encrypted or unreadable PDF,
-malformed JSONL). Does not own: chunking (``chunking``) or storage (``store``).
+a one-line reason (binary or garbage, empty, too large, too many pages, too slow to
+read, encrypted or unreadable PDF, malformed or too deeply nested JSONL), within the
+per-file :class:`FileLimits`. Does not own: chunking (``chunking``) or storage
+(``store``).
 
 Doc ids: a file's path relative to the folder it was found under (or its name when
 named directly), without the extension, so ``docs/guide/setup.md`` ingested as
@@ -15,7 +17,11 @@ named directly), without the extension, so ``docs/guide/setup.md`` ingested as
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +75,52 @@ class FoundFile:
         return (Path(self.root.name) / self.path.relative_to(self.root)).as_posix()
 
 
-MAX_PDF_PAGES = 2000
+@dataclass(frozen=True)
+class FileLimits:
+    """What one file may cost to read (``retrieval.max_file_mb``, ``max_pdf_pages``,
+    ``max_file_seconds``)."""
+
+    max_bytes: int = 20 * 2**20
+    max_pdf_pages: int = 2000
+    max_seconds: float = 60.0
+
+    @classmethod
+    def of(cls, settings) -> FileLimits:
+        return cls(
+            int(settings.max_file_mb * 2**20), settings.max_pdf_pages, settings.max_file_seconds
+        )
+
+
+class _Overtime(BaseException):
+    """Raised inside a reader that ran past its time (a BaseException, so that no
+    library's ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, deadline: list[float]) -> Iterator[None]:
+    """Bound a read: a real-time alarm interrupts pure-Python parsing where the main
+    thread reads (the CLI, a job); elsewhere the readers check ``deadline`` between
+    pages and lines."""
+    deadline.append(time.monotonic() + seconds)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def overtime(*_: object) -> None:
+        raise _Overtime
+
+    previous = signal.signal(signal.SIGALRM, overtime)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check_time(deadline: list[float]) -> None:
+    if deadline and time.monotonic() > deadline[0]:
+        raise _Overtime
 
 
 def find_files(paths: Iterable[str | Path]) -> tuple[list[FoundFile], list[tuple[Path, str]]]:
@@ -117,7 +168,7 @@ def _kinds() -> str:
     return ", ".join(sorted(SUFFIXES))
 
 
-def read_file(found: FoundFile, max_bytes: int) -> list[IngestDocument]:
+def read_file(found: FoundFile, limits: FileLimits) -> list[IngestDocument]:
     """The documents in one file, or :class:`Unreadable` with the reason."""
     path = found.path
     try:
@@ -126,32 +177,43 @@ def read_file(found: FoundFile, max_bytes: int) -> list[IngestDocument]:
         raise Unreadable(f"cannot read: {e.strerror}") from None
     if size == 0:
         raise Unreadable("empty file")
-    if size > max_bytes:
+    if size > limits.max_bytes:
         raise Unreadable(
-            f"{size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.1f} MiB limit "
+            f"{size / 2**20:.1f} MiB is over the {limits.max_bytes / 2**20:.1f} MiB limit "
             "(retrieval.max_file_mb)"
         )
+    deadline: list[float] = []
+    try:
+        with _time_limit(limits.max_seconds, deadline):
+            docs = _read(found, limits, deadline)
+    except _Overtime:
+        raise Unreadable(
+            f"took over {limits.max_seconds:g} s to read (retrieval.max_file_seconds)"
+        ) from None
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise Unreadable("no text in it")
+    return docs
+
+
+def _read(found: FoundFile, limits: FileLimits, deadline: list[float]) -> list[IngestDocument]:
+    path = found.path
     fmt = SUFFIXES[path.suffix.lower()]
     try:
         data = path.read_bytes()
     except OSError as e:
         raise Unreadable(f"cannot read: {e.strerror}") from None
     if fmt == "pdf":
-        text, title = _pdf_text(data)
-        docs = [IngestDocument(found.doc_id(), title or path.stem, text, found.label(), fmt)]
-    elif fmt == "jsonl":
-        docs = list(_jsonl_documents(_decode(data), found.label()))
+        text, title = _pdf_text(data, limits.max_pdf_pages, deadline)
+        return [IngestDocument(found.doc_id(), title or path.stem, text, found.label(), fmt)]
+    if fmt == "jsonl":
+        return list(_jsonl_documents(_decode(data), found.label(), deadline))
+    text = _decode(data)
+    if fmt == "html":
+        text, title = _html_text(text)
     else:
-        text = _decode(data)
-        if fmt == "html":
-            text, title = _html_text(text)
-        else:
-            title = _markdown_title(text) if fmt == "markdown" else ""
-        docs = [IngestDocument(found.doc_id(), title or path.stem, text, found.label(), fmt)]
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise Unreadable("no text in it")
-    return docs
+        title = _markdown_title(text) if fmt == "markdown" else ""
+    return [IngestDocument(found.doc_id(), title or path.stem, text, found.label(), fmt)]
 
 
 def _decode(data: bytes) -> str:
@@ -204,7 +266,7 @@ def _html_text(html: str) -> tuple[str, str]:
     return "\n\n".join(blocks), title
 
 
-def _pdf_text(data: bytes) -> tuple[str, str]:
+def _pdf_text(data: bytes, max_pages: int, deadline: list[float]) -> tuple[str, str]:
     import io
     import logging
 
@@ -216,9 +278,15 @@ def _pdf_text(data: bytes) -> tuple[str, str]:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise Unreadable("encrypted PDF (decrypt it first)")
-        if len(reader.pages) > MAX_PDF_PAGES:
-            raise Unreadable(f"{len(reader.pages)} pages is over the {MAX_PDF_PAGES}-page limit")
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        if len(reader.pages) > max_pages:
+            raise Unreadable(
+                f"{len(reader.pages)} pages is over the {max_pages}-page limit "
+                "(retrieval.max_pdf_pages)"
+            )
+        pages = []
+        for page in reader.pages:
+            _check_time(deadline)
+            pages.append((page.extract_text() or "").strip())
         meta = reader.metadata
         title = str(meta.title).strip() if meta and meta.title else ""
     except Unreadable:
@@ -235,10 +303,12 @@ def _pdf_text(data: bytes) -> tuple[str, str]:
     return text, title
 
 
-def _jsonl_documents(text: str, source: str) -> Iterator[IngestDocument]:
+def _jsonl_documents(text: str, source: str, deadline: list[float]) -> Iterator[IngestDocument]:
     """One document per line: BEIR ``{"_id", "title", "text"}`` or ``id``/``doc_id``."""
     seen: set[str] = set()
     for n, line in enumerate(text.splitlines(), 1):
+        if n % 256 == 0:
+            _check_time(deadline)
         if not line.strip():
             continue
         try:

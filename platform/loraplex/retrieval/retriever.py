@@ -79,7 +79,8 @@ class Retriever:
         collection = request.collection or self.settings.retrieval.collection
         vector = None
         if request.mode != "bm25":
-            self.store.info(collection)  # unknown collection / model mismatch before embedding
+            if not self.store.is_open(collection):  # an unknown one is refused before embedding
+                self.store.info(collection)
             vector = self.query_vector(request.query)
         return self.store.search(
             collection,

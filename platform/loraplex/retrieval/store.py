@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 from loraplex.config.settings import MilvusSettings, RetrievalSettings
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.retrieval.analysis import LEGACY, analysis_for, analyze
+from loraplex.retrieval.locks import LOCKS, IngestLock
 
 SCHEMA_VERSION = "2"  # 2: the `lexical` field (analysed text) feeds BM25
 PROP_SCHEMA = "loraplex.schema"
@@ -57,6 +58,8 @@ DEFAULT_TENANT = "default"
 MAX_TEXT = 65535
 WRITE_BATCH = 256
 _QUERY_BATCH = 100
+_QUERY_LIMIT = 16384  # Milvus's most rows per query
+_POSITIONS = 2048  # positions per page (a position holds few rows: old and new)
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +269,10 @@ class KnowledgeStore:
     # collections
 
     def collections(self) -> list[str]:
-        return sorted(
-            self._call("list collections", self.client.list_collections, timeout=self.read_timeout)
+        names = self._call(
+            "list collections", self.client.list_collections, timeout=self.read_timeout
         )
+        return sorted(n for n in names if n != LOCKS)  # the ingest locks are not knowledge
 
     def info(self, name: str) -> CollectionInfo:
         """Details of an existing collection; a one-line error for an unknown one."""
@@ -294,6 +298,11 @@ class KnowledgeStore:
             name, int(stats.get("row_count", 0)), props.get(PROP_MODEL, "?"), int(dim), analysis
         )
 
+    def is_open(self, name: str) -> bool:
+        """Whether this process has read and loaded the collection already (a dropped
+        one is then found by the search that fails)."""
+        return name in self._ready and name in self._analysis
+
     def analysis(self, name: str) -> str:
         """The analysis the collection was built with (its queries use the same)."""
         if name not in self._analysis:
@@ -311,6 +320,8 @@ class KnowledgeStore:
 
     def ensure(self, name: str, model: str, dimension: int) -> bool:
         """Create the collection if missing (True when created); refuse a model mismatch."""
+        if name == LOCKS:
+            raise InputError(f"collection name {name!r} is reserved for loraplex's ingest locks")
         if name in self.collections():
             info = self.info(name)
             if info.dimension != dimension or info.model != model:
@@ -387,28 +398,39 @@ class KnowledgeStore:
     ) -> dict[str, dict[str, int]]:
         """doc id -> {chunk id: position} of every row the tenant holds for these
         documents: all of them, read by a query on ``doc_id`` (rows an interrupted or
-        concurrent ingest left behind included), page by page."""
+        concurrent ingest left behind included). Pages are ours, by position: pymilvus's
+        query iterator pages with the last id put unescaped into its filter, which an id
+        holding a quote breaks."""
         out: dict[str, dict[str, int]] = {}
+        where = f"tenant == {_quote(tenant)}"
         for batch in _batches(sorted(set(doc_ids)), _QUERY_BATCH):
-            expr = (
-                f"doc_id in [{', '.join(_quote(d) for d in batch)}] and tenant == {_quote(tenant)}"
+            rows = self._query(
+                name, f"doc_id in [{', '.join(_quote(d) for d in batch)}] and {where}"
             )
-            pages = self._call(
-                "query",
-                self.client.query_iterator,
-                name,
-                batch_size=1000,
-                filter=expr,
-                output_fields=["doc_id", "position"],
-                timeout=self.read_timeout,
-            )
-            try:
-                while rows := self._call("query", pages.next):
-                    for r in rows:
-                        out.setdefault(r["doc_id"], {})[r["id"]] = int(r["position"])
-            finally:
-                pages.close()
+            if len(rows) < _QUERY_LIMIT:
+                for r in rows:
+                    out.setdefault(r["doc_id"], {})[r["id"]] = int(r["position"])
+                continue
+            for doc in batch:  # a page too full: each document by ranges of positions
+                start, expr = 0, f"doc_id == {_quote(doc)} and {where}"
+                while self._query(name, f"{expr} and position >= {start}", limit=1):
+                    for r in self._query(
+                        name, f"{expr} and position >= {start} and position < {start + _POSITIONS}"
+                    ):
+                        out.setdefault(doc, {})[r["id"]] = int(r["position"])
+                    start += _POSITIONS
         return out
+
+    def _query(self, name: str, expr: str, limit: int = _QUERY_LIMIT) -> list[dict]:
+        return self._call(
+            "query",
+            self.client.query,
+            name,
+            filter=expr,
+            output_fields=["doc_id", "position"],
+            limit=limit,
+            timeout=self.read_timeout,
+        )
 
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> None:
         analysis = self.analysis(name)
@@ -422,15 +444,21 @@ class KnowledgeStore:
         self._call("flush", self.client.flush, name)
 
     def delete_ids(self, name: str, ids: list[str]) -> None:
+        # by a filter we quote: pymilvus's ``ids=`` puts ids in its filter unescaped, so
+        # an id with a quote (a file named it's "x".md) broke the delete
         for batch in _batches(ids, WRITE_BATCH):
-            self._call("delete", self.client.delete, name, ids=batch)
+            expr = f"id in [{', '.join(_quote(i) for i in batch)}]"
+            self._call("delete", self.client.delete, name, filter=expr)
 
     def delete_documents(self, name: str, doc_ids: list[str], tenant: str = DEFAULT_TENANT) -> int:
         """Remove every chunk of these documents; the number of chunks removed."""
         self.info(name)
-        held = self.existing(name, doc_ids, tenant)
-        ids = [cid for chunks in held.values() for cid in chunks]
-        self.delete_ids(name, ids)
+        with IngestLock(self, name, self.settings.ingest_lock_wait_s):
+            held = self.existing(name, doc_ids, tenant)
+            ids = [cid for chunks in held.values() for cid in chunks]
+            self.delete_ids(name, ids)
+            if ids:
+                self.flush(name)
         return len(ids)
 
     # searches
