@@ -177,6 +177,42 @@ def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict
         time.sleep(5)
 
 
+def speeds(url: str, names: list[str], args, results: dict) -> None:
+    """Parts 2 and 3: adapters cold and warm, 8 adapters mixed against the base."""
+    cold: list[float] = []
+    warm: list[float] = []
+    for name in names:
+        one = {
+            "model": f"{SERVED}:{name}",
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+        }
+        for bucket in (cold, warm):
+            t = time.perf_counter()
+            httpx.post(f"{url}/chat/completions", json=one, timeout=300).raise_for_status()
+            bucket.append(time.perf_counter() - t)
+    results["adapter_cold_s"] = statistics.median(cold)
+    results["adapter_warm_s"] = statistics.median(warm)
+    print(
+        f"adapter first request {results['adapter_cold_s']:.2f} s, warm "
+        f"{results['adapter_warm_s']:.2f} s"
+    )
+
+    mixed = {}
+    for c in (8, 32):
+        n = max(args.requests, 8 * c)
+        base = asyncio.run(load(url, [SERVED], c, n, args.tokens))
+        mix = asyncio.run(load(url, [f"{SERVED}:{x}" for x in names], c, n, args.tokens))
+        mixed[c] = {
+            "base": base,
+            "adapters": mix,
+            "ratio": mix["tokens_per_s"] / base["tokens_per_s"],
+        }
+        print(f"8 adapters vs base at c={c}: ratio {mixed[c]['ratio']:.2f}")
+    results["adapters_mixed"] = mixed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, required=True)
@@ -192,10 +228,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--phase",
-        choices=["all", "bare", "bare-lora", "loraplex-base", "loraplex"],
+        choices=["all", "bare", "bare-lora", "loraplex-base", "loraplex", "retrieval"],
         default="all",
         help="Run one half (results merge into --out); `all` runs bare vLLM in a child "
-        "process first, so the two servers never share a process.",
+        "process first, so the two servers never share a process; `retrieval` runs only "
+        "part 4 (a retrieval route against the same adapter without).",
     )
     args = ap.parse_args()
     args.dtype = "float32" if args.model == "embedded" else "bfloat16"
@@ -287,42 +324,13 @@ def main() -> None:
     )
     url = start(cfg, settings, port=free_port())
     try:
-        print(f"loraplex{' without adapters' if base_only else ''}:")
-        results["loraplex_base" if base_only else "loraplex"] = levels(url, SERVED, args)
+        if args.phase != "retrieval":
+            print(f"loraplex{' without adapters' if base_only else ''}:")
+            results["loraplex_base" if base_only else "loraplex"] = levels(url, SERVED, args)
         if base_only:
             return
-
-        cold, warm = [], []
-        for name in names:
-            one = {
-                "model": f"{SERVED}:{name}",
-                "max_tokens": 4,
-                "ignore_eos": True,
-                "messages": [{"role": "user", "content": PROMPTS[0]}],
-            }
-            for bucket in (cold, warm):
-                t = time.perf_counter()
-                httpx.post(f"{url}/chat/completions", json=one, timeout=300).raise_for_status()
-                bucket.append(time.perf_counter() - t)
-        results["adapter_cold_s"] = statistics.median(cold)
-        results["adapter_warm_s"] = statistics.median(warm)
-        print(
-            f"adapter first request {results['adapter_cold_s']:.2f} s, warm "
-            f"{results['adapter_warm_s']:.2f} s"
-        )
-
-        mixed = {}
-        for c in (8, 32):
-            n = max(args.requests, 8 * c)
-            base = asyncio.run(load(url, [SERVED], c, n, args.tokens))
-            mix = asyncio.run(load(url, [f"{SERVED}:{x}" for x in names], c, n, args.tokens))
-            mixed[c] = {
-                "base": base,
-                "adapters": mix,
-                "ratio": mix["tokens_per_s"] / base["tokens_per_s"],
-            }
-            print(f"8 adapters vs base at c={c}: ratio {mixed[c]['ratio']:.2f}")
-        results["adapters_mixed"] = mixed
+        if args.phase != "retrieval":
+            speeds(url, names, args, results)
 
         rag = {}
         plain = asyncio.run(load(url, ["plain"], 1, 40, args.tokens))

@@ -65,3 +65,24 @@ def test_json_compliance():
 def test_labels_and_mean():
     assert label_accuracy(["Billing", "shipping "], ["billing", "defect"]) == 0.5
     assert mean([1.0, None, 0.0]) == 0.5 and mean([None]) is None
+
+
+def test_retrieval_metrics_on_known_answers():
+    """recall@k, MRR@10 and nDCG@10 against values worked out by hand; chunks of one
+    document count once; a judged query without a ranking scores zero."""
+    import math
+
+    from loraplex.evaluation.retrieval import mrr_at, ndcg_at, recall_at, score_rankings
+
+    two = {"a": 1, "b": 1}
+    assert recall_at(["a", "x", "b"], two, 1) == 0.5 and recall_at(["a", "x", "b"], two, 3) == 1
+    assert mrr_at(["x", "y", "a"], two) == 1 / 3 and mrr_at(["x"] * 10 + ["a"], two) == 0.0
+    # dcg = 1/log2(2) + 1/log2(4) = 1.5; ideal = 1 + 1/log2(3)
+    assert math.isclose(ndcg_at(["a", "x", "b"], two), 1.5 / (1 + 1 / math.log2(3)))
+    # graded: (2^2 - 1) / log2(4) over the ideal (2^2 - 1) / log2(2)
+    assert math.isclose(ndcg_at(["x", "y", "a"], {"a": 2}), 0.5)
+    assert ndcg_at(["b", "a"], two) == 1.0 and ndcg_at([], two) == 0.0
+    m = score_rankings({"q1": ["a", "a", "b"]}, {"q1": {"b": 1}, "q2": {"c": 1}})
+    assert m["mrr_at_10"] == (0.5 + 0.0) / 2  # "a" twice is one document: b is 2nd
+    assert m["recall_at_1"] == 0.0 and m["recall_at_5"] == 0.5
+    assert math.isclose(m["ndcg_at_10"], (1 / math.log2(3)) / 2)

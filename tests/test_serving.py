@@ -244,6 +244,16 @@ def test_chat_and_completions_through_the_openai_sdk(served: Served) -> None:
     assert [x.message.content for x in sampled[0].choices] == [
         x.message.content for x in sampled[1].choices
     ]  # same seed, same samples
+    # and the seed and temperature are used: other seeds draw other samples, hot samples
+    # are not all the greedy answer
+    drawn = {
+        x.message.content
+        for seed in (1, 2, 3)
+        for x in c.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=8, temperature=1.5, seed=seed, n=2
+        ).choices
+    } | {x.message.content for x in sampled[0].choices}
+    assert len(drawn) > 1 and drawn != {greedy}
 
     # stream: text equals the non-streamed greedy answer; usage only when asked for
     chunks = list(
@@ -271,12 +281,14 @@ def test_chat_and_completions_through_the_openai_sdk(served: Served) -> None:
         model="tiny", prompt="The price of the", max_tokens=6, temperature=0
     )
     assert comp.object == "text_completion" and comp.usage.completion_tokens <= 6
-    word = comp.choices[0].text.split()[0] if comp.choices[0].text.split() else None
-    if word:
-        stopped = c.completions.create(
-            model="tiny", prompt="The price of the", max_tokens=6, temperature=0, stop=[word]
-        )
-        assert word not in stopped.choices[0].text
+    words = comp.choices[0].text.split()
+    assert words, comp.choices[0].text  # the greedy continuation has a word to stop at
+    stopped = c.completions.create(
+        model="tiny", prompt="The price of the", max_tokens=6, temperature=0, stop=[words[0]]
+    )
+    assert words[0] not in stopped.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+    assert comp.choices[0].text.startswith(stopped.choices[0].text)
 
     # /v1/embeddings through the retriever's MiniLM
     emb = c.embeddings.create(model="all-MiniLM-L6-v2", input=["kettle", "lamp"])
@@ -311,7 +323,13 @@ def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
     assert [s["id"] for s in extra["sources"]] == [1, 2]
     assert gold in [s["doc_id"] for s in extra["sources"]]  # hybrid search finds the gold doc
     assert all(s["text"] and s["chunk_id"].startswith(s["doc_id"]) for s in extra["sources"])
-    assert isinstance(r.choices[0].model_extra["citations"], list)
+    cited = r.choices[0].model_extra["citations"]
+    doc_ids = {s["doc_id"] for s in extra["sources"]}
+    assert all(x["doc_id"] in doc_ids for x in cited if x["valid"])
+    # the citations are the [n] markers of the answer, mapped to the sources' doc ids
+    from loraplex.serving.grounding import citations
+
+    assert cited == citations(r.choices[0].message.content or "", extra["sources"])
     plain = c.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": text}], max_tokens=4
     )
@@ -847,20 +865,25 @@ def test_evaluation_bad_input_and_interruption(served: Served, tmp_path: Path) -
     queries = served.world / "queries.jsonl"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok?", "answer": "x"}\n{"question": \n[1, 2]\n')
-    cases = [
-        (["--questions", str(bad)], f"{bad}:2"),
-        (["--questions", str(queries), "--configs", "base,nope"], "unknown configuration 'nope'"),
+    cases = [  # bad input exits 2, an endpoint that fails the run exits 1
+        (["--questions", str(bad)], f"{bad}:2", 2),
+        (
+            ["--questions", str(queries), "--configs", "base,nope"],
+            "unknown configuration 'nope'",
+            2,
+        ),
         (
             ["--questions", str(queries), "--url", f"http://127.0.0.1:{free_port()}/v1"],
             "does not answer",
+            1,
         ),
-        (["--questions", str(queries), "--api-key", "sk-wrong"], "rejects the API key"),
-        (["--questions", str(tmp_path / "none.jsonl")], "does not exist"),
+        (["--questions", str(queries), "--api-key", "sk-wrong"], "rejects the API key", 1),
+        (["--questions", str(tmp_path / "none.jsonl")], "does not exist", 2),
     ]
-    for args, reason in cases:
+    for args, reason, code in cases:
         url = [] if "--url" in args else ["--url", served.url]
         proc = run_cli("eval", *url, *args, env=env)
-        assert proc.returncode != 0, args
+        assert proc.returncode == code, (args, proc.returncode)
         assert reason in one_line_error(proc), (args, proc.stderr)
 
     out = tmp_path / "interrupted"
@@ -955,17 +978,29 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
     assert "ok (1 base model(s), 0 adapter(s), 2 route(s))" in proc.stdout
     assert "listening on 127.0.0.1 only" in proc.stderr
 
-    cases = [
-        (["--set", "routes.0.base=other"], "base 'other' is not one of ['tiny']"),
-        (["--set", "models.0.max_model_len=abc"], "max_model_len"),
-        (["--set", "adapters=[{name: a, base: tiny, registry: 'a@@x'}]"], "registry reference"),
-        (["--set", "adapters=[{name: a, base: tiny, registry: a@live}]"], "not in the registry"),
-        (["--port", "70000"], "--port 70000"),
-        (["--set", "auth.allow_anonymous=false"], "no API keys (auth.keys or $LORAPLEX_API_KEYS)"),
+    cases = [  # a bad config or flag exits 2, a failed check of what it names exits 1
+        (["--set", "routes.0.base=other"], "base 'other' is not one of ['tiny']", 2),
+        (["--set", "models.0.max_model_len=abc"], "max_model_len", 2),
+        (
+            ["--set", "adapters=[{name: a, base: tiny, registry: 'a@@x'}]"],
+            "registry reference",
+            2,
+        ),
+        (
+            ["--set", "adapters=[{name: a, base: tiny, registry: a@live}]"],
+            "not in the registry",
+            1,
+        ),
+        (["--port", "70000"], "--port 70000", 2),
+        (
+            ["--set", "auth.allow_anonymous=false"],
+            "no API keys (auth.keys or $LORAPLEX_API_KEYS)",
+            2,
+        ),
     ]
-    for extra, reason in cases:
+    for extra, reason, code in cases:
         proc = run_cli("serve", str(path), "--check", *extra, env=env)
-        assert proc.returncode != 0
+        assert proc.returncode == code, (extra, proc.returncode, proc.stderr)
         assert reason in one_line_error(proc), (extra, proc.stderr)
     proc = run_cli("serve", str(tmp_path / "missing.yaml"), env=env)
     assert "does not exist" in one_line_error(proc)

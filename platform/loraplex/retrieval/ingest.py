@@ -44,7 +44,7 @@ from loraplex.retrieval.spec import TENANT
 from loraplex.retrieval.store import DEFAULT_TENANT, MAX_TEXT, KnowledgeStore
 
 MAX_DOC_ID = 400
-BATCH_CHUNKS = 1024  # chunks compared, embedded and written together
+BATCH_CHUNKS = 4096  # chunks compared, embedded and written together (about 10 MB)
 
 
 @dataclass
@@ -220,8 +220,14 @@ class _Writer:
             self._ready = True
         # Every stored row of these documents, found by a query on doc_id: what the new
         # chunks do not keep goes, rows an interrupted or concurrent ingest left included.
-        held = self.store.existing(
-            self.collection, sorted({d.doc_id for _, d in batch}), self.tenant
+        # (A collection this ingest created holds only what it wrote, and each document
+        # comes once per ingest: nothing to look up. Milvus Lite scans for the query.)
+        held = (
+            {}
+            if s.created
+            else self.store.existing(
+                self.collection, sorted({d.doc_id for _, d in batch}), self.tenant
+            )
         )
         keep: set[str] = set()
         todo: list[tuple[Chunk, IngestDocument]] = []
