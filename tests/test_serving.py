@@ -877,7 +877,7 @@ def test_evaluation_bad_input_and_interruption(served: Served, tmp_path: Path) -
             "does not answer",
             1,
         ),
-        (["--questions", str(queries), "--api-key", "sk-wrong"], "rejects the API key", 1),
+        (["--questions", str(queries), "--api-key", "sk-wrong"], "rejects the API key", 2),
         (["--questions", str(tmp_path / "none.jsonl")], "does not exist", 2),
     ]
     for args, reason, code in cases:
@@ -978,7 +978,7 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
     assert "ok (1 base model(s), 0 adapter(s), 2 route(s))" in proc.stdout
     assert "listening on 127.0.0.1 only" in proc.stderr
 
-    cases = [  # a bad config or flag exits 2, a failed check of what it names exits 1
+    cases = [  # a bad config, flag or reference exits 2 (the documented code)
         (["--set", "routes.0.base=other"], "base 'other' is not one of ['tiny']", 2),
         (["--set", "models.0.max_model_len=abc"], "max_model_len", 2),
         (
@@ -989,7 +989,7 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
         (
             ["--set", "adapters=[{name: a, base: tiny, registry: a@live}]"],
             "not in the registry",
-            1,
+            2,
         ),
         (["--port", "70000"], "--port 70000", 2),
         (

