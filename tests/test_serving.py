@@ -759,6 +759,34 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
     assert not missing, missing
     assert 'adapter="tiny:beta/1"' in text
     assert 'key="ops"' in text
+    # the counts themselves, by their labels
+    samples = prometheus_samples(text)
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            v
+            for n, lab, v in samples
+            if n == name and all(lab.get(k) == x for k, x in labels.items())
+        )
+
+    assert total("ray_loraplex_requests_total", route="kb", adapter="none") >= 1
+    assert total("ray_loraplex_key_requests_total", key="ops") >= 1
+    refused = [
+        v
+        for n, lab, v in samples
+        if n == "ray_loraplex_request_errors_total" and lab.get("status", "").startswith("4")
+    ]
+    assert sum(refused) >= 1  # the bad requests of the tests before, by status
+    # four and more adapter versions through one replica that keeps two: evictions, and
+    # never a second load of a version that was not evicted (8 concurrent first requests
+    # to tiny:delta/1 loaded it once)
+    loaded = {lab["adapter"] for n, lab, _ in samples if n == "ray_loraplex_adapter_loads_total"}
+    assert len(loaded) >= 4 and total("ray_loraplex_adapter_evictions_total") >= 1
+    for adapter in loaded:
+        loads = total("ray_loraplex_adapter_loads_total", adapter=adapter)
+        evictions = total("ray_loraplex_adapter_evictions_total", adapter=adapter)
+        assert loads - evictions in (0, 1), (adapter, loads, evictions)
+    assert total("ray_loraplex_adapter_loads_total", adapter="tiny:delta/1") >= 1
 
     serve_logs = "".join(p.read_text(errors="replace") for p in served.log_dir.glob("*.log"))
     # the server's id in every line of the request, with the key's name (never the key)
@@ -769,6 +797,19 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
         p.read_text(errors="replace") for p in served.log_dir.parent.rglob("*") if p.is_file()
     )
     assert marker not in every_log and KEY_ALL not in every_log
+
+
+def prometheus_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(metric name, labels, value) of each sample in a Prometheus text exposition."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ([0-9.eE+-]+|NaN|[+-]Inf)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out.append((m.group(1), labels, float(m.group(3))))
+    return out
 
 
 def test_chat_cli_streams_and_shows_sources(served: Served) -> None:

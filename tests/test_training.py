@@ -5,6 +5,7 @@ against a Ray head started here, adapters trained elsewhere, and bad input."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -227,6 +228,14 @@ def test_a_killed_worker_resumes_from_its_checkpoint_in_the_same_run(tiny_base, 
     assert steps[-1] == 40
     gaps = [b - a for a, b in itertools.pairwise(steps)]
     assert max(gaps) <= 5, steps
+    # it went on from a checkpoint, not from the start: only steps after the last
+    # checkpoint before the kill were logged twice (a restart from step 0 would repeat
+    # every step up to the kill, 12 or more)
+    logged = [
+        m.step for m in mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "loss")
+    ]
+    repeated = sorted(s for s, n in collections.Counter(logged).items() if n > 1)
+    assert len(repeated) <= 2 * 5 and steps[0] not in repeated, (repeated, logged)
     runs = json.loads((storage / "fault-tiny" / "job.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["FINISHED"]
 

@@ -146,7 +146,7 @@ def ingest(
     files, skipped = check_files(paths, limits)
     summary = IngestSummary(collection, skipped=skipped)
     writer = _Writer(collection, store, embed, settings, tenant, summary, model)
-    bar = tqdm(desc="ingesting", unit="chunk", disable=None)
+    bar = tqdm(desc="ingesting", unit="chunk")
     batch: list[tuple[Chunk, IngestDocument]] = []
     with IngestLock(store, collection, settings.ingest_lock_wait_s) as lock:
         writer.lock = lock

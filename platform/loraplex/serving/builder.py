@@ -190,8 +190,13 @@ def start(
 
     from loraplex.ray_runtime import init_ray
 
-    app = build(cfg, settings, checked)  # checks before Ray starts anything
+    checked = checked or check(cfg, settings)  # refused before Ray starts anything
+    # Ray first, the way the settings say: Ray Serve LLM's deployment builder starts a
+    # default local Ray when none runs (one logical CPU per core: 2 here), on which the
+    # LLM server's CPU bundles take everything and the retriever and ingress never
+    # schedule
     init_ray(settings)
+    app = build(cfg, settings, checked)
     port = port or cfg.http.port
     serve.start(proxy_location=cfg.http.proxy_location, http_options={"host": host, "port": port})
     serve.run(app, name=cfg.name, route_prefix="/")
