@@ -202,3 +202,44 @@ def test_alias_resolution_survives_a_registry_outage(tmp_path) -> None:
     assert asyncio.run(resolver.resolve("answers@production")) == ("answers", "1")
     with pytest.raises(RegistryUnavailable, match=r"cannot be reached|did not answer"):
         asyncio.run(resolver.resolve("other@production"))  # never resolved before
+
+
+START_ORDER = """
+import json, sys
+import ray
+from loraplex.config import load_settings
+from loraplex.serving import builder
+from loraplex.serving.config import ServingConfig
+
+def build(cfg, settings, checked=None):  # what Ray looks like when the app is built
+    cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+    print(json.dumps({"cpus": cpus}))
+    ray.shutdown()
+    sys.exit(0)
+
+builder.build = build
+settings = load_settings(overrides=[f"home={sys.argv[1]}", "ray.num_cpus=5"])
+cfg = ServingConfig.model_validate({"models": [{"id": "m", "source": sys.argv[1]}]})
+builder.start(cfg, settings, checked=object())
+"""
+
+
+def test_start_brings_up_ray_as_configured_before_building_the_app(tmp_path) -> None:
+    """Ray Serve LLM's builder starts a default Ray (one CPU per core) when none runs:
+    ``start`` must have started the configured one first, or on a 2-core machine the
+    retriever and ingress replicas never schedule."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import clean_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", START_ORDER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"cpus": 5.0}
