@@ -146,9 +146,8 @@ def ingest(
     files, skipped = check_files(paths, limits)
     summary = IngestSummary(collection, skipped=skipped)
     writer = _Writer(collection, store, embed, settings, tenant, summary, model)
-    bar = tqdm(desc="ingesting", unit="chunk")
     batch: list[tuple[Chunk, IngestDocument]] = []
-    with IngestLock(store, collection, settings.ingest_lock_wait_s) as lock:
+    with IngestLock(store, collection, settings.ingest_lock_wait_s) as lock, writer:
         writer.lock = lock
         for f in files:
             try:
@@ -171,12 +170,10 @@ def ingest(
                 summary.documents += 1
                 batch += [(c, d) for c in chunks]
                 if len(batch) >= BATCH_CHUNKS:
-                    bar.update(writer.write(batch))
-                    bar.set_postfix(files=f"{summary.files}/{len(files)}")
+                    writer.write(batch, files=f"{summary.files}/{len(files)}")
                     batch = []
         if batch:
-            bar.update(writer.write(batch))
-        bar.close()
+            writer.write(batch, files=f"{summary.files}/{len(files)}")
         if not summary.documents:
             _nothing(paths, summary.skipped)
         if writer.wrote:
@@ -211,13 +208,21 @@ class _Writer:
     model: tuple[str, int] | None = None
     lock: IngestLock | None = None
     wrote: bool = False
-    _ready: bool = False
+    _bar: tqdm | None = None
 
-    def write(self, batch: list[tuple[Chunk, IngestDocument]]) -> int:
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def write(self, batch: list[tuple[Chunk, IngestDocument]], files: str = "") -> int:
         s = self.summary
-        if not self._ready:  # the collection appears with the first batch, not before
+        if self._bar is None:  # the collection appears with the first batch, not before;
+            # the bar only once it is there, so a refusal stays one line
             s.created = self.store.ensure(self.collection, *self.model)
-            self._ready = True
+            self._bar = tqdm(desc="ingesting", unit="chunk")
         # Every stored row of these documents, found by a query on doc_id: what the new
         # chunks do not keep goes, rows an interrupted or concurrent ingest left included.
         # (A collection this ingest created holds only what it wrote, and each document
@@ -259,6 +264,9 @@ class _Writer:
         # Old rows go only after their replacements are written.
         self.store.delete_ids(self.collection, leftover)
         self.wrote = self.wrote or bool(todo or leftover)
+        self._bar.update(len(batch))
+        if files:
+            self._bar.set_postfix(files=files)
         return len(batch)
 
 
