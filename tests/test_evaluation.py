@@ -133,7 +133,8 @@ def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> N
         adapter_rag=(0.85, 0.98, 420),
     )
     advice = report.recommend(summary, format_required=True)
-    assert "Retrieval adds +67% accuracy" in advice and "Recommendation: **adapter+rag**" in advice
+    assert "Retrieval adds +67 points of accuracy" in advice
+    assert "Recommendation: **adapter+rag**" in advice
     checks = {(c, m): ok for c, m, _, ok in report.target_checks(summary)}
     assert checks[("base+rag", "answer_accuracy")] is True and checks[("adapter+rag", "compliance")]
     out = tmp_path / "r"

@@ -86,6 +86,25 @@ def serving_config(model_dir: Path) -> dict:
             {"name": "beta", "base": "tiny", "registry": "beta/1"},
             {"name": "broken", "base": "tiny", "registry": "broken/1"},
             {"name": "delta", "base": "tiny", "registry": "delta/1"},
+            # canaries: alpha 1 (steady) with 30% on alpha 2 (trial), sticky per user; and
+            # alpha 1 with half its requests on the damaged broken/1, judged after 3
+            {
+                "name": "canaried",
+                "base": "tiny",
+                "registry": "alpha@steady",
+                "canary": {"registry": "alpha@trial", "percent": 30},
+            },
+            {
+                "name": "risky",
+                "base": "tiny",
+                "registry": "alpha@steady",
+                "canary": {
+                    "registry": "broken/1",
+                    "percent": 50,
+                    "sticky_by": "none",
+                    "rollback": {"min_requests": 3, "window_s": 300},
+                },
+            },
         ],
         "routes": [
             {"name": "kb", "base": "tiny", "retrieval": {"collection": "kb", "top_k": 2}},
@@ -175,6 +194,8 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     for name, seed, alias in adapters:
         folder = _make_adapter(base, home / "src" / f"{name}-{seed}", seed)
         register_external(client, folder, name, base, str(base), alias, experiment)
+    client.set_registered_model_alias("alpha", "steady", "1")
+    client.set_registered_model_alias("alpha", "trial", "2")
     broken = _make_adapter(base, home / "src" / "broken", 4)
     register_external(client, broken, "broken", base, str(base), None, experiment)
     # the registry's copy of broken/1 gets damaged after registration
@@ -213,6 +234,8 @@ def test_models_lists_bases_adapters_and_routes_within_the_keys_scope(served: Se
         "tiny:beta",
         "tiny:broken",
         "tiny:delta",
+        "tiny:canaried",
+        "tiny:risky",
         "kb",
         "kb-alpha",
         "kb-soft",
@@ -220,6 +243,8 @@ def test_models_lists_bases_adapters_and_routes_within_the_keys_scope(served: Se
     assert [m.id for m in served.client(KEY_KB).models.list()] == ["kb"]
     card = served.client().models.retrieve("kb-alpha")
     assert card.model_extra["metadata"]["adapter"] == "alpha"
+    canaried = served.client().models.retrieve("tiny:canaried").model_extra["metadata"]
+    assert canaried["canary"] == {"registry": "alpha@trial", "percent": 30.0}
 
 
 def test_chat_and_completions_through_the_openai_sdk(served: Served) -> None:
@@ -490,6 +515,130 @@ def test_promotion_reaches_new_requests_and_running_ones_finish_on_the_old_versi
         time.sleep(0.5)
 
 
+# ---------------------------------------------------------------------- canaries
+
+
+def canary_status(served: Served, adapter: str) -> dict:
+    proc = run_cli(
+        "adapters", "canary", adapter, "--json", "--url", served.url, "--api-key", KEY_ALL
+    )
+    assert proc.returncode == 0, proc.stderr
+    (status,) = json.loads(proc.stdout)
+    return status
+
+
+def test_canary_split_is_sticky_per_user_and_promotion_ends_it(served: Served) -> None:
+    from mlflow import MlflowClient
+
+    from loraplex.serving.canary import draw
+
+    c = served.client()
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def answer(user: str, how: str = "header") -> str:
+        extra = {"extra_headers": {"x-loraplex-user": user}}
+        if how == "body":
+            extra = {"user": user}
+        r = c.chat.completions.create(model="tiny:canaried", messages=msgs, max_tokens=2, **extra)
+        return r.model
+
+    users = [f"user-{i}" for i in range(20)]
+    expected = {
+        u: "tiny:alpha/2" if draw("tiny:canaried", 30, f"user:{u}") else "tiny:alpha/1"
+        for u in users
+    }
+    assert set(expected.values()) == {"tiny:alpha/1", "tiny:alpha/2"}  # both sides drawn
+    assert {u: answer(u) for u in users} == expected  # the response's model names the version
+    # sticky: the same users again, by header and by OpenAI's `user` field
+    assert {u: answer(u) for u in users[:6]} == {u: expected[u] for u in users[:6]}
+    assert {u: answer(u, "body") for u in users[6:12]} == {u: expected[u] for u in users[6:12]}
+    # without a user, the key's name decides: one side for every request of the key
+    keyed = {c.chat.completions.create(model="tiny:canaried", messages=msgs, max_tokens=2).model}
+    assert len(keyed) == 1
+
+    status = canary_status(served, "canaried")
+    assert status["state"] == "active" and status["canary"]["version"] == "2"
+    assert status["stable"]["version"] == "1" and status["canary"]["percent"] == 30
+    on_canary = sum(v == "tiny:alpha/2" for v in expected.values())
+    window = status["window"]
+    assert window["canary"]["requests"] >= on_canary and window["stable"]["requests"] >= 1
+    assert window["canary"]["server_errors"] == 0 and window["canary"]["p95_latency_s"] > 0
+
+    # promoting the canary's version moves every user to it; the canary has ended
+    registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    registry.set_registered_model_alias("alpha", "steady", "2")
+    deadline = time.monotonic() + 30
+    stable_users = [u for u in users if expected[u] == "tiny:alpha/1"]
+    while {answer(u) for u in stable_users} != {"tiny:alpha/2"}:
+        assert time.monotonic() < deadline, "promotion of the canary not served within 30 s"
+        time.sleep(0.5)
+    assert canary_status(served, "tiny:canaried")["state"] == "ended"
+
+
+def test_a_failing_canary_is_halted_recorded_and_stops_receiving_traffic(served: Served) -> None:
+    from mlflow import MlflowClient
+
+    from loraplex.serving.canary import HALT_TAG
+
+    c = served.client()
+    msgs = [{"role": "user", "content": "hi"}]
+    outcomes = []
+    for _ in range(40):  # half go to broken/1 until 3 of them have failed
+        try:
+            r = c.chat.completions.create(model="tiny:risky", messages=msgs, max_tokens=2)
+            outcomes.append(r.model)
+        except openai.APIStatusError as e:
+            assert e.status_code == 503 and "broken version 1" in e.message
+            outcomes.append(503)
+        if outcomes.count(503) == 3:
+            break
+    assert outcomes.count(503) == 3  # min_requests failures reached the canary, no more
+    # halted: every request now goes to the stable version
+    after = [
+        c.chat.completions.create(model="tiny:risky", messages=msgs, max_tokens=2).model
+        for _ in range(12)
+    ]
+    assert set(after) <= {"tiny:alpha/1", "tiny:alpha/2"}  # steady (promoted by the test before)
+    status = canary_status(served, "risky")
+    assert status["state"] == "halted" and "5xx rate 100%" in status["reason"]
+    assert status["window"]["canary"]["server_errors"] == 3
+    # recorded on the canary's model version, for every replica and restart
+    registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    deadline = time.monotonic() + 30
+    while HALT_TAG not in (registry.get_model_version("broken", "1").tags or {}):
+        assert time.monotonic() < deadline, "the halt was not recorded in MLflow"
+        time.sleep(0.5)
+    record = json.loads(registry.get_model_version("broken", "1").tags[HALT_TAG])
+    assert record["adapter"] == "tiny:risky" and record["window"]["canary"]["server_errors"] == 3
+
+
+def test_canary_on_another_base_is_refused_before_serving(served: Served, tiny_base) -> None:
+    from mlflow import MlflowClient
+
+    from loraplex.errors import InputError
+    from loraplex.serving.builder import check
+    from loraplex.serving.config import ServingConfig
+
+    registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    registry.set_model_version_tag("delta", "1", "loraplex.base_model", "models:/other-base/1")
+    try:
+        cfg = serving_config(tiny_base.model_dir)
+        cfg["adapters"] = [
+            {
+                "name": "a",
+                "base": "tiny",
+                "registry": "beta/1",
+                "canary": {"registry": "delta/1", "percent": 10},
+            }
+        ]
+        cfg["routes"], cfg["auth"] = [], {"keys": [], "allow_anonymous": True}
+        with pytest.raises(InputError, match="a canary must share the base model"):
+            check(ServingConfig.model_validate(cfg), served.settings)
+    finally:
+        base = registry.get_model_version("beta", "1").tags["loraplex.base_model"]
+        registry.set_model_version_tag("delta", "1", "loraplex.base_model", base)
+
+
 # ---------------------------------------------------------------------- auth, errors
 
 
@@ -735,6 +884,15 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
     )
     assert r.status_code == 200
     ours = r.headers["x-loraplex-request-id"]
+    # a refusal on this route, counted by route and status (other routes' refusals of the
+    # tests before may or may not still be exported)
+    bad = httpx.post(
+        f"{served.url}/chat/completions",
+        json={"model": "kb-soft", "messages": [{"role": "user", "content": "x"}], "n": 99},
+        headers={"authorization": f"Bearer {KEY_ALL}"},
+        timeout=60,
+    )
+    assert bad.status_code == 400
 
     node = ray._private.worker.global_worker.node
     metrics_url = f"http://127.0.0.1:{node.metrics_export_port}/metrics"
@@ -752,7 +910,7 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
     text = ""
     while time.monotonic() < deadline:
         text = httpx.get(metrics_url, timeout=10).text
-        if all(w in text for w in wanted) and 'route="kb"' in text:
+        if all(w in text for w in wanted) and 'route="kb"' in text and 'route="kb-soft"' in text:
             break
         time.sleep(2)
     missing = [w for w in wanted if w not in text]
@@ -771,12 +929,10 @@ def test_metrics_and_request_ids_without_prompt_text_in_logs(served: Served) -> 
 
     assert total("ray_loraplex_requests_total", route="kb", adapter="none") >= 1
     assert total("ray_loraplex_key_requests_total", key="ops") >= 1
-    refused = [
-        v
-        for n, lab, v in samples
-        if n == "ray_loraplex_request_errors_total" and lab.get("status", "").startswith("4")
-    ]
-    assert sum(refused) >= 1  # the bad requests of the tests before, by status
+    errors = [ln for ln in text.splitlines() if ln.startswith("ray_loraplex_request_errors")]
+    refused = total("ray_loraplex_request_errors_total", route="kb-soft", status="400")
+    assert refused == 1, errors
+    assert total("ray_loraplex_requests_total", route="kb-soft") == 0  # refused before the engine
     # four and more adapter versions through one replica that keeps two: evictions, and
     # never a second load of a version that was not evicted (8 concurrent first requests
     # to tiny:delta/1 loaded it once)
@@ -1033,6 +1189,38 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
             2,
         ),
         (["--port", "70000"], "--port 70000", 2),
+        (
+            ["--set", "adapters=[{name: a, base: tiny, registry: a@x, canary: {registry: a/2}}]"],
+            "adapters.0.canary.percent",
+            2,
+        ),
+        (
+            [
+                "--set",
+                "adapters=[{name: a, base: tiny, registry: a@x, "
+                "canary: {registry: a/2, percent: 100}}]",
+            ],
+            "percent",
+            2,
+        ),
+        (
+            [
+                "--set",
+                "adapters=[{name: a, base: tiny, registry: a@x, "
+                "canary: {registry: a@x, percent: 10}}]",
+            ],
+            "is the adapter itself",
+            2,
+        ),
+        (
+            [
+                "--set",
+                "adapters=[{name: a, base: tiny, registry: a@x, "
+                "canary: {registry: a/2, percent: 10, rollback: {max_p95: 2}}}]",
+            ],
+            "max_p95",
+            2,
+        ),
         (
             ["--set", "auth.allow_anonymous=false"],
             "no API keys (auth.keys or $LORAPLEX_API_KEYS)",

@@ -38,9 +38,7 @@ def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
     try:
         if address in (None, "local"):
             log.info("starting a local Ray with %s logical CPUs", cfg.ray.num_cpus)
-            ray.init(
-                num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, **kwargs
-            )
+            _start_local(cfg.ray.num_cpus, **kwargs)
         else:
             log.info("connecting to the Ray cluster at %s", address)
             ray.init(address=address, **kwargs)
@@ -48,3 +46,40 @@ def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LoraplexError(f"cannot start or reach Ray ({address or 'local'}): {first}") from None
     return ray.cluster_resources()
+
+
+def _start_local(num_cpus: int, attempts: int = 3, **kwargs: Any) -> None:
+    """A local Ray. Ray gives its raylet a fixed 30 s to register; on a machine whose
+    cores are busy (processes of a Ray just stopped still exiting) that can pass, so a
+    start that timed out is tried again from scratch."""
+    import time
+
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        began = time.time()
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e):
+                raise
+            _stop_children_since(began - 1)  # the half-started Ray's processes
+            if attempt == attempts:
+                raise TimeoutError(str(e)) from None
+            log.warning("Ray did not come up in time (attempt %d); starting it again", attempt)
+            ray.shutdown()
+            time.sleep(5)
+
+
+def _stop_children_since(began: float) -> None:
+    """Stop this process's children started since ``began`` (a failed ``ray.init``
+    leaves its GCS, raylet and helpers running, unreachable through ``ray.shutdown``)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.create_time() >= began:
+                child.kill()
+        except psutil.Error:
+            pass

@@ -1,4 +1,4 @@
-"""``loraplex train`` and ``loraplex adapters list|promote|rollback|register``.
+"""``loraplex train`` and ``loraplex adapters list|promote|rollback|register|canary``.
 
 Owns: loading and validating a training config (YAML + ``--set``) before anything
 starts, printing a job's outcome, and the registry commands' arguments and tables.
@@ -172,3 +172,73 @@ def _valid(name: str, alias: str) -> bool:
             f"{'--name' if first['loc'][0] == 'registered_model' else '--alias'}: {first['msg']}"
         ) from None
     return True
+
+
+@adapters.command()
+@click.argument("name")
+@click.option("--url", default=None, help="Endpoint (default: $LORAPLEX_URL or the local one).")
+@click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def canary(name: str, url: str | None, api_key: str | None, as_json: bool) -> None:
+    """The canary of an adapter on a running endpoint: the split, its state (active,
+    halted with the reason, ended once promoted) and both versions over the window.
+
+    NAME is the adapter as the serving config names it (json-answer or base:json-answer).
+
+    Example: loraplex adapters canary json-answer --url http://127.0.0.1:8000/v1
+    """
+    import os
+
+    import httpx
+
+    from loraplex.cli.serving import DEFAULT_URL
+    from loraplex.errors import LoraplexError
+
+    base = (url or os.environ.get("LORAPLEX_URL") or DEFAULT_URL).rstrip("/")
+    try:
+        r = httpx.get(
+            f"{base}/canaries",
+            headers={"authorization": f"Bearer {api_key or 'none'}"},
+            timeout=30,
+        )
+    except httpx.HTTPError:
+        raise LoraplexError(f"cannot reach {base}: is `loraplex serve` running?") from None
+    if r.status_code != 200:
+        try:
+            reason = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = r.text[:200]
+        raise LoraplexError(f"{r.status_code}: {reason}")
+    rows = r.json().get("data", [])
+    found = [c for c in rows if name in (c["adapter"], c["adapter"].split(":", 1)[-1])]
+    if not found:
+        known = ", ".join(c["adapter"] for c in rows) or "none"
+        raise InputError(f"{base} serves no canary of {name!r} to this key (canaries: {known})")
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for c in found:
+        state = c["state"] + (f": {c['reason']}" if c.get("reason") else "")
+        click.echo(
+            f"{c['adapter']}: {c['stable']['registry']} (version {c['stable']['version']}), "
+            f"canary {c['canary']['registry']} (version {c['canary']['version']}) at "
+            f"{c['canary']['percent']:g}% by {c['canary']['sticky_by']}; {state}"
+        )
+        table = Table(title=f"this replica, last {c['window_s']:g} s")
+        for col in ("side", "version", "requests", "5xx rate", "p95 s", "JSON failures"):
+            table.add_column(col)
+        for arm in ("stable", "canary"):
+            w = c["window"][arm]
+            p95 = w["p95_latency_s"]
+            table.add_row(
+                arm,
+                str(c[arm]["version"]),
+                str(w["requests"]),
+                f"{w['error_rate']:.1%}",
+                "-" if p95 is None else f"{p95:.2f}",
+                f"{w['format_failure_rate']:.1%} of {w['structured_requests']}",
+            )
+        Console(width=120).print(table)

@@ -24,6 +24,7 @@ import numpy as np
 
 from loraplex.errors import InputError, LoraplexError
 from loraplex.evaluation import scorers
+from loraplex.evaluation.intervals import metric_intervals
 from loraplex.prompts import JSON_ANSWER_SCHEMA
 
 STANDARD = ("base", "base+rag", "adapter", "adapter+rag")
@@ -296,6 +297,27 @@ def summarize(records: list[Record], configs: list[Configuration]) -> dict[str, 
             "prompt_tokens": scorers.mean(float(r.prompt_tokens) for r in ok),
             "completion_tokens": scorers.mean(float(r.completion_tokens) for r in ok),
             "served_versions": sorted({r.model for r in ok if ":" in r.model}),
+        }
+        per_answer = {
+            "accuracy": [r.exact for r in rs],
+            "f1": [r.f1 for r in rs],
+            "answer_accuracy": [r.answer_accuracy for r in rs],
+            "citation_precision": [r.citation_precision for r in ok],
+            "citation_recall": [r.citation_recall for r in ok],
+            "compliance": [None if r.compliant is None else float(r.compliant) for r in rs],
+            "label_accuracy": [
+                None if r.label_correct is None else float(r.label_correct) for r in ok
+            ],
+            "latency_p50_s": lat,
+            "latency_p95_s": lat,
+        }
+        kept = {k: [v for v in vs if v is not None] for k, vs in per_answer.items()}
+        out[c.name]["intervals"] = metric_intervals(kept)
+        # per question, for paired differences between configurations
+        out[c.name]["by_question"] = {
+            "accuracy": {r.question: float(r.exact) for r in rs},
+            "answer_accuracy": {r.question: float(r.answer_accuracy) for r in rs},
+            "compliance": {r.question: float(r.compliant) for r in rs if r.compliant is not None},
         }
     return out
 

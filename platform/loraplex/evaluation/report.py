@@ -1,6 +1,7 @@
 """The evaluation report: a markdown table, a PNG chart, JSON, and a recommendation.
 
-Owns: turning the per-configuration summary into ``report.md`` (table, targets met,
+Owns: turning the per-configuration summary into ``report.md`` (table with 95%
+intervals, differences between configurations with theirs, targets met,
 recommendation), ``chart.png`` (matplotlib: accuracy, JSON compliance and citation
 precision per configuration, p50 latency beside them) and ``results.json`` (summary +
 every answer), written into a ``.partial`` folder and renamed only when complete, so an
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from loraplex.evaluation.intervals import overlaps_zero, paired_difference
 from loraplex.evaluation.scorers import ANSWER_ACCURACY_RULES
 
 # The targets of the four standard configurations (issue "The decision, measured").
@@ -54,8 +56,62 @@ SCORING = (
 )
 
 
-def fmt(value: Any, pattern: str) -> str:
-    return "–" if value is None else pattern.format(value)
+# (from, to, metric, what the difference measures): paired on the same questions
+COMPARISONS = [
+    ("base", "base+rag", "answer_accuracy", "retrieval, on the base model"),
+    ("adapter", "adapter+rag", "accuracy", "retrieval, with the adapter"),
+    ("base", "adapter", "compliance", "the adapter, on the format"),
+    ("base+rag", "adapter+rag", "accuracy", "the adapter, with retrieval"),
+]
+
+
+def fmt(value: Any, pattern: str, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "–"
+    if not interval:
+        return pattern.format(value)
+    lo, hi = (pattern.format(v) for v in interval)
+    return f"{pattern.format(value)} [{lo}, {hi}]"
+
+
+def difference(
+    summary: dict[str, dict[str, Any]], a: str, b: str, metric: str
+) -> tuple[float, tuple[float, float]] | None:
+    """B minus A on the questions both answered, with its 95% interval (paired bootstrap
+    over questions); None when either configuration did not run or has no such values."""
+    if a not in summary or b not in summary:
+        return None
+    per_a = (summary[a].get("by_question") or {}).get(metric) or {}
+    per_b = (summary[b].get("by_question") or {}).get(metric) or {}
+    return paired_difference(per_a, per_b)
+
+
+def points(d: float) -> str:
+    return f"{d * 100:+.0f}"
+
+
+def differences(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """A markdown table of the standard comparisons, each with its interval and whether
+    the questions tell the difference from noise."""
+    rows = []
+    for a, b, metric, what in COMPARISONS:
+        d = difference(summary, a, b, metric)
+        if d is None:
+            continue
+        value, (lo, hi) = d
+        verdict = "within noise" if overlaps_zero((lo, hi)) else "yes"
+        rows.append(
+            f"| {what} | {metric} | {a} -> {b} | {points(value)} | "
+            f"[{points(lo)}, {points(hi)}] | {verdict} |"
+        )
+    if not rows:
+        return []
+    return [
+        "| what | metric | from -> to | difference (points) | 95% interval | real |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def target_checks(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, bool | None]]:
@@ -81,10 +137,16 @@ def recommend(summary: dict[str, dict[str, Any]], format_required: bool) -> str:
     if "base" in acc and "base+rag" in acc:
         gain = acc["base+rag"] - acc["base"]
         extra = _delta(summary, "base", "base+rag", "prompt_tokens")
+        d = difference(summary, "base", "base+rag", "answer_accuracy")
         lines.append(
-            f"Retrieval adds {gain:+.0%} accuracy on the base model"
+            f"Retrieval adds {points(gain)} points of accuracy on the base model"
+            + (f" (95% interval {points(d[1][0])} to {points(d[1][1])})" if d else "")
             + (f" for {extra:+.0f} prompt tokens per question" if extra is not None else "")
-            + (": the knowledge has to come from retrieval." if gain >= 0.2 else ".")
+            + (
+                ": the knowledge has to come from retrieval."
+                if gain >= 0.2 and not (d and overlaps_zero(d[1]))
+                else "."
+            )
         )
     if "adapter" in summary and summary["adapter"].get("compliance") is not None:
         base_c = (summary.get("base") or {}).get("compliance")
@@ -126,7 +188,10 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], advice: s
     head = "| configuration | " + " | ".join(c[1] for c in COLUMNS) + " |"
     rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for name, s in summary.items():
-        rows.append(f"| {name} | " + " | ".join(fmt(s.get(k), p) for k, _, p in COLUMNS) + " |")
+        ci = s.get("intervals") or {}
+        rows.append(
+            f"| {name} | " + " | ".join(fmt(s.get(k), p, ci.get(k)) for k, _, p in COLUMNS) + " |"
+        )
     checks = target_checks(summary)
     lines = [
         "# Evaluation",
@@ -137,6 +202,10 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], advice: s
         "",
         *rows,
         "",
+        "Each value comes with its 95% interval: Wilson for rates, a bootstrap (2,000 "
+        "resamples) for means and latency percentiles.",
+        "",
+        *differences(summary),
     ]
     if checks:
         lines += ["| configuration | metric | target | met |", "|---|---|---|---|"]

@@ -171,5 +171,9 @@ def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Pat
             ):
                 if s.get(key) is not None:
                     mlflow.log_metric(metric_key(config, key), float(s[key]))
+                interval = (s.get("intervals") or {}).get(key)
+                if interval:
+                    mlflow.log_metric(metric_key(config, f"{key}.ci95_low"), interval[0])
+                    mlflow.log_metric(metric_key(config, f"{key}.ci95_high"), interval[1])
         mlflow.log_artifacts(str(folder), artifact_path="report")
         return run.info.run_id

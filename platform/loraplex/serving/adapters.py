@@ -80,6 +80,7 @@ class AliasResolver:
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
         self._cache: dict[str, tuple[float, str]] = {}
+        self._halts: dict[str, tuple[float, str | None]] = {}
         self._client: Any = None
 
     def _lookup(self, name: str, alias: str | None, version: str | None) -> str:
@@ -132,6 +133,45 @@ class AliasResolver:
         self._cache[ref] = (now, got)
         return name, got
 
+    async def halted(self, name: str, version: str) -> str | None:
+        """The canary halt recorded on a model version (``canary.HALT_TAG``), re-read every
+        ``alias_refresh_s``; while the registry cannot be asked, the last answer stands."""
+        from loraplex.serving.canary import halt_reason
+
+        ref = f"{name}/{version}#halt"
+        now = time.monotonic()
+        cached = self._halts.get(ref)
+        if cached and now - cached[0] < self.refresh_s:
+            return cached[1]
+
+        def read() -> str | None:
+            if self._client is None:
+                self._client = _mlflow_client(self.settings)
+            return halt_reason(self._client.get_model_version(name, version).tags)
+
+        try:
+            async with asyncio.timeout(self.timeout_s * 3):
+                reason = await asyncio.to_thread(read)
+        except Exception as e:  # unreachable: keep what was known
+            log.warning("cannot read the canary record of %s/%s: %s", name, version, e)
+            reason = cached[1] if cached else None
+        self._halts[ref] = (now, reason)
+        return reason
+
+    def record_halt(self, name: str, version: str, record: str) -> None:
+        """Write a canary halt on its model version (blocking; run it in a thread)."""
+        from loraplex.serving.canary import HALT_TAG
+
+        if self._client is None:
+            self._client = _mlflow_client(self.settings)
+        self._client.set_model_version_tag(name, version, HALT_TAG, record)
+
+    def tags(self, ref: str) -> dict[str, str]:
+        """The model version's tags (blocking; start-up checks)."""
+        name, alias, version = parse_registry_ref(ref)
+        resolved = self._lookup(name, alias, version)
+        return dict(self._client.get_model_version(name, resolved).tags or {})
+
     def check(self, ref: str) -> str:
         """Blocking variant for start-up checks."""
         name, alias, version = parse_registry_ref(ref)
@@ -142,6 +182,10 @@ class LoadedAdapter(DiskMultiplexConfig):
     """What Serve's multiplexing caches per replica; its eviction is counted."""
 
     def __del__(self) -> None:  # called by Serve when the LRU evicts this adapter
+        # Serve calls this, then sets an instance ``__del__`` that does nothing; Python's
+        # garbage collector still calls this class's ``__del__`` later: not an eviction.
+        if "__del__" in self.__dict__:
+            return
         metrics.adapter_evictions.inc(tags={"adapter": self.model_id})
         log.info("adapter %s evicted from this replica", self.model_id)
 

@@ -54,6 +54,8 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     versions = {}
     for a in cfg.adapters:
         versions[f"{a.base}:{a.name}"] = resolver.check(a.registry)
+        if a.canary is not None:
+            _check_canary(resolver, a.name, a.registry, a.canary.registry)
     try:
         digests = cfg.key_digests()
     except ValueError as e:
@@ -64,6 +66,18 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
             "add keys, or set auth.allow_anonymous: true to serve loopback clients only"
         )
     return Checked(base_dirs, versions, digests, {k: v[1] for k, v in resolved.items()})
+
+
+def _check_canary(resolver, adapter: str, stable: str, canary: str) -> None:
+    """The canary exists and was trained on the stable version's base model."""
+    base_tag = "loraplex.base_model"
+    on_stable, on_canary = (resolver.tags(r).get(base_tag) for r in (stable, canary))
+    if on_stable != on_canary:
+        raise InputError(
+            f"adapter {adapter}: its canary {canary} was trained on "
+            f"{on_canary or 'an unknown base'}, but {stable} on {on_stable or 'an unknown base'}"
+            ": a canary must share the base model"
+        )
 
 
 def settings_env(settings: LoraplexConfig) -> dict[str, str]:

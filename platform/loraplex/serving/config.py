@@ -73,18 +73,78 @@ class BaseModelSpec(StrictModel):
     scaling: Scaling = Field(default_factory=Scaling)
 
 
-class AdapterSpec(StrictModel):
-    """An adapter from the MLflow registry, served on one base model."""
+class RollbackBounds(StrictModel):
+    """When a canary stops receiving traffic: its outcomes over a sliding window, against
+    the stable version's over the same window."""
 
-    name: str = Field(pattern=NAME, description="Clients use `<base>:<name>`.")
-    base: str = Field(pattern=NAME, description="The id of a base model above.")
-    registry: str = Field(description="NAME@ALIAS (follows promotion) or NAME/VERSION (pinned).")
+    window_s: float = Field(default=60, ge=1, le=3600, description="The sliding window.")
+    min_requests: int = Field(
+        default=20, ge=1, description="Canary requests in the window before it is judged."
+    )
+    max_error_rate_increase: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="5xx rate of the canary minus the stable version's (0.05 = 5 points).",
+    )
+    max_p95_latency_ratio: float = Field(
+        default=1.5,
+        gt=1,
+        description="The canary's p95 latency over the stable version's (both judged only "
+        "with min_requests answers each in the window).",
+    )
+    max_format_failure_increase: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Structured-output failures (JSON asked for, not JSON answered) of the "
+        "canary minus the stable version's, as rates.",
+    )
+
+
+class CanarySpec(StrictModel):
+    """A share of an adapter's requests goes to another version of it (the canary)."""
+
+    registry: str = Field(description="NAME@ALIAS or NAME/VERSION of the canary version.")
+    percent: float = Field(gt=0, lt=100, description="Share of requests, in percent.")
+    sticky_by: Literal["header-or-key", "none"] = Field(
+        default="header-or-key",
+        description="header-or-key: one end user always gets the same version (the "
+        "x-loraplex-user header, else the body's OpenAI `user`, else the API key's name); "
+        "none: each request is drawn anew.",
+    )
+    rollback: RollbackBounds = Field(default_factory=RollbackBounds)
 
     @field_validator("registry")
     @classmethod
     def _ref(cls, v: str) -> str:
         parse_registry_ref(v)
         return v
+
+
+class AdapterSpec(StrictModel):
+    """An adapter from the MLflow registry, served on one base model."""
+
+    name: str = Field(pattern=NAME, description="Clients use `<base>:<name>`.")
+    base: str = Field(pattern=NAME, description="The id of a base model above.")
+    registry: str = Field(description="NAME@ALIAS (follows promotion) or NAME/VERSION (pinned).")
+    canary: CanarySpec | None = Field(
+        default=None, description="Send a share of this adapter's requests to another version."
+    )
+
+    @field_validator("registry")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        parse_registry_ref(v)
+        return v
+
+    @model_validator(mode="after")
+    def _canary_differs(self) -> AdapterSpec:
+        if self.canary is not None and self.canary.registry == self.registry:
+            raise ValueError(
+                f"adapter {self.name}: the canary {self.canary.registry!r} is the adapter itself"
+            )
+        return self
 
 
 class RouteRetrieval(RetrievalSpec):

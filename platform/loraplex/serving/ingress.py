@@ -48,7 +48,21 @@ from loraplex.serving.adapters import (
     multiplexed_id,
     short_registry_timeouts,
 )
-from loraplex.serving.config import EMBEDDINGS, RouteRetrieval, ServingConfig
+from loraplex.serving.canary import (
+    CANARY,
+    STABLE,
+    CanaryWatch,
+    Outcome,
+    format_ok,
+    halt_record,
+    sticky_id,
+)
+from loraplex.serving.config import (
+    EMBEDDINGS,
+    RouteRetrieval,
+    ServingConfig,
+    parse_registry_ref,
+)
 from loraplex.serving.errors import ApiError, public_reason, shorten
 from loraplex.serving.gate import refuse_open_anonymous
 from loraplex.serving.grounding import Grounder
@@ -79,6 +93,18 @@ class Target:
     system_prompt: str | None = None
     task: str = "chat"
     tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Pick:
+    """Which engine model (and, for an adapter with a canary, which side) answers."""
+
+    engine_model: str
+    label: str  # adapter name/version for logs and metrics, or "none"
+    arm: str | None = None  # STABLE or CANARY when the adapter has a live canary
+    watch: CanaryWatch | None = None
+    canary: tuple[str, str] | None = None  # the canary's registered name and version
+    structured: bool = False  # JSON asked for (task json_answer or a JSON response_format)
 
 
 def allowed(key: dict[str, Any], model: str) -> bool:
@@ -113,6 +139,12 @@ class LoraplexIngress(OpenAiIngress):
         self.bases = {m.id: m for m in self.config.models}
         self.adapters = {f"{a.base}:{a.name}": a for a in self.config.adapters}
         self.routes = {r.name: r for r in self.config.routes}
+        self.known_versions: set[tuple[str, str]] = set()  # pinned versions seen to exist
+        self.canaries = {
+            f"{a.base}:{a.name}": CanaryWatch(f"{a.base}:{a.name}", a.canary)
+            for a in self.config.adapters
+            if a.canary is not None
+        }
         log.info(
             "loraplex ingress ready: %d base model(s), %d adapter(s), %d route(s)",
             len(self.bases),
@@ -167,19 +199,98 @@ class LoraplexIngress(OpenAiIngress):
             "model_not_found",
         )
 
-    async def _engine_model(self, t: Target) -> tuple[str, str]:
-        """(model id for the engine, adapter label for logs/metrics)."""
-        if t.registry is None:
-            return t.base, "none"
+    async def _resolve(self, registry: str) -> tuple[str, str]:
         try:
-            name, version = await self.resolver.resolve(t.registry)
+            return await self.resolver.resolve(registry)
         except InputError as e:
             raise ApiError(404, public_reason(e), "model", "model_not_found") from None
         except RegistryUnavailable as e:
             raise ApiError(
                 503, public_reason(e), "model", "registry_unavailable", {"Retry-After": "10"}
             ) from None
-        return multiplexed_id(t.base, name, version), f"{name}/{version}"
+
+    async def _canary_version(self, watch: CanaryWatch) -> tuple[str, str] | None:
+        """The canary's (name, version), its halt record followed; None when it cannot be
+        resolved (its requests then go to the stable version)."""
+        try:
+            name, version = await self.resolver.resolve(watch.spec.registry)
+        except (InputError, RegistryUnavailable) as e:
+            log.warning("canary %s of %s unavailable: %s", watch.spec.registry, watch.adapter, e)
+            return None
+        watch.follow(version, await self.resolver.halted(name, version))
+        return name, version
+
+    async def _engine_model(self, t: Target, sticky: str, pinned: str | None = None) -> Pick:
+        """The engine model for the target: the adapter's version from the registry, or
+        its canary's for the canary's share of requests, or the version the request pins
+        (``adapter_version``: another version of the same registered adapter)."""
+        if t.registry is None:
+            if pinned is not None:
+                raise ApiError(
+                    400, f"`adapter_version`: {t.name} serves no adapter", "adapter_version"
+                )
+            return Pick(t.base, "none")
+        if pinned is not None:
+            name = parse_registry_ref(t.registry)[0]
+            try:
+                if (name, pinned) not in self.known_versions:  # versions are never reused
+                    await asyncio.to_thread(self.resolver.check, f"{name}/{pinned}")
+                    self.known_versions.add((name, pinned))
+            except InputError as e:
+                raise ApiError(
+                    404, public_reason(e), "adapter_version", "model_not_found"
+                ) from None
+            except RegistryUnavailable as e:
+                raise ApiError(
+                    503, public_reason(e), "model", "registry_unavailable", {"Retry-After": "10"}
+                ) from None
+            return Pick(multiplexed_id(t.base, name, pinned), f"{name}/{pinned}")
+        name, version = await self._resolve(t.registry)
+        pick = Pick(multiplexed_id(t.base, name, version), f"{name}/{version}")
+        watch = self.canaries.get(f"{t.base}:{t.adapter}")
+        if watch is None:
+            return pick
+        canary = await self._canary_version(watch)
+        if canary is None or canary == (name, version):  # promoted: the canary has ended
+            return pick
+        pick.watch, pick.canary, pick.arm = watch, canary, STABLE
+        if watch.goes_to_canary(sticky if watch.spec.sticky_by == "header-or-key" else None):
+            pick.engine_model = multiplexed_id(t.base, *canary)
+            pick.label = f"{canary[0]}/{canary[1]}"
+            pick.arm = CANARY
+        return pick
+
+    def _observe(
+        self, pick: Pick | None, status: int, latency_s: float | None, fmt: bool | None
+    ) -> None:
+        """One finished request of an adapter with a canary, into its window; a halt is
+        logged, counted and recorded on the canary's model version."""
+        if pick is None or pick.watch is None or pick.arm is None:
+            return
+        if fmt is False:
+            metrics.format_failures.inc(tags={"adapter": pick.label})
+        watch = pick.watch
+        reason = watch.record(Outcome(time.monotonic(), pick.arm, status >= 500, latency_s, fmt))
+        if reason is None or pick.canary is None:
+            return
+        name, version = pick.canary
+        metrics.canary_halts.inc(tags={"adapter": watch.adapter, "version": version})
+        log.warning(
+            "canary %s/%s of %s halted: %s; every request now goes to the stable version",
+            name,
+            version,
+            watch.adapter,
+            reason,
+        )
+        record = halt_record(watch.adapter, reason, watch.stats())
+
+        def write() -> None:
+            try:
+                self.resolver.record_halt(name, version, record)
+            except Exception as e:  # this replica has halted it anyway
+                log.warning("could not record the halt of %s/%s in MLflow: %s", name, version, e)
+
+        asyncio.get_running_loop().run_in_executor(None, write)
 
     def _check_generation_params(self, body: dict[str, Any], t: Target) -> None:
         spec = self.bases[t.base]
@@ -293,7 +404,16 @@ class LoraplexIngress(OpenAiIngress):
             for m in self.config.models
         ]
         cards += [
-            card(name, a.base, {"kind": "adapter", "registry": a.registry})
+            card(
+                name,
+                a.base,
+                {"kind": "adapter", "registry": a.registry}
+                | (
+                    {"canary": {"registry": a.canary.registry, "percent": a.canary.percent}}
+                    if a.canary
+                    else {}
+                ),
+            )
             for name, a in self.adapters.items()
         ]
         for r in self.config.routes:
@@ -313,6 +433,45 @@ class LoraplexIngress(OpenAiIngress):
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "completions")
+
+    async def canaries(self, request: Request) -> Response:
+        """``GET /v1/canaries``: each canary the key may reach (through its adapter or a
+        route using it), its split, state and this replica's window of both versions."""
+        key = self._key(request)
+        data = []
+        for adapter_id, watch in self.canaries.items():
+            spec = self.adapters[adapter_id]
+            names = [adapter_id] + [
+                r.name for r in self.config.routes if f"{r.base}:{r.adapter}" == adapter_id
+            ]
+            if not any(allowed(key, n) for n in names):
+                continue
+            try:
+                stable = await self.resolver.resolve(spec.registry)
+            except (InputError, RegistryUnavailable) as e:
+                stable = None
+                log.warning("canary status: %s: %s", spec.registry, e)
+            canary = await self._canary_version(watch)
+            data.append(
+                {
+                    "adapter": adapter_id,
+                    "stable": {
+                        "registry": spec.registry,
+                        "version": stable[1] if stable else None,
+                    },
+                    "canary": {
+                        "registry": watch.spec.registry,
+                        "version": canary[1] if canary else None,
+                        "percent": watch.spec.percent,
+                        "sticky_by": watch.spec.sticky_by,
+                    },
+                    "state": watch.state(canary is not None and canary == stable),
+                    "reason": watch.halted,
+                    "window_s": watch.spec.rollback.window_s,
+                    "window": {arm: s.as_dict() for arm, s in watch.stats().items()},
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
 
     async def embeddings(self, request: Request) -> Response:
         try:
@@ -340,11 +499,15 @@ class LoraplexIngress(OpenAiIngress):
         deadline = time.monotonic() + self.config.http.request_timeout_s
         tags = {"route": "unknown", "adapter": "none"}
         key: dict[str, Any] = {"name": "unknown"}
+        picked: list[Pick] = []  # set by _answer once the engine model is chosen
         try:
             key = self._key(request)
             async with asyncio.timeout(self.config.http.request_timeout_s):
-                response = await self._answer(request, call, key, rid, tags, started, deadline)
+                response = await self._answer(
+                    request, call, key, rid, tags, started, deadline, picked
+                )
         except TimeoutError:
+            self._observe(picked[0] if picked else None, 504, None, None)
             metrics.shed.inc(tags={"reason": "deadline"})
             response = ApiError(
                 504,
@@ -352,6 +515,7 @@ class LoraplexIngress(OpenAiIngress):
                 code="timeout",
             ).response()
         except ApiError as e:
+            self._observe(picked[0] if picked else None, e.status, None, None)
             metrics.errors.inc(tags={**tags, "status": str(e.status)})
             log.info(
                 "[%s] key %s: %s %s -> %d %s",
@@ -375,6 +539,7 @@ class LoraplexIngress(OpenAiIngress):
         tags: dict[str, str],
         started: float,
         deadline: float,
+        picked: list[Pick],
     ) -> Response:
         client_rid = shorten(request.headers.get("x-request-id") or "", 80)
         body = await _json_body(request)
@@ -391,8 +556,19 @@ class LoraplexIngress(OpenAiIngress):
                 raise ApiError(400, f"`task` must be one of {', '.join(TASKS)}", "task")
             t.task = task
         self._check_generation_params(body, t)
-        engine_model, adapter_label = await self._engine_model(t)
-        tags["adapter"] = adapter_label
+        pinned = body.pop("adapter_version", None)
+        if pinned is not None:
+            pinned = str(pinned)
+            if not pinned.isdigit() or pinned.startswith("0") or len(pinned) > 9:
+                raise ApiError(400, "`adapter_version` must be a version number", "adapter_version")
+        pick = await self._engine_model(t, sticky_id(request.headers, body, key["name"]), pinned)
+        engine_model = pick.engine_model
+        tags["adapter"] = pick.label
+        fmt = body.get("response_format")
+        pick.structured = t.task == "json_answer" or (
+            isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+        )
+        picked.append(pick)
         grounded = await self.grounder.ground(
             call,
             body,
@@ -429,11 +605,16 @@ class LoraplexIngress(OpenAiIngress):
         extra = {"retrieval": {**grounded.info, "route": t.name}}
         limiter = getattr(request.state, "limiter", None)
 
-        def finish(usage: dict[str, Any] | None) -> None:
+        def finish(usage: dict[str, Any] | None, fmt: bool | None = None) -> None:
             self._record(key, limiter, tags, usage, started, rid, client_rid)
+            if usage is not None:
+                self._observe(pick, 200, time.perf_counter() - started, fmt)
 
         if not stream:
-            return responses.complete(first, grounded.sources, extra, finish)
+            answered = format_ok(first, pick.structured)
+            return responses.complete(
+                first, grounded.sources, extra, lambda usage: finish(usage, answered)
+            )
         return StreamingResponse(
             responses.stream(first, gen, grounded.sources, extra, client_usage, deadline, finish),
             media_type="text/event-stream",
@@ -497,4 +678,5 @@ ENDPOINTS = {
     "chat": lambda app: app.post("/v1/chat/completions"),
     "completions": lambda app: app.post("/v1/completions"),
     "embeddings": lambda app: app.post("/v1/embeddings"),
+    "canaries": lambda app: app.get("/v1/canaries"),
 }

@@ -3,7 +3,8 @@
 Owns: the metric objects (``ray.util.metrics``; Ray exports them with the prefix
 ``ray_``): requests, errors, prompt and completion tokens, request latency and
 retrieval latency per route and adapter; adapter loads and evictions per adapter;
-requests, tokens and 429s per key name; requests shed; stale registry answers.
+requests, tokens and 429s per key name; requests shed; stale registry answers;
+structured-output failures and canary halts of adapters with a canary.
 Does not own: Ray Serve's and vLLM's own metrics, which are exported beside these.
 """
 
@@ -64,4 +65,15 @@ registry_stale = Counter(
     "loraplex_registry_stale",
     "Alias lookups answered from the last good version while the registry was unreachable.",
     tag_keys=("adapter",),
+)
+format_failures = Counter(
+    "loraplex_format_failures",
+    "Answers that were asked for JSON (task json_answer or a JSON response_format) and "
+    "were not JSON, per adapter version with a canary.",
+    tag_keys=("adapter",),
+)
+canary_halts = Counter(
+    "loraplex_canary_halts",
+    "Canaries halted by the automatic rollback, per adapter and canary version.",
+    tag_keys=("adapter", "version"),
 )

@@ -1,0 +1,221 @@
+"""Canary traffic for an adapter: the split, the watch over its outcomes, the halt.
+
+Owns: :func:`draw` (which share of requests goes to the canary version: the same end
+user always lands on the same side when the config says ``sticky_by: header-or-key``),
+:class:`CanaryWatch` (one per adapter with a canary, in each ingress replica: the
+outcomes of both versions over a sliding window, compared against
+:class:`~loraplex.serving.config.RollbackBounds`; when the canary is worse it stops
+receiving traffic at once), and the MLflow record of a halt (:data:`HALT_TAG` on the
+canary's model version: every other replica, and every restart, reads it and keeps the
+canary halted). Does not own: resolving aliases (``adapters.AliasResolver``) or the
+request path (``ingress``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.serving.config import CanarySpec
+
+HALT_TAG = "loraplex.canary_halted"  # on the canary's model version: JSON, why and when
+STABLE, CANARY = "stable", "canary"
+USER_HEADER = "x-loraplex-user"
+
+
+def sticky_id(headers: Any, body: dict[str, Any], key_name: str) -> str:
+    """Who the end user is, for a sticky split: the header, else OpenAI's ``user``, else
+    the API key's name."""
+    user = headers.get(USER_HEADER) or body.get("user")
+    return f"user:{user}" if isinstance(user, str) and user else f"key:{key_name}"
+
+
+def draw(adapter: str, percent: float, sticky: str | None) -> bool:
+    """True when this request goes to the canary. With a sticky id the answer is a
+    hash of (adapter, id), so one end user stays on one side while the split holds."""
+    if sticky is None:
+        return random.random() * 100 < percent
+    digest = hashlib.sha256(f"{adapter}\0{sticky}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100 < percent
+
+
+@dataclass
+class Outcome:
+    at: float
+    arm: str
+    server_error: bool  # a 5xx
+    latency_s: float | None  # answered requests only
+    format_ok: bool | None  # None: no structured output was asked for
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+@dataclass
+class ArmStats:
+    requests: int = 0
+    server_errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    formatted: int = 0  # answers that were asked for structured output
+    format_failures: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        return self.server_errors / self.requests if self.requests else 0.0
+
+    @property
+    def format_failure_rate(self) -> float:
+        return self.format_failures / self.formatted if self.formatted else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "server_errors": self.server_errors,
+            "error_rate": round(self.error_rate, 4),
+            "p95_latency_s": round(_p95(self.latencies), 4) if self.latencies else None,
+            "structured_requests": self.formatted,
+            "format_failure_rate": round(self.format_failure_rate, 4),
+        }
+
+
+class CanaryWatch:
+    """The canary of one adapter in one ingress replica: split, window, verdict.
+
+    ``version`` is the canary version the window is about; when the canary reference
+    resolves to another version (a new candidate), the window and the verdict start
+    over. A halted canary stays halted for that version (here, and through
+    :data:`HALT_TAG`, everywhere)."""
+
+    def __init__(self, adapter: str, spec: CanarySpec) -> None:
+        self.adapter = adapter
+        self.spec = spec
+        self.version: str | None = None
+        self.halted: str | None = None  # the reason
+        self.window: deque[Outcome] = deque()
+
+    def follow(self, version: str, halted: str | None) -> None:
+        """The canary reference resolved to ``version`` (and the registry's halt record)."""
+        if version != self.version:
+            self.version, self.halted = version, None
+            self.window.clear()
+        if halted and not self.halted:
+            self.halted = halted
+
+    def goes_to_canary(self, sticky: str | None) -> bool:
+        if self.halted is not None:
+            return False
+        return draw(self.adapter, self.spec.percent, sticky)
+
+    def record(self, outcome: Outcome) -> str | None:
+        """Add one finished request; the reason when this one halts the canary."""
+        self.window.append(outcome)
+        self._expire(outcome.at)
+        if self.halted is not None or outcome.arm != CANARY:
+            return None
+        reason = self.verdict()
+        if reason is not None:
+            self.halted = reason
+        return reason
+
+    def _expire(self, now: float) -> None:
+        while self.window and self.window[0].at < now - self.spec.rollback.window_s:
+            self.window.popleft()
+
+    def stats(self, now: float | None = None) -> dict[str, ArmStats]:
+        self._expire(time.monotonic() if now is None else now)
+        out = {STABLE: ArmStats(), CANARY: ArmStats()}
+        for o in self.window:
+            s = out[o.arm]
+            s.requests += 1
+            s.server_errors += o.server_error
+            if o.latency_s is not None:
+                s.latencies.append(o.latency_s)
+            if o.format_ok is not None:
+                s.formatted += 1
+                s.format_failures += not o.format_ok
+        return out
+
+    def verdict(self) -> str | None:
+        """Why the canary is worse than the stable version over the window, or None."""
+        b = self.spec.rollback
+        st = self.stats(self.window[-1].at if self.window else None)
+        stable, canary = st[STABLE], st[CANARY]
+        if canary.requests < b.min_requests:
+            return None
+        if canary.error_rate - stable.error_rate > b.max_error_rate_increase:
+            return (
+                f"5xx rate {canary.error_rate:.0%} against {stable.error_rate:.0%} on the stable "
+                f"version over {canary.requests} requests (bound: +{b.max_error_rate_increase:.0%})"
+            )
+        if (
+            len(canary.latencies) >= b.min_requests
+            and len(stable.latencies) >= b.min_requests
+            and _p95(canary.latencies) > b.max_p95_latency_ratio * _p95(stable.latencies)
+        ):
+            return (
+                f"p95 latency {_p95(canary.latencies):.2f} s against "
+                f"{_p95(stable.latencies):.2f} s on the stable version "
+                f"(bound: {b.max_p95_latency_ratio:g}x)"
+            )
+        if (
+            canary.formatted >= b.min_requests
+            and canary.format_failure_rate - stable.format_failure_rate
+            > b.max_format_failure_increase
+        ):
+            return (
+                f"structured-output failures {canary.format_failure_rate:.0%} against "
+                f"{stable.format_failure_rate:.0%} on the stable version over "
+                f"{canary.formatted} requests (bound: +{b.max_format_failure_increase:.0%})"
+            )
+        return None
+
+    def state(self, promoted: bool) -> str:
+        if promoted:
+            return "ended"  # the stable reference now names the canary version
+        return "halted" if self.halted else "active"
+
+
+def halt_record(adapter: str, reason: str, stats: dict[str, ArmStats]) -> str:
+    return json.dumps(
+        {
+            "adapter": adapter,
+            "reason": reason,
+            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "window": {arm: s.as_dict() for arm, s in stats.items()},
+        }
+    )
+
+
+def halt_reason(tags: dict[str, str] | None) -> str | None:
+    """The reason in a model version's halt record, if it has one."""
+    raw = (tags or {}).get(HALT_TAG)
+    if not raw:
+        return None
+    try:
+        return str(json.loads(raw).get("reason") or "halted")
+    except (ValueError, AttributeError):
+        return "halted"
+
+
+def format_ok(answer: Any, structured: bool) -> bool | None:
+    """Whether every choice of a non-streaming answer is JSON, when JSON was asked for."""
+    if not structured:
+        return None
+    data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
+    if not isinstance(data, dict):
+        return False
+    for choice in data.get("choices") or []:
+        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+    return True

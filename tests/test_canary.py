@@ -1,0 +1,79 @@
+"""The canary's verdict on its window (the serving tests run the split, the 5xx halt and
+promotion through the real application; here each bound and the window itself)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.serving.canary import CANARY, STABLE, CanaryWatch, Outcome, draw, format_ok
+from loraplex.serving.config import CanarySpec
+
+
+def watch(**rollback) -> CanaryWatch:
+    w = CanaryWatch(
+        "tiny:a", CanarySpec(registry="a/2", percent=10, rollback={"min_requests": 5, **rollback})
+    )
+    w.follow("2", None)
+    return w
+
+
+def feed(w: CanaryWatch, arm: str, n: int, at: float = 100.0, **kw) -> str | None:
+    kw = {"server_error": False, "latency_s": 1.0, "format_ok": None, **kw}
+    reason = None
+    for i in range(n):
+        reason = w.record(Outcome(at + i * 0.01, arm, **kw)) or reason
+    return reason
+
+
+def test_the_split_holds_its_share_and_is_sticky() -> None:
+    drawn = [draw("tiny:a", 10, f"user:{i}") for i in range(5000)]
+    assert 0.08 < sum(drawn) / len(drawn) < 0.12
+    assert [draw("tiny:a", 10, f"user:{i}") for i in range(200)] == drawn[:200]
+    # another adapter's split is drawn independently
+    other = [draw("tiny:b", 10, f"user:{i}") for i in range(5000)]
+    assert other != drawn
+
+
+def test_errors_halt_only_past_the_bound_and_after_min_requests() -> None:
+    w = watch(max_error_rate_increase=0.2)
+    feed(w, STABLE, 10, server_error=False)
+    assert feed(w, CANARY, 4, server_error=True) is None  # 4 < min_requests
+    reason = feed(w, CANARY, 1, server_error=True)
+    assert reason and "5xx rate 100%" in reason and w.halted == reason
+    assert not w.goes_to_canary("user:x")
+    w2 = watch(max_error_rate_increase=0.2)
+    feed(w2, CANARY, 4)
+    assert feed(w2, CANARY, 1, server_error=True) is None  # 20%: not above +20 points
+
+
+def test_latency_and_structured_output_bounds() -> None:
+    w = watch(max_p95_latency_ratio=1.5)
+    feed(w, STABLE, 5, latency_s=1.0)
+    assert feed(w, CANARY, 5, latency_s=1.4) is None
+    assert "p95 latency" in feed(w, CANARY, 5, latency_s=3.0)
+    w = watch(max_format_failure_increase=0.1)
+    feed(w, STABLE, 5, format_ok=True)
+    assert "structured-output failures" in feed(w, CANARY, 5, format_ok=False)
+
+
+def test_the_window_slides_and_a_new_canary_version_starts_over() -> None:
+    w = watch(window_s=10)
+    feed(w, CANARY, 4, at=0.0, server_error=True)
+    # those 4 failures left the window: 1 new failure is below min_requests
+    assert feed(w, CANARY, 1, at=50.0, server_error=True) is None
+    assert w.stats(50.0)[CANARY].requests == 1
+    feed(w, CANARY, 5, at=51.0, server_error=True)
+    assert w.halted
+    w.follow("3", None)  # the canary alias moved to a new version
+    assert w.halted is None and w.stats(51.0)[CANARY].requests == 0
+    w.follow("3", "halted by another replica")
+    assert w.state(promoted=False) == "halted" and w.state(promoted=True) == "ended"
+
+
+@pytest.mark.parametrize(
+    ("content", "ok"), [('{"answer": 1}', True), ("the answer is 1", False), ("", False)]
+)
+def test_format_check(content: str, ok: bool) -> None:
+    answer = {"choices": [{"message": {"content": content}}]}
+    assert format_ok(answer, structured=True) is ok
+    assert format_ok(answer, structured=False) is None
