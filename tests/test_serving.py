@@ -639,6 +639,75 @@ def test_canary_on_another_base_is_refused_before_serving(served: Served, tiny_b
         registry.set_model_version_tag("delta", "1", "loraplex.base_model", base)
 
 
+def test_a_gated_promotion_moves_the_alias_only_when_the_gate_holds(
+    served: Served, tmp_path: Path
+) -> None:
+    import yaml
+    from mlflow import MlflowClient
+
+    from loraplex.training.registry import alias_log
+
+    registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    registry.set_registered_model_alias("alpha", "gated", "1")
+    env = clean_env(LORAPLEX_HOME=str(served.settings.home))
+
+    def gate(name: str, metrics: dict) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        gate = {"model": "kb-alpha", "questions": str(served.world / "queries.jsonl")}
+        gate |= {"split": "test", "limit": 6, "max_tokens": 8, "metrics": metrics}
+        path.write_text(yaml.safe_dump(gate))
+        return path
+
+    def promote(version: str, gate_file: Path, out: str) -> subprocess.CompletedProcess:
+        return run_cli(
+            *("adapters", "promote", "alpha", version, "--alias", "gated"),
+            *("--gate", str(gate_file), "--url", served.url, "--api-key", KEY_ALL),
+            *("--out", str(tmp_path / out)),
+            env=env,
+        )
+
+    # a gate the random adapters cannot pass: refused, exit 1, the metric named, no move
+    strict = gate("strict", {"accuracy": {"min": 0.99}, "compliance": {"min": 0.0}})
+    proc = promote("2", strict, "refused")
+    assert proc.returncode == 1, proc.stderr
+    refused = [ln for ln in proc.stderr.splitlines() if ln.startswith("refused: ")]
+    assert len(refused) == 1 and refused[0].startswith("refused: accuracy: ")
+    assert refused[0].endswith("rule >= 0.99: FAILED")
+    assert "gate refused alpha version 2 for @gated" in proc.stderr.splitlines()[-1]
+    assert str(registry.get_model_version_by_alias("alpha", "gated").version) == "1"
+    # both versions answered, each pinned by the gate (not the route's alias)
+    records = json.loads((tmp_path / "refused" / "results.json").read_text())["answers"]
+    answered = {(r["config"], r["model"]) for r in records}
+    assert answered == {("candidate v2", "tiny:alpha/2"), ("incumbent v1", "tiny:alpha/1")}
+
+    lenient = gate(
+        "lenient",
+        {
+            "accuracy": {"max_drop": 1.0},
+            "compliance": {"min": 0.0},
+            "latency_p95_s": {"max_ratio": 50},
+        },
+    )
+    proc = promote("2", lenient, "passed")
+    assert proc.returncode == 0, proc.stderr
+    assert "alpha@gated -> version 2 (was version 1)" in proc.stdout
+    assert str(registry.get_model_version_by_alias("alpha", "gated").version) == "2"
+    last = alias_log(registry, "alpha", "gated")[-1]
+    assert (last["from"], last["to"]) == ("1", "2") and "gate lenient.yaml passed" in last["why"]
+    runs = {
+        r.data.tags["loraplex.decision"]: r
+        for r in registry.search_runs(
+            [e.experiment_id for e in registry.search_experiments()],
+            filter_string="tags.`loraplex.kind` = 'promotion-gate'",
+        )
+    }
+    assert set(runs) == {"passed", "refused"}
+    passed = runs["passed"].data
+    assert passed.tags["loraplex.candidate_version"] == "2"
+    assert passed.tags["loraplex.incumbent_version"] == "1"
+    assert "candidate.accuracy" in passed.metrics and "incumbent.accuracy" in passed.metrics
+
+
 # ---------------------------------------------------------------------- auth, errors
 
 
@@ -790,6 +859,19 @@ BAD_REQUESTS = [
     ("message not an object", {"messages": ["hi"]}, 400, "messages.0"),
     ("stream_options not an object", {"stream_options": "x"}, 400, "stream_options"),
     ("retrieval not an object", {"retrieval": "kb"}, 400, "`retrieval` must be an object"),
+    ("adapter_version on a base model", {"adapter_version": "1"}, 400, "serves no adapter"),
+    (
+        "adapter_version not a number",
+        {"model": "tiny:alpha", "adapter_version": "1 or 2"},
+        400,
+        "must be a version number",
+    ),
+    (
+        "unknown adapter_version",
+        {"model": "tiny:alpha", "adapter_version": 99},
+        404,
+        "not in the registry",
+    ),
     (
         "deeply nested JSON",
         b'{"model": "tiny", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",

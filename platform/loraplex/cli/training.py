@@ -27,19 +27,42 @@ from loraplex.training.config import load_train_config
     help="Override a config key, e.g. --set train.max_steps=20 (repeatable).",
 )
 @click.option("--resume", is_flag=True, help="Continue the job's unfinished last run.")
+@click.option(
+    "--gate",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Then measure the new version against --promote-to's and promote it if it passes.",
+)
+@click.option("--promote-to", default="production", show_default=True, help="Alias for --gate.")
+@click.option("--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local).")
+@click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
 @pass_state
-def train(state: CliState, config: Path, overrides: tuple[str, ...], resume: bool) -> None:
+def train(
+    state: CliState,
+    config: Path,
+    overrides: tuple[str, ...],
+    resume: bool,
+    gate: Path | None,
+    promote_to: str,
+    url: str | None,
+    api_key: str | None,
+) -> None:
     """Fine-tune a LoRA adapter with Ray Train + HF Trainer + PEFT + DeepSpeed, tracked in
     MLflow and registered as a new version of the configured model (alias `candidate`).
+    With --gate, the new version is then gated and promoted (`adapters promote --gate`):
+    train, evaluate and promote as one job.
 
     \b
     Examples:
       loraplex train jobs/configs/json_answer.yaml
       loraplex train jobs/configs/json_answer.yaml --set train.max_steps=20 --set ray.num_workers=1
       loraplex train jobs/configs/json_answer.yaml --resume
+      loraplex train jobs/configs/smollm2/json_answer.yaml --gate jobs/configs/smollm2/gate.yaml
     """
+    from loraplex.evaluation.gate import load_gate
     from loraplex.training.job import run_training
 
+    if gate is not None:
+        load_gate(gate, state.settings().home)  # a bad gate file fails before training
     cfg = load_train_config(config, overrides, state.settings().home)  # before Ray starts
     result = run_training(cfg, state.settings(), resume=resume)
     verb = "resumed and finished" if result.resumed else "finished"
@@ -50,6 +73,9 @@ def train(state: CliState, config: Path, overrides: tuple[str, ...], resume: boo
         f"registered {result.registered_model} version {result.version} "
         f"(alias {result.alias}); adapter files in {result.adapter_dir}"
     )
+    if gate is not None:
+        name, version = result.registered_model, str(result.version)
+        _gated_promote(state, name, version, promote_to, gate, url, api_key)
 
 
 @click.group()
@@ -99,22 +125,91 @@ def list_(state: CliState, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.option("--alias", default="production", show_default=True)
+@click.option(
+    "--gate",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A gate file: measure VERSION against the alias's version first; move only if it passes.",
+)
+@click.option("--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local).")
+@click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
+@click.option("--out", type=click.Path(path_type=Path), help="The gate's report folder.")
 @pass_state
-def promote(state: CliState, name: str, version: str, alias: str) -> None:
+def promote(
+    state: CliState,
+    name: str,
+    version: str,
+    alias: str,
+    gate: Path | None,
+    url: str | None,
+    api_key: str | None,
+    out: Path | None,
+) -> None:
     """Point an alias at a version (serving follows the alias), after checking that the
-    version's files download and fit its base model; `rollback` undoes it.
+    version's files download and fit its base model; `rollback` undoes it. With --gate,
+    both versions first answer the gate's questions through the endpoint, and the alias
+    moves only when every rule of the gate holds (refused: exit 1, one line per failing
+    metric).
 
-    Example: loraplex adapters promote json-answer 3 --alias production
+    \b
+    Examples:
+      loraplex adapters promote json-answer 3 --alias production
+      loraplex adapters promote json-answer 4 --gate jobs/configs/smollm2/gate.yaml
     """
     from loraplex.training.registry import check_loads
     from loraplex.training.registry import promote as do_promote
 
     if not version.isdigit():
         raise InputError(f"version must be a number, not {version!r}")
+    if gate is not None:
+        _gated_promote(state, name, version, alias, gate, url, api_key, out)
+        return
     client = _client(state)
     before = do_promote(client, name, version, alias, check=check_loads(state.settings()))
     was = f" (was version {before})" if before else ""
     click.echo(f"{name}@{alias} -> version {version}{was}")
+
+
+def _gated_promote(state, name, version, alias, gate, url, api_key, out=None) -> None:
+    from loraplex.training.registry import check_loads
+    from loraplex.training.registry import promote as do_promote
+
+    client = _client(state)
+    why = _gate(state, client, name, version, alias, gate, url, api_key, out)
+    before = do_promote(client, name, version, alias, check=check_loads(state.settings()), why=why)
+    was = f" (was version {before})" if before else ""
+    click.echo(f"{name}@{alias} -> version {version}{was}")
+
+
+def _gate(state, client, name, version, alias, gate, url, api_key, out) -> str:
+    """Run the gate; the reason for the alias log when it passes, GateRefused otherwise."""
+    import os
+
+    from loraplex.cli.serving import DEFAULT_URL
+    from loraplex.errors import LoraplexError
+    from loraplex.evaluation.gate import load_gate, run_gate
+
+    cfg = load_gate(gate, state.settings().home)
+    try:
+        incumbent = str(client.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        incumbent = None  # a first promotion: only the gate's absolute rules apply
+    if incumbent == version:
+        raise InputError(f"{name}@{alias} already points at version {version}")
+    endpoint = url or os.environ.get("LORAPLEX_URL") or DEFAULT_URL
+    result = run_gate(
+        state.settings(), cfg, name, version, alias, incumbent, endpoint, api_key, out
+    )
+    for c in result.checks:
+        click.echo(("  ok      " if c.passed else "  FAILED  ") + c.line())
+    click.echo(f"report {result.report}; MLflow run {result.mlflow_run_id}")
+    if not result.passed:
+        for c in result.failing():
+            click.echo(f"refused: {c.line()}", err=True)
+        raise LoraplexError(
+            f"gate refused {name} version {version} for @{alias}: "
+            f"{len(result.failing())} rule(s) failed; alias not moved"
+        )
+    return f"gate {gate.name} passed (MLflow run {result.mlflow_run_id})"
 
 
 @adapters.command()

@@ -47,6 +47,7 @@ class Configuration:
     model: str
     task: str | None = None  # None: the route's own
     retrieval: dict[str, Any] | bool | None = None  # None: the route's own; False: off
+    adapter_version: str | None = None  # pin the adapter's version (a promotion gate)
 
     @property
     def json_task(self) -> bool:
@@ -190,6 +191,8 @@ class Endpoint:
             extra["task"] = c.task
         if c.retrieval is not None:
             extra["retrieval"] = c.retrieval
+        if c.adapter_version is not None:
+            extra["adapter_version"] = c.adapter_version
         rec = Record(c.name, q.id)
         started = time.perf_counter()
         try:

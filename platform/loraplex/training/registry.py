@@ -16,8 +16,10 @@ Conventions (tags on each model version): ``loraplex.base_model`` (the base refe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,7 @@ def log_and_register(
     }
     mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     try:
-        set_alias(client, name, alias, str(mv.version))
+        set_alias(client, name, alias, str(mv.version), f"registered by run {run_id}")
     except Exception as e:
         # a version without its alias is an orphan nothing would ever serve: undo it
         try:
@@ -129,6 +131,7 @@ def list_adapters(client, name: str | None = None) -> list[AdapterVersion]:
 
 HISTORY_TAG = "loraplex.alias_history.{alias}"  # on the registered model: JSON list
 HISTORY_KEEP = 20
+LOG_TAG = "loraplex.alias_log.{alias}"  # on the registered model: JSON list of moves
 
 
 def _history(client, name: str, alias: str) -> list[str]:
@@ -139,9 +142,10 @@ def _history(client, name: str, alias: str) -> list[str]:
         return []
 
 
-def set_alias(client, name: str, alias: str, version: str) -> str | None:
+def set_alias(client, name: str, alias: str, version: str, why: str = "") -> str | None:
     """Point ``alias`` at ``version``, remembering the version it pointed at before (the
-    history ``rollback`` goes back through); returns that previous version."""
+    history ``rollback`` goes back through) and who moved it, when and why (the log);
+    returns that previous version."""
     try:
         before = str(client.get_model_version_by_alias(name, alias).version)
     except Exception:
@@ -150,7 +154,43 @@ def set_alias(client, name: str, alias: str, version: str) -> str | None:
     if before is not None and before != version:
         history = [*_history(client, name, alias), before][-HISTORY_KEEP:]
         client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    try:  # the move is done; its log line is not worth undoing it for
+        _log_move(client, name, alias, before, version, why or "set")
+    except Exception as e:
+        logging.getLogger(__name__).warning("alias log of %s@%s not written: %s", name, alias, e)
     return before
+
+
+def _log_move(client, name: str, alias: str, before: str | None, now: str, why: str) -> None:
+    import getpass
+
+    tags = client.get_registered_model(name).tags or {}
+    try:
+        log = json.loads(tags.get(LOG_TAG.format(alias=alias), "[]"))
+    except (json.JSONDecodeError, TypeError):
+        log = []
+    try:
+        who = getpass.getuser()
+    except Exception:  # no user name in this environment (a container)
+        who = "unknown"
+    entry = {
+        "from": before,
+        "to": now,
+        "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "by": who,
+        "why": why[:300],
+    }
+    log = [*log, entry][-HISTORY_KEEP:]
+    client.set_registered_model_tag(name, LOG_TAG.format(alias=alias), json.dumps(log))
+
+
+def alias_log(client, name: str, alias: str) -> list[dict[str, Any]]:
+    """Who moved ``alias``, when and why (the last 20 moves)."""
+    tags = client.get_registered_model(name).tags or {}
+    try:
+        return list(json.loads(tags.get(LOG_TAG.format(alias=alias), "[]")))
+    except (json.JSONDecodeError, TypeError):
+        return []
 
 
 def _versions(client, name: str) -> dict[str, AdapterVersion]:
@@ -166,6 +206,7 @@ def promote(
     version: str,
     alias: str,
     check: Callable[[AdapterVersion], None] | None = None,
+    why: str = "promote",
 ) -> str | None:
     """Point ``alias`` at ``version`` after ``check`` (e.g. that the version's files load
     against its base model) passed; returns the version it pointed at before. A failed
@@ -182,7 +223,7 @@ def promote(
         raise InputError(f"adapter {name!r} has no version {version} (versions: {known})")
     if check is not None:
         check(versions[str(version)])
-    return set_alias(client, name, alias, str(version))
+    return set_alias(client, name, alias, str(version), why)
 
 
 def rollback(client, name: str, alias: str) -> tuple[str, str]:
@@ -200,6 +241,7 @@ def rollback(client, name: str, alias: str) -> tuple[str, str]:
         raise InputError(f"{name} version {target} (before {current}) no longer exists")
     client.set_registered_model_alias(name, alias, target)
     client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[:-1]))
+    _log_move(client, name, alias, current, target, "rollback")
     return current, target
 
 
