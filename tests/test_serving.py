@@ -94,6 +94,13 @@ def serving_config(model_dir: Path) -> dict:
                 "registry": "alpha@steady",
                 "canary": {"registry": "alpha@trial", "percent": 30},
             },
+            # a shadow: the same weights registered under another name answer unseen
+            {
+                "name": "shadowed",
+                "base": "tiny",
+                "registry": "beta/1",
+                "shadow": {"registry": "beta-twin/1"},
+            },
             {
                 "name": "risky",
                 "base": "tiny",
@@ -194,6 +201,8 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     for name, seed, alias in adapters:
         folder = _make_adapter(base, home / "src" / f"{name}-{seed}", seed)
         register_external(client, folder, name, base, str(base), alias, experiment)
+    twin = home / "src" / "beta-3"
+    register_external(client, twin, "beta-twin", base, str(base), None, experiment)
     client.set_registered_model_alias("alpha", "steady", "1")
     client.set_registered_model_alias("alpha", "trial", "2")
     broken = _make_adapter(base, home / "src" / "broken", 4)
@@ -235,6 +244,7 @@ def test_models_lists_bases_adapters_and_routes_within_the_keys_scope(served: Se
         "tiny:broken",
         "tiny:delta",
         "tiny:canaried",
+        "tiny:shadowed",
         "tiny:risky",
         "kb",
         "kb-alpha",
@@ -610,6 +620,34 @@ def test_a_failing_canary_is_halted_recorded_and_stops_receiving_traffic(served:
         time.sleep(0.5)
     record = json.loads(registry.get_model_version("broken", "1").tags[HALT_TAG])
     assert record["adapter"] == "tiny:risky" and record["window"]["canary"]["server_errors"] == 3
+
+
+def test_shadow_traffic_is_compared_and_never_returned(served: Served) -> None:
+    c = served.client()
+
+    def shadowed() -> dict:
+        return canary_status(served, "shadowed")["shadow"]
+
+    for i in range(3):  # one at a time: each shadow answers alone, as greedy as the served
+        msgs = [{"role": "user", "content": f"Tell me about kettle {i}."}]
+        r = c.chat.completions.create(
+            model="tiny:shadowed", messages=msgs, max_tokens=6, temperature=0
+        )
+        assert r.model == "tiny:beta/1"  # the client only ever sees the served version
+        deadline = time.monotonic() + 60
+        while shadowed()["requests"] < i + 1:
+            assert time.monotonic() < deadline, "the shadow request was not recorded"
+            time.sleep(0.5)
+    # streams are not shadowed
+    stream = c.chat.completions.create(
+        model="tiny:shadowed", messages=msgs, max_tokens=4, stream=True
+    )
+    assert [ch for ch in stream if ch.choices]
+    sh = shadowed()
+    assert sh["requests"] == 3 and sh["errors"] == 0 and sh["versions"] == ["1"]
+    assert sh["agreement_rate"] == 1.0  # the same weights answer the same, token for token
+    assert sh["p95_latency_s"] > 0 and sh["served_p95_latency_s"] > 0
+    assert canary_status(served, "shadowed")["canary"] is None
 
 
 def test_canary_on_another_base_is_refused_before_serving(served: Served, tiny_base) -> None:

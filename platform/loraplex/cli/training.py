@@ -275,8 +275,9 @@ def _valid(name: str, alias: str) -> bool:
 @click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def canary(name: str, url: str | None, api_key: str | None, as_json: bool) -> None:
-    """The canary of an adapter on a running endpoint: the split, its state (active,
-    halted with the reason, ended once promoted) and both versions over the window.
+    """The canary (and shadow) of an adapter on a running endpoint: the split, its state
+    (active, halted with the reason, ended once promoted) and both versions over the
+    window; for a shadow, its agreement with the served answers.
 
     NAME is the adapter as the serving config names it (json-answer or base:json-answer).
 
@@ -308,7 +309,9 @@ def canary(name: str, url: str | None, api_key: str | None, as_json: bool) -> No
     found = [c for c in rows if name in (c["adapter"], c["adapter"].split(":", 1)[-1])]
     if not found:
         known = ", ".join(c["adapter"] for c in rows) or "none"
-        raise InputError(f"{base} serves no canary of {name!r} to this key (canaries: {known})")
+        raise InputError(
+            f"{base} serves no canary or shadow of {name!r} to this key (there: {known})"
+        )
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -316,10 +319,22 @@ def canary(name: str, url: str | None, api_key: str | None, as_json: bool) -> No
     from rich.table import Table
 
     for c in found:
+        click.echo(f"{c['adapter']}: {c['stable']['registry']} (version {c['stable']['version']})")
+        if c.get("shadow"):
+            sh = c["shadow"]
+            agreement = "-" if sh["agreement_rate"] is None else f"{sh['agreement_rate']:.0%}"
+            click.echo(
+                f"  shadow {sh['registry']} on {sh['percent']:g}% (last {sh['window_s']:g} s, "
+                f"this replica): {sh['requests']} requests, {sh['errors']} errors, "
+                f"agreement {agreement}, JSON failures {sh['format_failure_rate']:.0%}, "
+                f"p95 {sh['p95_latency_s']} s against {sh['served_p95_latency_s']} s served, "
+                f"{sh['skipped_at_capacity']} not shadowed (at capacity)"
+            )
+        if not c.get("canary"):
+            continue
         state = c["state"] + (f": {c['reason']}" if c.get("reason") else "")
         click.echo(
-            f"{c['adapter']}: {c['stable']['registry']} (version {c['stable']['version']}), "
-            f"canary {c['canary']['registry']} (version {c['canary']['version']}) at "
+            f"  canary {c['canary']['registry']} (version {c['canary']['version']}) at "
             f"{c['canary']['percent']:g}% by {c['canary']['sticky_by']}; {state}"
         )
         table = Table(title=f"this replica, last {c['window_s']:g} s")

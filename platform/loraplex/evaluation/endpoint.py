@@ -39,6 +39,20 @@ class Question:
     label: str | None = None
 
 
+# the quality and latency metrics of a configuration's summary (each with an interval)
+METRICS = (
+    "accuracy",
+    "f1",
+    "answer_accuracy",
+    "compliance",
+    "citation_precision",
+    "citation_recall",
+    "label_accuracy",
+    "latency_p50_s",
+    "latency_p95_s",
+)
+
+
 @dataclass(frozen=True)
 class Configuration:
     """One column of the comparison: which model, which task, which retrieval."""

@@ -26,17 +26,7 @@ from loraplex.errors import InputError, LoraplexError
 from loraplex.evaluation import endpoint, report
 from loraplex.evaluation.intervals import paired_difference
 
-Metric = Literal[
-    "accuracy",
-    "f1",
-    "answer_accuracy",
-    "compliance",
-    "citation_precision",
-    "citation_recall",
-    "label_accuracy",
-    "latency_p50_s",
-    "latency_p95_s",
-]
+Metric = Literal[endpoint.METRICS]  # type: ignore[valid-type]
 # metrics whose per-question values can be paired between the two versions
 PAIRED = ("accuracy", "answer_accuracy", "compliance")
 
@@ -278,16 +268,7 @@ def _log_gate(settings: LoraplexConfig, result: GateResult, folder: Path) -> str
             }
         )
         for config, s in result.summary.items():
-            for key in (
-                "accuracy",
-                "answer_accuracy",
-                "compliance",
-                "citation_precision",
-                "label_accuracy",
-                "latency_p50_s",
-                "latency_p95_s",
-                "errors",
-            ):
+            for key in (*endpoint.METRICS, "errors"):
                 if s.get(key) is not None:
                     side = config.split(" ")[0]
                     mlflow.log_metric(metric_key(side, key), float(s[key]))

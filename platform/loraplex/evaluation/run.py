@@ -155,20 +155,7 @@ def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Pat
             }
         )
         for config, s in summary.items():
-            for key in (
-                "accuracy",
-                "f1",
-                "answer_accuracy",
-                "compliance",
-                "citation_precision",
-                "citation_recall",
-                "label_accuracy",
-                "latency_p50_s",
-                "latency_p95_s",
-                "prompt_tokens",
-                "completion_tokens",
-                "errors",
-            ):
+            for key in (*endpoint.METRICS, "prompt_tokens", "completion_tokens", "errors"):
                 if s.get(key) is not None:
                     mlflow.log_metric(metric_key(config, key), float(s[key]))
                 interval = (s.get("intervals") or {}).get(key)

@@ -54,8 +54,9 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     versions = {}
     for a in cfg.adapters:
         versions[f"{a.base}:{a.name}"] = resolver.check(a.registry)
-        if a.canary is not None:
-            _check_canary(resolver, a.name, a.registry, a.canary.registry)
+        for what, spec in (("canary", a.canary), ("shadow", a.shadow)):
+            if spec is not None:
+                _check_rollout(resolver, a.name, a.registry, spec.registry, what)
     try:
         digests = cfg.key_digests()
     except ValueError as e:
@@ -68,15 +69,16 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     return Checked(base_dirs, versions, digests, {k: v[1] for k, v in resolved.items()})
 
 
-def _check_canary(resolver, adapter: str, stable: str, canary: str) -> None:
-    """The canary exists and was trained on the stable version's base model."""
+def _check_rollout(resolver, adapter: str, stable: str, other: str, what: str) -> None:
+    """A canary's or shadow's version exists and was trained on the stable version's base
+    model."""
     base_tag = "loraplex.base_model"
-    on_stable, on_canary = (resolver.tags(r).get(base_tag) for r in (stable, canary))
-    if on_stable != on_canary:
+    on_stable, on_other = (resolver.tags(r).get(base_tag) for r in (stable, other))
+    if on_stable != on_other:
         raise InputError(
-            f"adapter {adapter}: its canary {canary} was trained on "
-            f"{on_canary or 'an unknown base'}, but {stable} on {on_stable or 'an unknown base'}"
-            ": a canary must share the base model"
+            f"adapter {adapter}: its {what} {other} was trained on "
+            f"{on_other or 'an unknown base'}, but {stable} on {on_stable or 'an unknown base'}"
+            f": a {what} must share the base model"
         )
 
 

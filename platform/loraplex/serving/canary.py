@@ -1,4 +1,5 @@
-"""Canary traffic for an adapter: the split, the watch over its outcomes, the halt.
+"""Rollouts of an adapter version: canary traffic (the split, the watch, the halt) and
+shadow traffic.
 
 Owns: :func:`draw` (which share of requests goes to the canary version: the same end
 user always lands on the same side when the config says ``sticky_by: header-or-key``),
@@ -7,8 +8,10 @@ outcomes of both versions over a sliding window, compared against
 :class:`~loraplex.serving.config.RollbackBounds`; when the canary is worse it stops
 receiving traffic at once), and the MLflow record of a halt (:data:`HALT_TAG` on the
 canary's model version: every other replica, and every restart, reads it and keeps the
-canary halted). Does not own: resolving aliases (``adapters.AliasResolver``) or the
-request path (``ingress``).
+canary halted), and :class:`ShadowWatch` (a shadow version answering a share of the
+requests unseen: how many run at once, agreement with the served answers,
+structured-output failures and latency over a window). Does not own: resolving aliases
+(``adapters.AliasResolver``) or the request path (``ingress``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraplex.serving.config import CanarySpec
+from loraplex.serving.config import CanarySpec, ShadowSpec
 
 HALT_TAG = "loraplex.canary_halted"  # on the canary's model version: JSON, why and when
 STABLE, CANARY = "stable", "canary"
@@ -203,6 +206,82 @@ def halt_reason(tags: dict[str, str] | None) -> str | None:
         return str(json.loads(raw).get("reason") or "halted")
     except (ValueError, AttributeError):
         return "halted"
+
+
+@dataclass
+class ShadowOutcome:
+    at: float
+    version: str
+    error: bool
+    agreed: bool | None  # the same text as the served answer, choice by choice
+    format_ok: bool | None
+    latency_s: float | None
+    served_latency_s: float
+
+
+class ShadowWatch:
+    """The shadow of one adapter in one ingress replica: how many shadow requests run at
+    once (beyond ``max_in_flight`` a request is not shadowed: the shadow never queues
+    in front of real traffic) and their outcomes over ``window_s``."""
+
+    def __init__(self, adapter: str, spec: ShadowSpec) -> None:
+        self.adapter = adapter
+        self.spec = spec
+        self.in_flight = 0
+        self.skipped = 0
+        self.window: deque[ShadowOutcome] = deque()
+
+    def take(self) -> bool:
+        """Whether this request gets a shadow (drawn, and a slot free)."""
+        if random.random() * 100 >= self.spec.percent:
+            return False
+        if self.in_flight >= self.spec.max_in_flight:
+            self.skipped += 1
+            return False
+        self.in_flight += 1
+        return True
+
+    def record(self, outcome: ShadowOutcome) -> None:
+        self.in_flight -= 1
+        self.window.append(outcome)
+        while self.window and self.window[0].at < outcome.at - self.spec.window_s:
+            self.window.popleft()
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        kept = [o for o in self.window if o.at >= now - self.spec.window_s]
+        answered = [o for o in kept if not o.error]
+        formatted = [o for o in answered if o.format_ok is not None]
+        shadow_lat = [o.latency_s for o in answered if o.latency_s is not None]
+        served_lat = [o.served_latency_s for o in answered]
+        return {
+            "versions": sorted({o.version for o in kept}),
+            "requests": len(kept),
+            "errors": len(kept) - len(answered),
+            "agreement_rate": round(sum(bool(o.agreed) for o in answered) / len(answered), 4)
+            if answered
+            else None,
+            "structured_requests": len(formatted),
+            "format_failure_rate": round(
+                sum(not o.format_ok for o in formatted) / len(formatted), 4
+            )
+            if formatted
+            else 0.0,
+            "p95_latency_s": round(_p95(shadow_lat), 4) if shadow_lat else None,
+            "served_p95_latency_s": round(_p95(served_lat), 4) if served_lat else None,
+            "skipped_at_capacity": self.skipped,
+        }
+
+
+def texts(answer: Any) -> list[str]:
+    """The text of each choice of a non-streaming answer."""
+    data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
+    if not isinstance(data, dict):
+        return []
+    return [
+        ((c.get("message") or {}).get("content") or c.get("text") or "").strip()
+        for c in data.get("choices") or []
+    ]
 
 
 def format_ok(answer: Any, structured: bool) -> bool | None:

@@ -18,9 +18,9 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from loraplex.config import StrictModel, load_model
 from loraplex.retrieval.spec import COLLECTION, TENANT, RetrievalSpec
@@ -42,6 +42,14 @@ def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
             "or NAME/VERSION (json-answer/3)"
         )
     return m["name"], m["alias"], m["version"]
+
+
+def _registry_ref(ref: str) -> str:
+    parse_registry_ref(ref)
+    return ref
+
+
+RegistryRef = Annotated[str, AfterValidator(_registry_ref)]
 
 
 class BaseModelSpec(StrictModel):
@@ -105,7 +113,7 @@ class RollbackBounds(StrictModel):
 class CanarySpec(StrictModel):
     """A share of an adapter's requests goes to another version of it (the canary)."""
 
-    registry: str = Field(description="NAME@ALIAS or NAME/VERSION of the canary version.")
+    registry: RegistryRef = Field(description="NAME@ALIAS or NAME/VERSION of the canary.")
     percent: float = Field(gt=0, lt=100, description="Share of requests, in percent.")
     sticky_by: Literal["header-or-key", "none"] = Field(
         default="header-or-key",
@@ -115,11 +123,17 @@ class CanarySpec(StrictModel):
     )
     rollback: RollbackBounds = Field(default_factory=RollbackBounds)
 
-    @field_validator("registry")
-    @classmethod
-    def _ref(cls, v: str) -> str:
-        parse_registry_ref(v)
-        return v
+
+class ShadowSpec(StrictModel):
+    """Another version that also answers a share of an adapter's requests, unseen: its
+    answers are compared with the served ones, never returned."""
+
+    registry: RegistryRef = Field(description="NAME@ALIAS or NAME/VERSION of the shadow.")
+    percent: float = Field(default=100, gt=0, le=100, description="Share of requests shadowed.")
+    max_in_flight: int = Field(
+        default=4, ge=1, le=64, description="Shadow requests at once per ingress replica."
+    )
+    window_s: float = Field(default=300, ge=1, le=86400, description="What the status shows.")
 
 
 class AdapterSpec(StrictModel):
@@ -127,23 +141,25 @@ class AdapterSpec(StrictModel):
 
     name: str = Field(pattern=NAME, description="Clients use `<base>:<name>`.")
     base: str = Field(pattern=NAME, description="The id of a base model above.")
-    registry: str = Field(description="NAME@ALIAS (follows promotion) or NAME/VERSION (pinned).")
+    registry: RegistryRef = Field(
+        description="NAME@ALIAS (follows promotion) or NAME/VERSION (pinned)."
+    )
     canary: CanarySpec | None = Field(
         default=None, description="Send a share of this adapter's requests to another version."
     )
-
-    @field_validator("registry")
-    @classmethod
-    def _ref(cls, v: str) -> str:
-        parse_registry_ref(v)
-        return v
+    shadow: ShadowSpec | None = Field(
+        default=None,
+        description="Also send a share of its (non-streaming) requests to another version, "
+        "and compare the answers without returning them.",
+    )
 
     @model_validator(mode="after")
     def _canary_differs(self) -> AdapterSpec:
-        if self.canary is not None and self.canary.registry == self.registry:
-            raise ValueError(
-                f"adapter {self.name}: the canary {self.canary.registry!r} is the adapter itself"
-            )
+        for what, spec in (("canary", self.canary), ("shadow", self.shadow)):
+            if spec is not None and spec.registry == self.registry:
+                raise ValueError(
+                    f"adapter {self.name}: the {what} {spec.registry!r} is the adapter itself"
+                )
         return self
 
 

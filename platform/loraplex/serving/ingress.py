@@ -53,9 +53,12 @@ from loraplex.serving.canary import (
     STABLE,
     CanaryWatch,
     Outcome,
+    ShadowOutcome,
+    ShadowWatch,
     format_ok,
     halt_record,
     sticky_id,
+    texts,
 )
 from loraplex.serving.config import (
     EMBEDDINGS,
@@ -145,6 +148,12 @@ class LoraplexIngress(OpenAiIngress):
             for a in self.config.adapters
             if a.canary is not None
         }
+        self.shadows = {
+            f"{a.base}:{a.name}": ShadowWatch(f"{a.base}:{a.name}", a.shadow)
+            for a in self.config.adapters
+            if a.shadow is not None
+        }
+        self._background: set[asyncio.Task] = set()  # shadow requests in flight
         log.info(
             "loraplex ingress ready: %d base model(s), %d adapter(s), %d route(s)",
             len(self.bases),
@@ -259,6 +268,50 @@ class LoraplexIngress(OpenAiIngress):
             pick.label = f"{canary[0]}/{canary[1]}"
             pick.arm = CANARY
         return pick
+
+    def _shadow(
+        self,
+        watch: ShadowWatch,
+        base: str,
+        call: str,
+        parsed: Any,
+        served: Any,
+        pick: Pick,
+        served_s: float,
+        rid: str,
+    ) -> None:
+        """Send the request to the shadow version in the background; its answer is only
+        compared with the served one (the client never waits for it)."""
+
+        async def run() -> None:
+            version, error, agreed, fmt, took = "?", True, None, None, None
+            try:
+                name, version = await self.resolver.resolve(watch.spec.registry)
+                model = multiplexed_id(base, name, version)
+                if model == pick.engine_model:  # the shadow is what served: nothing to learn
+                    watch.in_flight -= 1
+                    return
+                started = time.perf_counter()
+                answer, _ = await self._dispatch(
+                    model, call, parsed.model_copy(update={"model": model}), f"{rid}-shadow"
+                )
+                took = time.perf_counter() - started
+                error, agreed = False, texts(answer) == texts(served)
+                fmt = format_ok(answer, pick.structured)
+                outcome = "agreed" if agreed else "differed"
+            except Exception as e:  # the shadow's failure is recorded, never the client's
+                outcome = "error"
+                log.info("[%s] shadow %s of %s failed: %s", rid, version, watch.adapter, e)
+            metrics.shadow_requests.inc(
+                tags={"adapter": watch.adapter, "version": version, "outcome": outcome}
+            )
+            watch.record(
+                ShadowOutcome(time.monotonic(), version, error, agreed, fmt, took, served_s)
+            )
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _observe(
         self, pick: Pick | None, status: int, latency_s: float | None, fmt: bool | None
@@ -439,7 +492,7 @@ class LoraplexIngress(OpenAiIngress):
         route using it), its split, state and this replica's window of both versions."""
         key = self._key(request)
         data = []
-        for adapter_id, watch in self.canaries.items():
+        for adapter_id in sorted(set(self.canaries) | set(self.shadows)):
             spec = self.adapters[adapter_id]
             names = [adapter_id] + [
                 r.name for r in self.config.routes if f"{r.base}:{r.adapter}" == adapter_id
@@ -451,26 +504,36 @@ class LoraplexIngress(OpenAiIngress):
             except (InputError, RegistryUnavailable) as e:
                 stable = None
                 log.warning("canary status: %s: %s", spec.registry, e)
-            canary = await self._canary_version(watch)
-            data.append(
-                {
-                    "adapter": adapter_id,
-                    "stable": {
-                        "registry": spec.registry,
-                        "version": stable[1] if stable else None,
-                    },
-                    "canary": {
-                        "registry": watch.spec.registry,
-                        "version": canary[1] if canary else None,
-                        "percent": watch.spec.percent,
-                        "sticky_by": watch.spec.sticky_by,
-                    },
+            entry: dict[str, Any] = {
+                "adapter": adapter_id,
+                "stable": {"registry": spec.registry, "version": stable[1] if stable else None},
+                "canary": None,
+                "shadow": None,
+            }
+            watch = self.canaries.get(adapter_id)
+            if watch is not None:
+                canary = await self._canary_version(watch)
+                entry["canary"] = {
+                    "registry": watch.spec.registry,
+                    "version": canary[1] if canary else None,
+                    "percent": watch.spec.percent,
+                    "sticky_by": watch.spec.sticky_by,
+                }
+                entry |= {
                     "state": watch.state(canary is not None and canary == stable),
                     "reason": watch.halted,
                     "window_s": watch.spec.rollback.window_s,
                     "window": {arm: s.as_dict() for arm, s in watch.stats().items()},
                 }
-            )
+            shadow = self.shadows.get(adapter_id)
+            if shadow is not None:
+                entry["shadow"] = {
+                    "registry": shadow.spec.registry,
+                    "percent": shadow.spec.percent,
+                    "window_s": shadow.spec.window_s,
+                    **shadow.stats(),
+                }
+            data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 
     async def embeddings(self, request: Request) -> Response:
@@ -612,6 +675,10 @@ class LoraplexIngress(OpenAiIngress):
 
         if not stream:
             answered = format_ok(first, pick.structured)
+            shadow = self.shadows.get(f"{t.base}:{t.adapter}") if pinned is None else None
+            if shadow is not None and pick.arm != CANARY and shadow.take():
+                served_s = time.perf_counter() - started
+                self._shadow(shadow, t.base, call, parsed, first, pick, served_s, rid)
             return responses.complete(
                 first, grounded.sources, extra, lambda usage: finish(usage, answered)
             )

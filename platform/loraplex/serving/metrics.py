@@ -4,7 +4,7 @@ Owns: the metric objects (``ray.util.metrics``; Ray exports them with the prefix
 ``ray_``): requests, errors, prompt and completion tokens, request latency and
 retrieval latency per route and adapter; adapter loads and evictions per adapter;
 requests, tokens and 429s per key name; requests shed; stale registry answers;
-structured-output failures and canary halts of adapters with a canary.
+structured-output failures and canary halts of adapters with a canary; shadow requests.
 Does not own: Ray Serve's and vLLM's own metrics, which are exported beside these.
 """
 
@@ -76,4 +76,10 @@ canary_halts = Counter(
     "loraplex_canary_halts",
     "Canaries halted by the automatic rollback, per adapter and canary version.",
     tag_keys=("adapter", "version"),
+)
+shadow_requests = Counter(
+    "loraplex_shadow_requests",
+    "Shadow requests per adapter and shadow version, by outcome (agreed / differed with "
+    "the served answer, error).",
+    tag_keys=("adapter", "version", "outcome"),
 )
