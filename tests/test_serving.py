@@ -573,6 +573,11 @@ def test_canary_split_is_sticky_per_user_and_promotion_ends_it(served: Served) -
     window = status["window"]
     assert window["canary"]["requests"] >= on_canary and window["stable"]["requests"] >= 1
     assert window["canary"]["server_errors"] == 0 and window["canary"]["p95_latency_s"] > 0
+    shown = run_cli("adapters", "canary", "canaried", "--url", served.url, "--api-key", KEY_ALL)
+    assert shown.returncode == 0, shown.stderr
+    assert "canary alpha@trial (version 2) at 30% by header-or-key; active" in shown.stdout
+    unknown = run_cli("adapters", "canary", "beta", "--url", served.url, "--api-key", KEY_ALL)
+    assert unknown.returncode == 2 and "no canary or shadow of 'beta'" in unknown.stderr
 
     # promoting the canary's version moves every user to it; the canary has ended
     registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
