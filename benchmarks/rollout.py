@@ -101,10 +101,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("rollout.json"))
     args = ap.parse_args()
 
-    from helpers import free_port
+    from helpers import free_port, make_adapter
     from mlflow import MlflowClient
     from ray import serve
-    from test_serving import _make_adapter
 
     from loraplex import tracking
     from loraplex.config import load_settings
@@ -121,7 +120,7 @@ def main() -> None:
     name = f"roll-{uuid.uuid4().hex[:6]}"
     versions = []
     for seed in (1, 2, 3):
-        folder = _make_adapter(model_dir, tmp / f"v{seed}", seed)
+        folder = make_adapter(model_dir, tmp / f"v{seed}", seed)
         versions.append(
             register_external(registry, folder, name, model_dir, base_ref, None, experiment)
         )

@@ -243,11 +243,10 @@ def main() -> None:
         return
 
     import ray
-    from helpers import free_port
+    from helpers import free_port, make_adapter
     from mlflow import MlflowClient
     from ray import serve
     from retrieval import write_corpus
-    from test_serving import _make_adapter
 
     from loraplex import tracking
     from loraplex.config import load_settings
@@ -286,7 +285,7 @@ def main() -> None:
         try:
             client.get_model_version_by_alias(name, "live")
         except Exception:
-            folder = _make_adapter(model_dir, Path(tempfile.mkdtemp()) / name, i)
+            folder = make_adapter(model_dir, Path(tempfile.mkdtemp()) / name, i)
             register_external(client, folder, name, model_dir, str(model_dir), "live", experiment)
 
     base_only = args.phase == "loraplex-base"  # no adapters: vLLM without LoRA, like bare

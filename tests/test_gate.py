@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers import clean_env, one_line_error, run_cli
 
-from loraplex.evaluation.gate import MetricRule, judge
+from loraplex.errors import LoraplexError
+from loraplex.evaluation.gate import MetricRule, judge, load_gate
 
 
 def summary(accuracy: float, n: int = 40, p95: float = 1.0, compliance: float = 1.0) -> dict:
@@ -79,9 +81,11 @@ def test_bad_gate_files_are_refused_before_anything_runs(tmp_path: Path) -> None
     for i, (text, reason) in enumerate(cases):
         path = tmp_path / f"gate{i}.yaml"
         path.write_text(text)
-        proc = run_cli("adapters", "promote", "a", "2", "--gate", str(path), env=env)
-        assert proc.returncode == 2, (text, proc.stderr)
-        assert reason in one_line_error(proc), (text, proc.stderr)
+        with pytest.raises(LoraplexError, match=reason) as e:
+            load_gate(path, tmp_path)
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    proc = run_cli("adapters", "promote", "a", "2", "--gate", str(tmp_path / "gate0.yaml"), env=env)
+    assert proc.returncode == 2 and "metrics.accurcy" in one_line_error(proc)
     proc = run_cli("adapters", "promote", "a", "2", "--gate", str(tmp_path / "no.yaml"), env=env)
     assert proc.returncode == 2 and "does not exist" in one_line_error(proc)
     # train, gate and promote as one job: a bad gate file stops it before training
@@ -89,3 +93,60 @@ def test_bad_gate_files_are_refused_before_anything_runs(tmp_path: Path) -> None
     proc = run_cli("train", config, "--gate", str(tmp_path / "gate0.yaml"), env=env)
     assert proc.returncode == 2 and "metrics.accurcy" in one_line_error(proc)
     assert not (tmp_path / "home" / "jobs").exists()
+
+
+def test_a_gate_without_a_running_endpoint_starts_one_for_itself(
+    tiny_base, settings, tmp_path: Path
+) -> None:
+    import json
+
+    import httpx
+    import yaml
+    from helpers import make_adapter
+    from mlflow import MlflowClient
+
+    from loraplex import tracking
+    from loraplex.evaluation.gate import GateConfig, run_gate, temporary_endpoint
+    from loraplex.training.registry import register_external
+
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    experiment = tracking.setup(settings)
+    base = tiny_base.model_dir
+    for seed in (1, 2):
+        folder = make_adapter(base, tmp_path / f"g{seed}", seed)
+        register_external(client, folder, "gated-local", base, str(base), None, experiment)
+    client.set_registered_model_alias("gated-local", "production", "1")
+    serving = tmp_path / "serving.yaml"
+    model = {"id": "tiny", "source": str(base), "max_model_len": 512, "dtype": "float32"}
+    serving.write_text(
+        yaml.safe_dump(
+            {
+                "name": "gatecheck",
+                "models": [{**model, "kv_cache_gib": 1}],
+                "adapters": [{"name": "g", "base": "tiny", "registry": "gated-local@production"}],
+                "retriever": None,
+                "auth": {"allow_anonymous": True},
+            }
+        )
+    )
+    gate = GateConfig.model_validate(
+        {
+            "model": "tiny:g",
+            "questions": str(tiny_base.world_dir / "queries.jsonl"),
+            "split": "test",
+            "limit": 4,
+            "max_tokens": 4,
+            "metrics": {"accuracy": {"max_drop": 1.0}, "latency_p95_s": {"max": 60}},
+        }
+    )
+    out = tmp_path / "report"
+    with temporary_endpoint(settings, serving) as url:
+        assert url.startswith("http://127.0.0.1:")
+        result = run_gate(
+            settings, gate, "gated-local", "2", "production", "1", url, None, out, progress=False
+        )
+    assert result.passed and result.mlflow_run_id
+    answers = json.loads((out / "results.json").read_text())["answers"]
+    assert {a["model"] for a in answers} == {"tiny:gated-local/1", "tiny:gated-local/2"}
+    with pytest.raises(httpx.ConnectError):  # stopped with the gate
+        httpx.get(f"{url}/models", timeout=5)

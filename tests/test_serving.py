@@ -23,6 +23,7 @@ from helpers import (
     LORAPLEX,
     clean_env,
     free_port,
+    make_adapter,
     one_line_error,
     run_cli,
     start_milvus_server,
@@ -45,24 +46,6 @@ class Served:
 
     def client(self, key: str = KEY_ALL) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
-
-
-def _make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A real PEFT LoRA folder for the base (random B, so it changes the outputs)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft = get_peft_model(
-        model,
-        LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-        ),
-    )
-    peft.save_pretrained(out)
-    return out
 
 
 def serving_config(model_dir: Path) -> dict:
@@ -199,13 +182,13 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     experiment = tracking.setup(settings)
     adapters = [("alpha", 1, "live"), ("alpha", 2, "next"), ("beta", 3, None), ("delta", 5, None)]
     for name, seed, alias in adapters:
-        folder = _make_adapter(base, home / "src" / f"{name}-{seed}", seed)
+        folder = make_adapter(base, home / "src" / f"{name}-{seed}", seed)
         register_external(client, folder, name, base, str(base), alias, experiment)
     twin = home / "src" / "beta-3"
     register_external(client, twin, "beta-twin", base, str(base), None, experiment)
     client.set_registered_model_alias("alpha", "steady", "1")
     client.set_registered_model_alias("alpha", "trial", "2")
-    broken = _make_adapter(base, home / "src" / "broken", 4)
+    broken = make_adapter(base, home / "src" / "broken", 4)
     register_external(client, broken, "broken", base, str(base), None, experiment)
     # the registry's copy of broken/1 gets damaged after registration
     stored = Path(client.get_model_version("broken", "1").source.removeprefix("file://"))

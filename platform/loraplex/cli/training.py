@@ -34,6 +34,12 @@ from loraplex.training.config import load_train_config
 )
 @click.option("--promote-to", default="production", show_default=True, help="Alias for --gate.")
 @click.option("--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local).")
+@click.option(
+    "--serve",
+    "serve_config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="No endpoint running: start this serving config here for --gate, then stop it.",
+)
 @click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
 @pass_state
 def train(
@@ -44,6 +50,7 @@ def train(
     gate: Path | None,
     promote_to: str,
     url: str | None,
+    serve_config: Path | None,
     api_key: str | None,
 ) -> None:
     """Fine-tune a LoRA adapter with Ray Train + HF Trainer + PEFT + DeepSpeed, tracked in
@@ -63,6 +70,8 @@ def train(
 
     if gate is not None:
         load_gate(gate, state.settings().home)  # a bad gate file fails before training
+        if url is not None and serve_config is not None:
+            raise InputError("--url and --serve exclude each other: gate on one endpoint")
     cfg = load_train_config(config, overrides, state.settings().home)  # before Ray starts
     result = run_training(cfg, state.settings(), resume=resume)
     verb = "resumed and finished" if result.resumed else "finished"
@@ -75,7 +84,7 @@ def train(
     )
     if gate is not None:
         name, version = result.registered_model, str(result.version)
-        _gated_promote(state, name, version, promote_to, gate, url, api_key)
+        _gated_promote(state, name, version, promote_to, gate, url, api_key, None, serve_config)
 
 
 @click.group()
@@ -131,6 +140,12 @@ def list_(state: CliState, as_json: bool) -> None:
     help="A gate file: measure VERSION against the alias's version first; move only if it passes.",
 )
 @click.option("--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local).")
+@click.option(
+    "--serve",
+    "serve_config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="No endpoint running: start this serving config here for --gate, then stop it.",
+)
 @click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
 @click.option("--out", type=click.Path(path_type=Path), help="The gate's report folder.")
 @pass_state
@@ -141,6 +156,7 @@ def promote(
     alias: str,
     gate: Path | None,
     url: str | None,
+    serve_config: Path | None,
     api_key: str | None,
     out: Path | None,
 ) -> None:
@@ -161,20 +177,31 @@ def promote(
     if not version.isdigit():
         raise InputError(f"version must be a number, not {version!r}")
     if gate is not None:
-        _gated_promote(state, name, version, alias, gate, url, api_key, out)
+        _gated_promote(state, name, version, alias, gate, url, api_key, out, serve_config)
         return
+    if serve_config is not None or url is not None:
+        raise InputError("--url and --serve are for --gate")
     client = _client(state)
     before = do_promote(client, name, version, alias, check=check_loads(state.settings()))
     was = f" (was version {before})" if before else ""
     click.echo(f"{name}@{alias} -> version {version}{was}")
 
 
-def _gated_promote(state, name, version, alias, gate, url, api_key, out=None) -> None:
+def _gated_promote(
+    state, name, version, alias, gate, url, api_key, out=None, serve_config=None
+) -> None:
+    from loraplex.evaluation.gate import temporary_endpoint
     from loraplex.training.registry import check_loads
     from loraplex.training.registry import promote as do_promote
 
+    if url is not None and serve_config is not None:
+        raise InputError("--url and --serve exclude each other: gate on one endpoint")
     client = _client(state)
-    why = _gate(state, client, name, version, alias, gate, url, api_key, out)
+    if serve_config is not None:
+        with temporary_endpoint(state.settings(), serve_config) as local:
+            why = _gate(state, client, name, version, alias, gate, local, api_key, out)
+    else:
+        why = _gate(state, client, name, version, alias, gate, url, api_key, out)
     before = do_promote(client, name, version, alias, check=check_loads(state.settings()), why=why)
     was = f" (was version {before})" if before else ""
     click.echo(f"{name}@{alias} -> version {version}{was}")

@@ -4,7 +4,8 @@ at, on the same questions, the same retrieval and the same endpoint.
 Owns: :class:`GateConfig` (the gate file: where to ask, which questions, and per metric
 an absolute floor or ceiling and a tolerated change against the incumbent), and
 :func:`run_gate`: both versions answer every question through the running endpoint
-(pinned with the request's ``adapter_version``), each metric with its 95% interval and
+(pinned with the request's ``adapter_version``; :func:`temporary_endpoint` starts the
+application here when none runs), each metric with its 95% interval and
 each difference with its paired interval; the decision, both versions, every metric and
 the report are one MLflow run; the alias moves only when every rule holds. A failing
 difference whose interval still reaches the tolerated bound is "within noise" and
@@ -15,6 +16,9 @@ report (``report``) or the alias itself (``training.registry``).
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +31,7 @@ from loraplex.evaluation import endpoint, report
 from loraplex.evaluation.intervals import paired_difference
 
 Metric = Literal[endpoint.METRICS]  # type: ignore[valid-type]
+log = logging.getLogger(__name__)
 # metrics whose per-question values can be paired between the two versions
 PAIRED = ("accuracy", "answer_accuracy", "compliance")
 
@@ -165,6 +170,31 @@ def _paired(metric: str, cand: dict, inc: dict | None):
     a = (inc.get("by_question") or {}).get(metric) or {}
     b = (cand.get("by_question") or {}).get(metric) or {}
     return paired_difference(a, b)
+
+
+@contextmanager
+def temporary_endpoint(
+    settings: LoraplexConfig, serving: Path, overrides: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """When no endpoint is running: the serving config's application, started here on a
+    free loopback port for the gate, stopped after it. Yields the OpenAI base URL."""
+    import socket
+
+    from ray import serve
+
+    from loraplex.serving.builder import check, start
+    from loraplex.serving.config import load_serving_config
+
+    cfg = load_serving_config(serving, overrides)
+    checked = check(cfg, settings)  # refused before anything starts
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log.info("starting %s on 127.0.0.1:%d for the gate (1-2 minutes on CPU)", serving, port)
+    try:
+        yield start(cfg, settings, checked, host="127.0.0.1", port=port)
+    finally:
+        serve.shutdown()
 
 
 def run_gate(
