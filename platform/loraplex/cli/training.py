@@ -17,6 +17,28 @@ from loraplex.errors import InputError
 from loraplex.training.config import load_train_config
 
 
+def gate_endpoint_options(command):
+    """Where a gate asks: --url (a running endpoint), --serve (started here), --api-key."""
+    for option in reversed(
+        [
+            click.option(
+                "--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local)."
+            ),
+            click.option(
+                "--serve",
+                "serve_config",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="No endpoint running: start this serving config for --gate, then stop it.",
+            ),
+            click.option(
+                "--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY)."
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @click.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option(
@@ -33,14 +55,7 @@ from loraplex.training.config import load_train_config
     help="Then measure the new version against --promote-to's and promote it if it passes.",
 )
 @click.option("--promote-to", default="production", show_default=True, help="Alias for --gate.")
-@click.option("--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local).")
-@click.option(
-    "--serve",
-    "serve_config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="No endpoint running: start this serving config here for --gate, then stop it.",
-)
-@click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
+@gate_endpoint_options
 @pass_state
 def train(
     state: CliState,
@@ -139,14 +154,7 @@ def list_(state: CliState, as_json: bool) -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="A gate file: measure VERSION against the alias's version first; move only if it passes.",
 )
-@click.option("--url", default=None, help="Endpoint for --gate (default: $LORAPLEX_URL or local).")
-@click.option(
-    "--serve",
-    "serve_config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="No endpoint running: start this serving config here for --gate, then stop it.",
-)
-@click.option("--api-key", envvar="LORAPLEX_API_KEY", help="API key (also $LORAPLEX_API_KEY).")
+@gate_endpoint_options
 @click.option("--out", type=click.Path(path_type=Path), help="The gate's report folder.")
 @pass_state
 def promote(

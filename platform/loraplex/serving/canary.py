@@ -288,11 +288,10 @@ def format_ok(answer: Any, structured: bool) -> bool | None:
     """Whether every choice of a non-streaming answer is JSON, when JSON was asked for."""
     if not structured:
         return None
-    data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
-    if not isinstance(data, dict):
+    choices = texts(answer)
+    if not choices:
         return False
-    for choice in data.get("choices") or []:
-        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+    for text in choices:
         try:
             json.loads(text)
         except ValueError:
