@@ -578,3 +578,112 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
     held = pytest.raises(InputError, match=r"already running \(pid \d+ on ")
     with state.job_lock(storage, "resume-tiny"), held:
         job.run_training(cfg, settings)
+
+
+def test_eval_fraction_splits_off_a_seeded_disjoint_share(tmp_path) -> None:
+    from loraplex.training.config import DataConfig
+    from loraplex.training.dataset import load_examples
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": f"a{i}"},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
+
+    def users(rows) -> list[str]:
+        return [c[0]["content"] for c in rows]
+
+    split = load_examples(DataConfig(train=[path], eval_fraction=0.1), seed=1)
+    train, evals = users(split.train), users(split.eval)
+    assert len(evals) == 4 and len(train) == 36
+    assert sorted(train + evals) == sorted(f"q{i}" for i in range(40))  # disjoint, whole
+    assert evals != ["q0", "q1", "q2", "q3"]  # drawn, not the first rows
+    assert users(load_examples(DataConfig(train=[path], eval_fraction=0.1), seed=1).eval) == evals
+    assert users(load_examples(DataConfig(train=[path], eval_fraction=0.1), seed=2).eval) != evals
+    assert split.fingerprint["train_rows"] == 36 and split.fingerprint["eval_rows"] == 4
+    none = load_examples(DataConfig(train=[path], eval_fraction=0), seed=1)
+    assert len(none.train) == 40 and none.eval == []
+    # an eval file given: the fraction is not taken from train
+    own = load_examples(DataConfig(train=[path], eval=[path], eval_fraction=0.5), seed=1)
+    assert len(own.train) == 40 and len(own.eval) == 40
+
+
+def test_loss_is_on_assistant_tokens_only_with_or_without_generation_markers() -> None:
+    import copy
+
+    from loraplex.basemodel.tokenizer import train_tokenizer
+    from loraplex.training.dataset import IGNORE, tokenize
+
+    marked = train_tokenizer(["The price of the Velmo X200 is 349 dollars. Why?"] * 40, 400)
+    plain = copy.deepcopy(marked)
+    plain.chat_template = marked.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Price of the Velmo X200?"},
+        {"role": "assistant", "content": "349 dollars"},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "The price is 349."},
+    ]
+    rows = {}
+    for name, tok in (("markers", marked), ("prefixes", plain)):
+        (row,), truncated = tokenize(tok, [conversation], max_length=512)
+        assert truncated == 0
+        whole = tok.apply_chat_template(conversation, tokenize=True, return_dict=True)
+        assert row["input_ids"] == list(whole["input_ids"])
+        # the labelled tokens are exactly each assistant turn and its end token, in order;
+        # the system, user and role-header tokens carry no loss
+        spans, current = [], []
+        for token, label in zip(row["input_ids"], row["labels"], strict=True):
+            if label == IGNORE:
+                if current:
+                    spans.append(tok.decode(current))
+                current = []
+            else:
+                assert label == token
+                current.append(token)
+        spans += [tok.decode(current)] if current else []
+        assert spans == ["349 dollars<|end|>", "The price is 349.<|end|>"], (name, spans)
+        rows[name] = row
+    assert rows["markers"] == rows["prefixes"]
+    # truncation keeps what fits; an example with nothing left to learn from is dropped
+    first_label = next(i for i, x in enumerate(rows["markers"]["labels"]) if x != IGNORE)
+    (cut,), truncated = tokenize(marked, [conversation], max_length=first_label + 2)
+    assert truncated == 1 and cut["labels"] == rows["markers"]["labels"][: first_label + 2]
+    dropped, truncated = tokenize(marked, [conversation], max_length=first_label)
+    assert dropped == [] and truncated == 1
+
+
+@pytest.mark.parametrize(
+    ("settings_", "zero"),
+    [
+        ({"stage": 0}, {"stage": 0}),
+        ({"stage": 1}, {"stage": 1}),
+        ({"stage": 2, "offload_optimizer": True}, {"stage": 2, "offload_optimizer": "cpu"}),
+        (
+            {"stage": 3, "offload_optimizer": True, "offload_params": True},
+            {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
+        ),
+    ],
+)
+def test_deepspeed_stage_and_offload_reach_the_trainer_config(settings_, zero) -> None:
+    from loraplex.training.config import DeepSpeedConfig
+
+    ds = DeepSpeedConfig(**settings_).as_dict()
+    got = ds["zero_optimization"]
+    assert got["stage"] == zero["stage"]
+    for key in ("offload_optimizer", "offload_param"):
+        assert got.get(key, {}).get("device") == zero.get(key), key
+    # HF fills the batch sizes from TrainingArguments, so they stay "auto"
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"

@@ -4,14 +4,15 @@ import json
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, one_line_error, run_cli
+from helpers import LORAPLEX, clean_env, one_line_error, run_cli
 
-from loraplex.data.formats import FORMATS
+from loraplex.data.formats import FORMATS, read_conversations
 from loraplex.evaluation.scorers import json_compliant, normalize_answer
-from loraplex.prompts import JSON_ANSWER_SCHEMA, JSON_INSTRUCTION, TICKET_CATEGORIES
+from loraplex.prompts import JSON_ANSWER_SCHEMA, JSON_INSTRUCTION, NOT_FOUND, TICKET_CATEGORIES
 from loraplex.world.generate import WorldSize, generate_world
 from loraplex.world.pretraining import STAGES
 
@@ -73,6 +74,15 @@ def test_datasets_in_three_formats(world: Path):
                 "from": "gpt",
                 "value": first[1]["content"],
             }
+        # the trainer reads each format (named or detected) as the same conversations
+        for split in ("train", "test"):
+            files = {fmt: world / "datasets" / task / f"{split}.{fmt}.jsonl" for fmt in FORMATS}
+            expected = read_conversations(files["openai"], "openai")
+            for fmt, path in files.items():
+                assert read_conversations(path, fmt) == expected, (task, fmt)
+                assert read_conversations(path, "auto") == expected, (task, fmt)
+    with pytest.raises(ValueError, match=r"train\.openai\.jsonl:1: alpaca record needs"):
+        read_conversations(world / "datasets" / "json_answer" / "train.openai.jsonl", "alpaca")
     for row in _jsonl(world / "datasets" / "json_answer" / "train.openai.jsonl"):
         assert json_compliant(row["messages"][1]["content"], JSON_ANSWER_SCHEMA)
     labels = {
@@ -98,6 +108,50 @@ def test_datasets_in_three_formats(world: Path):
                 assert target["answer"] in passages[str(n)], (task, r)
                 cited += 1
         assert cited > len(rows) / 2, task
+
+
+def test_json_answer_training_reads_counterfactual_copies_and_raft_keeps_gold_80pct(world: Path):
+    """The README's promises for the training sets: per training question, the question
+    over its document, then two over counterfactual copies (facts redrawn: the answer is
+    in the copy, not in the world), and for about a third a fourth without sources; RAFT
+    rows hold the gold passage about 80% of the time, else answer that the sources do
+    not say."""
+    questions = [q for q in _jsonl(world / "queries.jsonl") if q["metadata"]["split"] == "train"]
+    rows = _jsonl(world / "datasets" / "json_answer" / "train.openai.jsonl")
+    corpus = {d["_id"]: d["text"] for d in _jsonl(world / "corpus.jsonl")}
+
+    def parts(row: dict) -> tuple[str, dict, dict[str, str]]:
+        user, answer = row["messages"][0]["content"], json.loads(row["messages"][1]["content"])
+        passages = dict(
+            re.findall(r'<source id="(\d+)" doc="[^"]+">\n(.*?)\n</source>', user, re.S)
+        )
+        return user, answer, passages
+
+    i, closed_book, recalled = 0, 0, 0
+    for q in questions:
+        user, answer, passages = parts(rows[i])
+        assert q["text"] in user and answer == {"answer": q["metadata"]["answer"], "sources": [1]}
+        assert passages["1"] == corpus[q["metadata"]["gold_doc"]].strip()
+        for row in rows[i + 1 : i + 3]:  # the two counterfactual copies
+            _, answer, passages = parts(row)
+            (cited,) = answer["sources"]
+            assert answer["answer"] in passages[str(cited)]
+            assert passages[str(cited)] != corpus[q["metadata"]["gold_doc"]].strip()
+            recalled += answer["answer"] == q["metadata"]["answer"]
+        i += 3
+        if i < len(rows) and "<source" not in rows[i]["messages"][0]["content"]:
+            assert json.loads(rows[i]["messages"][1]["content"])["sources"] == []
+            closed_book, i = closed_book + 1, i + 1
+    assert i == len(rows)
+    assert 0.2 <= closed_book / len(questions) <= 0.47, closed_book
+    assert recalled <= 0.1 * 2 * len(questions), recalled  # redrawn facts, rarely the same
+
+    raft = _jsonl(world / "datasets" / "raft_json" / "train.openai.jsonl")
+    with_gold = [r for r in raft if json.loads(r["messages"][1]["content"])["sources"]]
+    assert 0.65 <= len(with_gold) / len(raft) <= 0.95, len(with_gold)
+    for r in raft:
+        if r not in with_gold:
+            assert json.loads(r["messages"][1]["content"])["answer"] == NOT_FOUND
 
 
 def test_pretraining_text_has_no_world_facts_json_or_tickets(world: Path):
@@ -159,12 +213,26 @@ def test_cli_generate_and_bad_input(tmp_path: Path):
     assert "exists and is not empty (use --force" in one_line_error(proc)
     assert (out / "corpus.jsonl").read_text() == before  # untouched
 
-    if os.geteuid() != 0:  # root writes anywhere; the check still runs for users
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-        proc = run_cli("world", "generate", "--out", str(locked / "w"), env=env)
-        assert proc.returncode == 2 and "permission denied" in one_line_error(proc)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    # root writes anywhere: as root the command runs without the capability to override
+    # file permissions, as any other user would
+    drop = ["dac_override", "dac_read_search"]
+    as_user = (
+        ["setpriv", f"--bounding-set=-{',-'.join(drop)}", f"--inh-caps=-{',-'.join(drop)}"]
+        if os.geteuid() == 0
+        else []
+    )
+    proc = subprocess.run(
+        [*as_user, LORAPLEX, "world", "generate", "--out", str(locked / "w")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "permission denied" in one_line_error(proc)
+    assert list(locked.iterdir()) == []
 
     a_file = tmp_path / "file"
     a_file.write_text("keep me")

@@ -97,12 +97,19 @@ def _mask_by_prefixes(tokenizer, messages: list[Message]) -> tuple[list[int], li
                 messages[:i], tokenize=True, add_generation_prompt=True, return_dict=True
             )["input_ids"]
         )
-        end = len(
-            tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
+        end = min(
+            len(ids),
+            len(
+                tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+            ),
         )
-        for j in range(start, min(end, len(ids))):
+        # the separator a template writes after the turn's end token ("<|im_end|>\n") is
+        # not the assistant's to learn, as with {% generation %} markers
+        while end > start and not tokenizer.decode([ids[end - 1]]).strip():
+            end -= 1
+        for j in range(start, end):
             mask[j] = 1
     return list(ids), mask
 
