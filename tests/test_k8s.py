@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, one_line_error, run_cli
 
 CRDS = REPO / "tests" / "data" / "kuberay-crds"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
@@ -229,7 +229,8 @@ def test_rayjob_entrypoints_name_configs_that_validate(rendered) -> None:
         ),
         (
             lambda d: d["kind"] == "Service" and d["spec"]["ports"][0].update(port="http"),
-            "Service/mlflow",
+            "k8s/base/mlflow.yaml: Service/mlflow: spec.ports.0.port: 'http' is not of type "
+            "'integer'",
         ),
     ],
 )
@@ -241,18 +242,27 @@ def test_a_misspelt_field_or_wrong_type_is_named(mutate, reason: str) -> None:
 
 
 def test_render_check_fails_on_drift(tmp_path: Path) -> None:
+    """`loraplex k8s render --check` (the console script, on a copy of the checkout) exits 0
+    when current, 1 naming the overlay after a serving config changed; render mends it."""
     import shutil
-
-    from loraplex import k8s
 
     for part in ("serving", "k8s"):
         shutil.copytree(REPO / part, tmp_path / part)
-    assert k8s.stale(tmp_path) == []
+    check = ("k8s", "render", "--check", "--repo", str(tmp_path))
+    proc = run_cli(*check)
+    assert proc.returncode == 0 and "serve configs current: cpu-dev, gpu" in proc.stdout
     local = tmp_path / "serving" / "local.yaml"
     local.write_text(local.read_text().replace("top_k: 3", "top_k: 4", 1))
-    assert k8s.stale(tmp_path) == ["cpu-dev"]
-    k8s.render(tmp_path)
-    assert k8s.stale(tmp_path) == []
+    proc = run_cli(*check)
+    assert proc.returncode == 1
+    assert "out of date for cpu-dev: run `loraplex k8s render`" in one_line_error(proc)
+    generated = tmp_path / "k8s" / "overlays" / "cpu-dev" / "serve-config.yaml"
+    assert "top_k: 4" not in generated.read_text()  # --check writes nothing
+    proc = run_cli("k8s", "render", "--repo", str(tmp_path))
+    assert proc.returncode == 0 and "wrote k8s/overlays/cpu-dev/serve-config.yaml" in proc.stdout
+    assert "top_k: 4" in generated.read_text() and run_cli(*check).returncode == 0
+    proc = run_cli("k8s", "render", "--check", "--repo", str(tmp_path / "serving"))
+    assert proc.returncode == 2 and "is not a loraplex checkout" in one_line_error(proc)
 
 
 def test_only_the_serve_port_is_open_outside_the_namespace(rendered) -> None:
