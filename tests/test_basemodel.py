@@ -131,15 +131,32 @@ def test_bootstrap_bad_settings_fail_before_ray(tmp_path):
 
 
 def test_vllm_loads_the_model_and_generates(tiny_base):
-    prompts = chat_prompts(
-        tiny_base.model_dir,
-        ["Question: What is the price of the Velmo X200?", "Tell me the color of the Dramo K300."],
-    )
+    questions = [
+        "Question: What is the price of the Velmo X200?",
+        "Tell me the color of the Dramo K300.",
+        "Who designed the Velmo X300?",
+        "Question: When was the Dramo K300 released?",
+        "Repeat the text.\n\nText: The price of the Velmo X200 is 349 dollars.",
+        "What is the battery life of the Velmo X200?",
+    ]
+    prompts = chat_prompts(tiny_base.model_dir, questions)
     from_vllm = vllm_greedy(tiny_base.model_dir, prompts, n_tokens=8)
     from_hf = hf_greedy(tiny_base.model_dir, prompts, n_tokens=8)
-    assert [len(t) for t in from_vllm] == [8, 8]
-    # Same weights, same float32 argmax: the engines agree token for token (the benchmark
-    # measures 50 prompts); one prompt of slack for a near-tie in a barely trained model.
+    assert [len(t) for t in from_vllm] == [8] * len(prompts)
+    # Same weights, same float32 argmax: the engines agree token for token, and where they
+    # part, it is on a near-tie of the two tokens in HF's own logits (a barely trained
+    # model has some), never on a clear choice
+    tok = AutoTokenizer.from_pretrained(tiny_base.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.model_dir, dtype=torch.float32)
+    for prompt, a, b in zip(prompts, from_vllm, from_hf, strict=True):
+        if a == b:
+            continue
+        j = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"] + b[:j]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        gap = float(logits[b[j]] - logits[a[j]])
+        assert 0 <= gap < 1e-3 * float(logits.abs().max()), (prompt, j, gap)
     assert agreement(from_vllm, from_hf, 8) >= 0.5, (from_vllm, from_hf)
 
 
