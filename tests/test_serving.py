@@ -43,6 +43,7 @@ class Served:
     milvus: subprocess.Popen
     world: Path
     log_dir: Path
+    model_dir: Path
 
     def client(self, key: str = KEY_ALL) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
@@ -199,7 +200,7 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     try:
         url = start(cfg, settings, port=free_port())
         log_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-        yield Served(url, settings, milvus, tiny_base.world_dir, log_dir)
+        yield Served(url, settings, milvus, tiny_base.world_dir, log_dir, base)
     finally:
         serve.shutdown()
 
@@ -345,14 +346,28 @@ def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
     doc_ids = {s["doc_id"] for s in extra["sources"]}
     assert all(x["doc_id"] in doc_ids for x in cited if x["valid"])
     # the citations are the [n] markers of the answer, mapped to the sources' doc ids
-    from loraplex.serving.grounding import citations
+    from loraplex.serving.grounding import build_messages, citations
 
     assert cited == citations(r.choices[0].message.content or "", extra["sources"])
-    plain = c.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": text}], max_tokens=4
-    )
-    assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the sources are in the prompt
+    # the prompt the engine saw, counted exactly: the question with the numbered sources
+    msgs = [{"role": "user", "content": text}]
+    assert r.usage.prompt_tokens == prompt_tokens(served, build_messages(msgs, extra["sources"]))
+    plain = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4)
+    assert plain.usage.prompt_tokens == prompt_tokens(served, msgs)
     assert plain.model_extra["sources"] == []
+    # "retrieval": false turns the route's retrieval off for this request
+    off = c.chat.completions.create(
+        model="kb", messages=msgs, max_tokens=4, extra_body={"retrieval": False}
+    )
+    assert off.model_extra["sources"] == [] and off.model_extra["retrieval"]["status"] == "off"
+    assert off.usage.prompt_tokens == plain.usage.prompt_tokens
+    # the per-request `task` frames the user turn as the adapters were trained
+    for task in ("json_answer", "classify_ticket"):
+        framed = c.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=4, extra_body={"task": task}
+        )
+        expected = build_messages(msgs, [], task=task)
+        assert expected != msgs and framed.usage.prompt_tokens == prompt_tokens(served, expected)
 
     # per request, on a base model, through extra_body; streamed
     stream = c.chat.completions.create(
@@ -367,6 +382,16 @@ def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
     assert head.choices == [] and len(head.model_extra["sources"]) == 1
     assert head.model_extra["sources"][0]["doc_id"] == gold
     assert tail.choices == [] and isinstance(tail.model_extra["citations"], list)
+
+
+def prompt_tokens(served: Served, messages: list[dict]) -> int:
+    """What the engine counts for these messages under the base model's chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served.model_dir)
+    return len(
+        tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
 
 
 def test_citations_map_back_to_doc_ids() -> None:

@@ -1,17 +1,62 @@
 """`make setup` is idempotent: once it has run, it would install nothing."""
 
+import shutil
 import subprocess
+from pathlib import Path
 
 from helpers import REPO
 
 
-def test_second_setup_installs_nothing():
-    # `make -n` prints what make would run without running it.
+def test_second_setup_installs_nothing_and_removes_the_trap_if_it_came_back():
+    """`make setup` for real on the installed venv: nothing installed or changed (same
+    `pip freeze`), the smoke check run; and a torchvision that something put back into the
+    venv is removed by the next `make setup` although its stamp is current."""
+    import sysconfig
+
+    def freeze() -> str:
+        return subprocess.run(
+            [str(REPO / ".venv" / "bin" / "pip"), "freeze", "--all"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def setup() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["make", "setup"], cwd=REPO, capture_output=True, text=True)
+
     dry = subprocess.run(
         ["make", "-n", "setup"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    assert "pip install" not in dry and "venv" not in dry.replace(".venv/bin/python", "")
-    assert "-m loraplex.smoke" in dry
+    assert "pip install" not in dry  # the stamp is current
+    before = freeze()
+    proc = setup()
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install" not in proc.stdout and "smoke check ok" in proc.stdout
+    assert freeze() == before
+
+    # a stand-in torchvision distribution, as `pip install torchvision` would leave it
+    site = Path(sysconfig.get_paths()["purelib"])
+    package, meta = site / "torchvision", site / "torchvision-0.28.0.dist-info"
+    try:
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        meta.mkdir()
+        (meta / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n"
+        )
+        (meta / "INSTALLER").write_text("pip\n")
+        (meta / "RECORD").write_text(
+            "torchvision/__init__.py,,\n"
+            + "".join(f"{meta.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD"))
+        )
+        assert "torchvision==0.28.0" in freeze()
+        proc = setup()
+        assert proc.returncode == 0, proc.stderr
+        assert "removing torchvision (CUDA-only builds" in proc.stdout
+        assert not package.exists() and not meta.exists() and freeze() == before
+    finally:
+        shutil.rmtree(package, ignore_errors=True)
+        shutil.rmtree(meta, ignore_errors=True)
 
 
 def test_lock_pins_every_line_and_leaves_out_the_trap():
