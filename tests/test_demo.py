@@ -5,6 +5,7 @@ written; then a second look shows the adapters are reused, not retrained."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,11 @@ from helpers import free_port
 
 
 def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
-    tiny_base, settings, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tiny_base,
+    settings,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -83,3 +88,79 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
     finally:
         train_file.write_bytes(original)
     assert (settings.home / "worlds" / "seed-7" / "manifest.json").exists()
+
+    # then the README's `serve run serving/serve_config.yaml` on what the demo built, on a
+    # Ray of its own with the README machine's 2 logical CPUs (not the session's Ray)
+    serve_run_on_two_cpus(settings.home, tmp_path)
+
+
+def serve_run_on_two_cpus(home: Path, tmp_path: Path) -> None:
+    """`serve run` of the shipped Ray Serve config (only its port changed), as a user runs
+    it: every deployment schedules on 2 logical CPUs, the routes answer through the
+    OpenAI SDK with the registered adapter, and Ctrl-C stops it and everything it started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+    import psutil
+    import yaml
+    from helpers import REPO
+
+    port = free_port()
+    config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_", "RAY_"))},
+        "LORAPLEX_HOME": str(home),
+        "RAY_ADDRESS": "local",  # a Ray of its own, as on a machine where none runs
+        "RAY_OVERRIDE_RESOURCES": '{"CPU": 2}',  # the 2-core machine, wherever this runs
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    log = tmp_path / "serve-run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("serve")), "run", str(path)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    tree: list[psutil.Process] = []
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + 480
+        ready = False
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(f"{url}/models", timeout=5).status_code == 200
+            time.sleep(3)
+        tail = log.read_text(errors="replace")[-3000:]
+        assert ready, f"serve run never answered (exit {proc.poll()}):\n{tail}"
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=2, timeout=180)
+        assert {"docs-qa", "docs-json", "tickets"} <= {m.id for m in client.models.list().data}
+        r = client.chat.completions.create(
+            model="tickets",
+            messages=[{"role": "user", "content": "I was charged twice for one order."}],
+            max_tokens=4,
+        )
+        assert r.model.startswith("loraplex-tiny:ticket-classify/"), r.model
+        assert "taken more than 30s to be scheduled" not in log.read_text(errors="replace")
+
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=90) == 0
+        _gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        for p in [*tree, *(psutil.Process(proc.pid).children(True) if proc.poll() is None else [])]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

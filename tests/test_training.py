@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -111,8 +112,24 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     assert run.data.tags["loraplex.base_model"].startswith("embedded:")
     assert len(run.data.tags["loraplex.dataset_sha256"]) == 64
     assert metric_steps(run.info.run_id) == list(range(1, 9))
-    for key in ("lr", "grad_norm", "eval_loss", "eval_perplexity", "tokens_per_s"):
-        assert client.get_metric_history(run.info.run_id, key), key
+    history = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        for key in ("loss", "lr", "grad_norm", "eval_loss", "eval_perplexity", "tokens_per_s")
+    }
+    # every step's loss, lr and gradient norm; evaluation every eval_steps (4) and after the
+    # last; perplexity is exp(eval loss) at each of them; throughput measured, positive
+    assert sorted(history["lr"]) == sorted(history["grad_norm"]) == list(range(1, 9))
+    assert {4, 8} <= set(history["eval_loss"]) and history["eval_loss"].keys() == history[
+        "eval_perplexity"
+    ].keys()
+    for step, loss in history["eval_loss"].items():
+        assert history["eval_perplexity"][step] == pytest.approx(math.exp(loss), rel=1e-6)
+    assert all(math.isfinite(v) and v > 0 for v in history["loss"].values())
+    assert history["tokens_per_s"] and all(v > 0 for v in history["tokens_per_s"].values())
+    # the cosine schedule from learning_rate 0.001 (no warmup at 8 steps): never above it,
+    # and lower at the end than at the start
+    lrs = [history["lr"][k] for k in sorted(history["lr"])]
+    assert max(lrs) <= 0.001 + 1e-12 and lrs[-1] < lrs[0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     # the PEFT folder only (its model card included), never base weights
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts

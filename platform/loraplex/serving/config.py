@@ -77,7 +77,12 @@ class BaseModelSpec(StrictModel):
     )
     max_lora_rank: int = Field(default=64, ge=1, le=512)
     max_n: int = Field(default=8, ge=1, description="Largest `n` a request may ask for.")
-    num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica.")
+    num_cpus: float = Field(
+        default=1.0,
+        ge=0,
+        description="Logical CPUs reserved for the replica actor, beside the vLLM engine's own "
+        "bundle (one CPU on CPU, the GPUs on GPU).",
+    )
     scaling: Scaling = Field(default_factory=Scaling)
 
 
