@@ -94,6 +94,43 @@ def test_second_bootstrap_reuses_and_says_so(tiny_base, settings):
     assert (tiny_base.model_dir / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_bootstrap_force_rebuilds_an_existing_model(tiny_base, tmp_path):
+    """`loraplex bootstrap --force` (the console script) in a home that already holds a
+    base model: trained again (a two-step curriculum here), a new MLflow run, new
+    weights in place of the old."""
+    import shutil
+
+    import yaml
+    from conftest import TINY_PRETRAIN
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_base.model_dir, home / "models" / "tiny-llama")
+    shutil.copytree(tiny_base.world_dir, home / "worlds" / "seed-0")
+    old_weights = (home / "models" / "tiny-llama" / "model.safetensors").read_bytes()
+    old_run = json.loads((home / "models" / "tiny-llama" / "loraplex_base.json").read_text())
+    config = {
+        **TINY_PRETRAIN,
+        "phases": [TINY_PRETRAIN["phases"][0] | {"steps": 2}],
+        "report_every": 1,
+        "cpus_per_worker": 1,
+    }
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(config))
+    env = clean_env(LORAPLEX_HOME=str(home))
+    proc = run_cli("bootstrap", "--config", str(tmp_path / "pretrain.yaml"), env=env)
+    assert proc.returncode == 0 and "base model reused" in proc.stdout  # without --force
+    proc = run_cli(
+        "bootstrap", "--force", "--config", str(tmp_path / "pretrain.yaml"), env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "base model built in" in proc.stdout
+    marker = json.loads((home / "models" / "tiny-llama" / "loraplex_base.json").read_text())
+    assert marker["mlflow_run_id"] != old_run["mlflow_run_id"] and marker["steps"] == 2
+    assert (home / "models" / "tiny-llama" / "model.safetensors").read_bytes() != old_weights
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert client.get_run(marker["mlflow_run_id"]).info.status == "FINISHED"
+    assert not list((home / "models").glob(".*"))  # no staging folder left
+
+
 def test_bootstrap_refreshes_an_older_world_and_keeps_the_model(tiny_base, settings):
     from loraplex.basemodel.bootstrap import bootstrap
     from loraplex.world.generate import WORLD_VERSION, is_current

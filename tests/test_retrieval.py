@@ -124,6 +124,33 @@ def test_ingest_every_format_then_search_cites_sources(capsys, home: Path, knowl
         assert "40 watt" in hits[0]["text"]
         assert hits[0]["title"] == "Orbin manual"
 
+    # hybrid is the documented fusion of the two rankings, not either one: each mode asked
+    # for max(4k, 20) candidates, then sum of w / (rrf_k + rank), rrf_k 10, weights 1 and 1
+    # (BM25 3 when the query holds an identifier); a query BM25 cannot answer (no shared
+    # word) still finds its document through the dense vote
+    def ranked(query: str, mode: str, k: int) -> list[tuple[str, float]]:
+        code, out, err = cli(
+            capsys, home, "search", query, "-c", "kb", "--mode", mode, "-k", str(k), "--json"
+        )
+        assert code == 0, err
+        return [(h["chunk_id"], h["score"]) for h in json.loads(out)]
+
+    for query, bm25_weight in (
+        ("How do I get my money back?", 1),
+        ("zanbel dispatch day", 1),
+        ("extension 512", 3),
+    ):
+        fused: dict[str, float] = {}
+        for mode, weight in (("dense", 1), ("bm25", bm25_weight)):
+            for rank, (chunk, _) in enumerate(ranked(query, mode, 20), 1):
+                fused[chunk] = fused.get(chunk, 0) + weight / (10 + rank)
+        expected = sorted(fused.items(), key=lambda kv: -kv[1])[:3]
+        got = ranked(query, "hybrid", 3)
+        assert [c for c, _ in got] == [c for c, _ in expected], (query, got, expected)
+        assert [s for _, s in got] == pytest.approx([s for _, s in expected], rel=1e-4)
+    assert ranked("How do I get my money back?", "bm25", 3) == []
+    assert ranked("How do I get my money back?", "hybrid", 1)[0][0].startswith("faq")
+
     code, out, _ = cli(capsys, home, "search", "How long do refunds take?", "-c", "kb", "--json")
     hit = json.loads(out)[0]
     assert hit["doc_id"] == "faq" and "five working days" in hit["text"]
