@@ -151,3 +151,19 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     )
     peft.save_pretrained(out)
     return out
+
+
+def stand_in_torchvision(site: Path, init: str = "") -> tuple[Path, Path]:
+    """A torchvision 0.28.0 distribution in ``site`` as pip leaves one (package, dist-info
+    with RECORD, so pip can uninstall it), importing as ``init`` says. Returns both paths."""
+    package, meta = site / "torchvision", site / "torchvision-0.28.0.dist-info"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
+    (meta / "INSTALLER").write_text("pip\n")
+    (meta / "RECORD").write_text(
+        "torchvision/__init__.py,,\n"
+        + "".join(f"{meta.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD"))
+    )
+    return package, meta

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, run_cli, start_mlflow_server, stop
+from helpers import clean_env, run_cli, stand_in_torchvision, start_mlflow_server, stop
 
 
 def _free_port() -> int:
@@ -88,13 +88,7 @@ def test_cuda_torchvision_trap_is_detected(tmp_path: Path):
     torchvision::nms does not exist", which makes `from transformers import
     LlamaForCausalLM` fail)."""
     target = tmp_path / "site"
-    (target / "torchvision").mkdir(parents=True)
-    (target / "torchvision" / "__init__.py").write_text(
-        'raise RuntimeError("operator torchvision::nms does not exist")\n'
-    )
-    meta = target / "torchvision-0.28.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
+    stand_in_torchvision(target, 'raise RuntimeError("operator torchvision::nms does not exist")\n')
     env = clean_env(LORAPLEX_HOME=str(tmp_path / "home"), PYTHONPATH=str(target))
     code, report, stderr = _doctor_json(env)
     assert code == 1

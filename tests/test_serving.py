@@ -9,6 +9,7 @@ test talks to it; the test that stops Milvus runs last.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import time
@@ -386,12 +387,17 @@ def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
 
 def prompt_tokens(served: Served, messages: list[dict]) -> int:
     """What the engine counts for these messages under the base model's chat template."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(served.model_dir)
+    tok = tokenizer(served.model_dir)
     return len(
         tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     )
+
+
+@functools.cache
+def tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def test_citations_map_back_to_doc_ids() -> None:

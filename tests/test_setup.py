@@ -4,7 +4,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, stand_in_torchvision
 
 
 def test_second_setup_installs_nothing_and_removes_the_trap_if_it_came_back():
@@ -38,17 +38,7 @@ def test_second_setup_installs_nothing_and_removes_the_trap_if_it_came_back():
     site = Path(sysconfig.get_paths()["purelib"])
     package, meta = site / "torchvision", site / "torchvision-0.28.0.dist-info"
     try:
-        package.mkdir()
-        (package / "__init__.py").write_text("")
-        meta.mkdir()
-        (meta / "METADATA").write_text(
-            "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n"
-        )
-        (meta / "INSTALLER").write_text("pip\n")
-        (meta / "RECORD").write_text(
-            "torchvision/__init__.py,,\n"
-            + "".join(f"{meta.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD"))
-        )
+        stand_in_torchvision(site)
         assert "torchvision==0.28.0" in freeze()
         proc = setup()
         assert proc.returncode == 0, proc.stderr

@@ -85,8 +85,7 @@ def train(
 
     if gate is not None:
         load_gate(gate, state.settings().home)  # a bad gate file fails before training
-        if url is not None and serve_config is not None:
-            raise InputError("--url and --serve exclude each other: gate on one endpoint")
+        _one_gate_endpoint(url, serve_config)
     cfg = load_train_config(config, overrides, state.settings().home)  # before Ray starts
     result = run_training(cfg, state.settings(), resume=resume)
     verb = "resumed and finished" if result.resumed else "finished"
@@ -195,6 +194,11 @@ def promote(
     click.echo(f"{name}@{alias} -> version {version}{was}")
 
 
+def _one_gate_endpoint(url: str | None, serve_config: Path | None) -> None:
+    if url is not None and serve_config is not None:
+        raise InputError("--url and --serve exclude each other: gate on one endpoint")
+
+
 def _gated_promote(
     state, name, version, alias, gate, url, api_key, out=None, serve_config=None
 ) -> None:
@@ -202,8 +206,7 @@ def _gated_promote(
     from loraplex.training.registry import check_loads
     from loraplex.training.registry import promote as do_promote
 
-    if url is not None and serve_config is not None:
-        raise InputError("--url and --serve exclude each other: gate on one endpoint")
+    _one_gate_endpoint(url, serve_config)
     client = _client(state)
     if serve_config is not None:
         with temporary_endpoint(state.settings(), serve_config) as local:
