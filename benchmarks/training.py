@@ -215,7 +215,7 @@ def quality(settings, base_dir: Path, world: Path) -> dict:
         tuned = (
             PeftModel.from_pretrained(
                 AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                result.adapter_dir,
+                result.adapter_location,
             )
             .merge_and_unload()
             .eval()

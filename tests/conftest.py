@@ -16,6 +16,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Every node of these tests has S3 credentials, as a pod would (the s3:// storage tests
+# talk to a local S3-compatible server that accepts any); set before any Ray starts.
+for _key, _value in {
+    "AWS_ACCESS_KEY_ID": "loraplex-test",
+    "AWS_SECRET_ACCESS_KEY": "loraplex-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +57,17 @@ def ray_local(settings) -> Iterator[dict[str, float]]:
     resources = init_ray(settings)
     yield resources
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3-compatible server on 127.0.0.1 with a bucket ``loraplex``; its URL. Tests
+    point ``AWS_ENDPOINT_URL`` at it (monkeypatch) and use ``s3://loraplex/...``."""
+    from helpers import free_port, start_s3_server, stop
+
+    proc, url = start_s3_server(free_port(), "loraplex")
+    yield url
+    stop(proc)
 
 
 TINY_PRETRAIN = {

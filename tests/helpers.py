@@ -125,6 +125,33 @@ def start_mlflow_server(
     raise RuntimeError("mlflow server did not answer /health within 120 s")
 
 
+def start_s3_server(port: int, bucket: str) -> tuple[subprocess.Popen, str]:
+    """An S3-compatible server (moto's server mode) on 127.0.0.1:port holding an empty
+    ``bucket``, waited for (60 s at most); the caller stops the process. Clients reach it
+    through ``AWS_ENDPOINT_URL``; the test credentials come from ``conftest``."""
+    import boto3
+    from botocore.exceptions import EndpointConnectionError
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return proc, url
+        except EndpointConnectionError:
+            if proc.poll() is not None:
+                raise RuntimeError("the S3 server exited during start-up") from None
+            time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError("the S3 server did not answer within 60 s")
+
+
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Stop a process this test started, by its pid: TERM, then KILL after ``timeout`` s."""
     proc.terminate()

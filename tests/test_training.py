@@ -378,7 +378,10 @@ def test_ray_job_submit_runs_the_finetune_entry_point(tiny_base, settings, tmp_p
     assert str(mv.version) == "1"
 
 
-def test_bad_training_configs_fail_before_ray_starts(tiny_base, settings, tmp_path, capsys):
+def test_bad_training_configs_fail_before_ray_starts(
+    tiny_base, settings, tmp_path, capsys, s3, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # an S3 server without the bucket below
     bad_jsonl = tmp_path / "bad.jsonl"
     good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
     bad_jsonl.write_text(
@@ -428,6 +431,11 @@ def test_bad_training_configs_fail_before_ray_starts(tiny_base, settings, tmp_pa
         (write_config(tmp_path, "g", name="bad name!"), "name: use letters"),
         (write_config(tmp_path, "h", mlflow__registered_model="a/b:c"), "mlflow.registered_model"),
         (tmp_path / "missing.yaml", "does not exist"),
+        (
+            write_config(tmp_path, "s", ray__storage_path="s3://no-such-bucket/jobs"),
+            "ray.storage_path 's3://no-such-bucket/jobs' refuses writes (",
+        ),
+        (write_config(tmp_path, "s2", ray__storage_path="gs://b/jobs"), "not on gs://"),
     ]
     storage = Path(settings.ray.storage_path)
     before = sorted(p.name for p in storage.iterdir()) if storage.exists() else []
@@ -581,20 +589,31 @@ def test_registry_lists_every_page_and_undoes_a_version_without_its_alias(
     assert [str(v.version) for v in client.search_model_versions("name = 'adapter-000'")] == ["1"]
 
 
+@pytest.mark.parametrize("where", ["folder", "s3"])
 def test_resume_after_a_failure_past_fit_registers_without_training_again(
-    tiny_base, settings, tmp_path, monkeypatch: pytest.MonkeyPatch
+    tiny_base, settings, tmp_path, monkeypatch: pytest.MonkeyPatch, request, where: str
 ) -> None:
     """The registry fails after training finished: the run fails with a reason that
     says --resume registers the adapter; --resume does exactly that (fit() is not called
     again); a changed config is refused for --resume; a second train of a job that is
-    running is refused with the holder named."""
+    running is refused with the holder named. Once with the job's storage in a local
+    folder, once on an S3-compatible server (job state, checkpoints and the kept adapter
+    all there: nothing under the home's ray_results)."""
     from ray.train.torch import TorchTrainer
 
     from loraplex.errors import InputError, LoraplexError
-    from loraplex.training import job, state
+    from loraplex.training import job
+    from loraplex.training.jobstore import JobStore
 
+    name = f"resume-{where}"
+    storage = settings.ray.storage_path
+    if where == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3"))
+        storage = f"s3://loraplex/{tmp_path.name}"
     cfg = load(
-        write_config(tmp_path, "resume-tiny", train__max_steps=2, ray__num_workers=1),
+        write_config(
+            tmp_path, name, train__max_steps=2, ray__num_workers=1, ray__storage_path=storage
+        ),
         settings.home,
     )
 
@@ -605,9 +624,20 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
         m.setattr("loraplex.training.registry.log_and_register", registry_down)
         with pytest.raises(LoraplexError, match="--resume to register its finished adapter"):
             job.run_training(cfg, settings)
+    store = JobStore(storage)
+    runs = json.loads(store.read_text(f"{name}/job.json") or "{}")["runs"]
+    assert [(r["status"], r["trained"]) for r in runs] == [("FAILED", True)]
+    kept = set(store.files(f"{name}/{name}/final-adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= kept, kept
+    assert store.files(f"{name}/{name}/workers", ".pid") == ["rank-0.pid"]
+    if where == "s3":  # Ray Train's checkpoints are there too, and nothing is local
+        assert any("checkpoint_" in p for p in _s3_keys(f"{tmp_path.name}/{name}/{name}/"))
+        assert not (Path(settings.ray.storage_path) / name).exists()
 
     changed = load(
-        write_config(tmp_path, "resume-tiny", train__max_steps=3, ray__num_workers=1),
+        write_config(
+            tmp_path, name, train__max_steps=3, ray__num_workers=1, ray__storage_path=storage
+        ),
         settings.home,
     )
     with pytest.raises(InputError, match="the config changed since it started"):
@@ -619,13 +649,28 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
     monkeypatch.setattr(TorchTrainer, "fit", no_training)
     result = job.run_training(cfg, settings, resume=True)
     assert result.resumed and result.version == "1"
+    assert result.adapter_location == store.location(f"{name}/{name}/final-adapter")
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("resume-tiny", "candidate").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
+    runs = json.loads(store.read_text(f"{name}/job.json") or "{}")["runs"]
+    assert [(r["status"], r.get("version")) for r in runs] == [("FINISHED", "1")]
 
-    storage = Path(settings.ray.storage_path)
     held = pytest.raises(InputError, match=r"already running \(pid \d+ on ")
-    with state.job_lock(storage, "resume-tiny"), held:
+    with store.lock(name), held:
         job.run_training(cfg, settings)
+    if where == "s3":  # released: the lock object is gone
+        assert f"{tmp_path.name}/{name}/job.lock" not in _s3_keys(f"{tmp_path.name}/{name}/")
+
+
+def _s3_keys(prefix: str) -> list[str]:
+    import boto3
+
+    pages = (
+        boto3.client("s3")
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket="loraplex", Prefix=prefix)
+    )
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def test_eval_fraction_splits_off_a_seeded_disjoint_share(tmp_path) -> None:

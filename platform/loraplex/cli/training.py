@@ -94,7 +94,7 @@ def train(
     click.echo(f"metrics: {metrics}")
     click.echo(
         f"registered {result.registered_model} version {result.version} "
-        f"(alias {result.alias}); adapter files in {result.adapter_dir}"
+        f"(alias {result.alias}); adapter files in {result.adapter_location}"
     )
     if gate is not None:
         name, version = result.registered_model, str(result.version)

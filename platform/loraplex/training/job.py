@@ -1,20 +1,20 @@
 """One fine-tuning job, from a validated config to a registered adapter version.
 
-Owns: :func:`run_training`: checking the base model (resolved by ``loraplex.models``),
-loading and tokenizing the data, the job's one MLflow run (params, tags, dataset
-fingerprint; ended with its final status), the Ray Train ``TorchTrainer``
-(``FailureConfig`` for worker failures, checkpoints in Ray's storage path), logging the
-adapter (the PEFT folder only) and registering it. A failure after training keeps the
-finished adapter, so ``--resume`` registers it without training again. Does not own:
-the worker loop (``worker``), the registry conventions (``registry``), or the job's
-state between runs (``state``: ``job.json``, the lock, new run or ``--resume``).
+Owns: :func:`run_training` in three steps: plan (checking the base model, resolved by
+``loraplex.models``; loading and tokenizing the data; the job's one MLflow run with its
+params, tags and dataset fingerprint), run (the Ray Train ``TorchTrainer``:
+``FailureConfig`` for worker failures, checkpoints in the job's storage, local or
+s3://) and register (the adapter, the PEFT folder only, as a new version; the run ended
+with its final status). A failure after training keeps the finished adapter in the
+job's storage, so ``--resume`` registers it without training again. Does not own: the
+worker loop (``worker``), the registry conventions (``registry``), where the job's
+state lives and its lock (``jobstore``), or what ``job.json`` says (``state``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from loraplex.evaluation.provenance import SEEDS_TAG, seeds_tag
 from loraplex.models.resolve import check_base_model, resolve_base_model
 from loraplex.training import state
 from loraplex.training.config import REPO_ROOT, TrainConfig
+from loraplex.training.jobstore import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class TrainResult:
     version: str
     alias: str
     metrics: dict[str, float]
-    adapter_dir: Path
+    adapter_location: str  # the finished adapter in the job's storage (a path or s3://)
     resumed: bool
 
 
@@ -60,34 +61,52 @@ def git_commit() -> str:
 # -- the job -------------------------------------------------------------------
 
 
+@dataclass
+class Plan:
+    """A run of a job, decided and recorded before Ray starts."""
+
+    cfg: TrainConfig
+    settings: LoraplexConfig
+    store: JobStore
+    entry: dict[str, Any]
+    resumed: bool
+    base_dir: Path
+    base_ref: str
+    train_rows: list[dict[str, list[int]]]
+    eval_rows: list[dict[str, list[int]]]
+    run_id: str
+
+    @property
+    def run_name(self) -> str:
+        return str(self.entry["run_name"])
+
+    @property
+    def kept(self) -> str:
+        """Where the finished adapter is kept in the job's storage."""
+        return f"{self.cfg.name}/{self.run_name}/final-adapter"
+
+
 def run_training(cfg: TrainConfig, settings: LoraplexConfig, resume: bool = False) -> TrainResult:
     """Train, log, register. ``cfg`` paths must already be resolved. One run of a job
-    at a time (``job_lock``)."""
-    where = cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
-    if "://" in str(where):
-        # never Path("s3://bucket") (a local folder named "s3:"): say what works instead
-        raise InputError(
-            f"ray.storage_path {str(where)[:120]!r}: fine-tuning keeps its job state and "
-            "checkpoints on a filesystem path; on a cluster, use a volume every node mounts "
-            "(a ReadWriteMany PVC or NFS path)"
-        )
-    storage = Path(where).expanduser().absolute()
-    with state.job_lock(storage, cfg.name):
-        return _run_training(cfg, settings, resume, storage)
+    at a time (the job's lock in its storage)."""
+    store = JobStore(
+        cfg.ray.storage_path or settings.ray.storage_path or settings.home / "ray_results"
+    )
+    store.check_writable()
+    with store.lock(cfg.name):
+        return _run(_plan(cfg, settings, store, resume))
 
 
-def _run_training(
-    cfg: TrainConfig, settings: LoraplexConfig, resume: bool, storage: Path
-) -> TrainResult:
+def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: bool) -> Plan:
+    """The run to do: base model checked, data tokenized, the MLflow run created (or
+    the unfinished one found again), ``job.json`` saying RUNNING."""
     import mlflow
     from transformers import AutoTokenizer
 
     from loraplex import tracking
-    from loraplex.ray_runtime import init_ray
     from loraplex.training.dataset import load_examples, tokenize
-    from loraplex.training.registry import log_and_register
 
-    entry, resumed = state.plan_run(storage, cfg.name, resume)
+    entry, resumed = state.plan_run(store, cfg.name, resume)
 
     base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
     check_base_model(base_dir, cfg.lora.target_modules)
@@ -130,6 +149,7 @@ def _run_training(
                 "loraplex.base_model": base_ref,
                 "loraplex.git_commit": git_commit(),
                 "loraplex.dataset_sha256": examples.fingerprint["sha256"],
+                "loraplex.storage": store.location(f"{cfg.name}/{entry['run_name']}"),
                 SEEDS_TAG: seeds_tag(cfg.data.train),
             },
         )
@@ -142,37 +162,47 @@ def _run_training(
         client.log_dict(run_id, examples.fingerprint, "dataset_fingerprint.json")
         entry["mlflow_run_id"] = run_id
         entry.update(fingerprint)
-    job_state = state.read_state(storage, cfg.name)
+    job_state = state.read_state(store, cfg.name)
     job_state["runs"] = [r for r in job_state["runs"] if r["run_name"] != entry["run_name"]] + [
         {**entry, "status": "RUNNING", "started": time.time()}
     ]
-    state.write_state(storage, cfg.name, job_state)
+    state.write_state(store, cfg.name, job_state)
+    return Plan(
+        cfg, settings, store, entry, resumed, base_dir, base_ref, train_rows, eval_rows, run_id
+    )
 
-    init_ray(settings)
+
+def _trainer(plan: Plan) -> Any:
+    """Ray Train's ``TorchTrainer`` for the plan: checkpoints in the job's storage."""
+    import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from loraplex.ray_runtime import init_ray
     from loraplex.training.worker import WorkerConfig, train_loop_per_worker
 
-    job_dir = storage / cfg.name / entry["run_name"]
+    cfg, settings = plan.cfg, plan.settings
+    init_ray(settings)
     loop_config = WorkerConfig(
-        base_dir=str(base_dir),
-        base_ref=base_ref,
+        base_dir=str(plan.base_dir),
+        base_ref=plan.base_ref,
         home=str(settings.home),
-        job_dir=str(job_dir),
+        storage=plan.store.uri,
+        storage_endpoint=plan.store.endpoint,
+        job=f"{cfg.name}/{plan.run_name}",
         lora=cfg.lora,
         train=cfg.train,
         deepspeed=cfg.deepspeed.as_dict(),
         use_gpu=cfg.ray.use_gpu,
         cpus_per_worker=cfg.ray.cpus_per_worker,
-        train_rows=train_rows,
-        eval_rows=eval_rows,
-        run_id=run_id,
+        train_rows=plan.train_rows,
+        eval_rows=plan.eval_rows,
+        run_id=plan.run_id,
         tracking_uri=mlflow.get_tracking_uri(),
         registry_uri=settings.mlflow.registry_uri,
     ).model_dump(mode="json")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.use_gpu else "cpu")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -182,79 +212,86 @@ def _run_training(
             placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=RunConfig(
-            name=entry["run_name"],
-            storage_path=str(storage / cfg.name),
+            name=plan.run_name,
+            **plan.store.for_ray(cfg.name),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    kept = job_dir / "final-adapter"
-    trained = resumed and entry.get("trained") and (kept / "adapter_config.json").exists()
+
+
+def _run(plan: Plan) -> TrainResult:
+    """Train (unless an earlier run of this plan finished training), then register."""
+    import mlflow
+
+    from loraplex.training.registry import log_and_register
+
+    cfg, store, name = plan.cfg, plan.store, plan.cfg.name
+    client = mlflow.MlflowClient()
+    entry = plan.entry
+    trained = (
+        plan.resumed and entry.get("trained") and store.exists(f"{plan.kept}/adapter_config.json")
+    )
     try:
         if trained:
             # the failure came after fit(): the finished adapter is kept; register it
-            log.info("run %s finished training before; registering its adapter", entry["run_name"])
-            adapter, metrics = kept, {k: float(v) for k, v in entry.get("metrics", {}).items()}
+            log.info("run %s finished training before; registering its adapter", plan.run_name)
+            metrics = {k: float(v) for k, v in entry.get("metrics", {}).items()}
         else:
-            adapter, metrics = _fit(trainer, entry["run_name"], kept)
-            state.mark_trained(storage, cfg.name, entry["run_name"], metrics)
-        version = log_and_register(
-            client,
-            run_id,
-            adapter,
-            cfg.mlflow.registered_model,
-            cfg.mlflow.alias,
-            base_ref=base_ref,
-            lora_rank=cfg.lora.r,
-            metrics=metrics,
-        )
+            metrics = _fit(_trainer(plan), plan)
+            state.mark_trained(store, name, plan.run_name, metrics)
+        with store.folder(plan.kept) as adapter:
+            version = log_and_register(
+                client,
+                plan.run_id,
+                adapter,
+                cfg.mlflow.registered_model,
+                cfg.mlflow.alias,
+                base_ref=plan.base_ref,
+                lora_rank=cfg.lora.r,
+                metrics=metrics,
+            )
     except Exception as e:
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(plan.run_id, status="FAILED")
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        state.finish(storage, cfg.name, entry["run_name"], "FAILED")
+        state.finish(store, name, plan.run_name, "FAILED")
         if isinstance(e, LoraplexError):
             raise
         after = (
             "register its finished adapter"
-            if state.is_trained(storage, cfg.name, entry)
+            if state.is_trained(store, name, entry)
             else ("continue from its last checkpoint")
         )
         raise LoraplexError(
-            f"training run {entry['run_name']} failed: {first} (rerun with --resume to {after})"
+            f"training run {plan.run_name} failed: {first} (rerun with --resume to {after})"
         ) from e
     for key, value in metrics.items():
-        client.log_metric(run_id, f"final_{key}", value)
-    client.set_terminated(run_id, status="FINISHED")
-    state.finish(storage, cfg.name, entry["run_name"], "FINISHED", version=version)
+        client.log_metric(plan.run_id, f"final_{key}", value)
+    client.set_terminated(plan.run_id, status="FINISHED")
+    state.finish(store, name, plan.run_name, "FINISHED", version=version)
     return TrainResult(
-        cfg.name,
-        entry["run_name"],
-        run_id,
+        name,
+        plan.run_name,
+        plan.run_id,
         cfg.mlflow.registered_model,
         version,
         cfg.mlflow.alias,
         metrics,
-        kept,
-        resumed,
+        store.location(plan.kept),
+        plan.resumed,
     )
 
 
-def _fit(trainer: Any, run_name: str, kept: Path) -> tuple[Path, dict[str, float]]:
-    """Train; the final adapter lands in ``kept`` (replaced whole, never half-written)
-    before anything is registered, so a failure after this point resumes without
-    training again."""
-    from loraplex.folders import replace_folder, staging_folder
+def _fit(trainer: Any, plan: Plan) -> dict[str, float]:
+    """Train; the final adapter is copied whole into the job's storage before anything
+    is registered, so a failure after this point resumes without training again."""
     from loraplex.training.worker import ADAPTER_DIR
 
     result = trainer.fit()
     if result.checkpoint is None:
-        raise LoraplexError(f"training run {run_name} produced no checkpoint")
-    staging = staging_folder(kept)
+        raise LoraplexError(f"training run {plan.run_name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         if not (Path(d) / ADAPTER_DIR / "adapter_config.json").exists():
-            shutil.rmtree(staging, ignore_errors=True)
             raise LoraplexError("the final checkpoint holds no adapter")
-        shutil.copytree(Path(d) / ADAPTER_DIR, staging, dirs_exist_ok=True)
-    replace_folder(staging, kept)
-    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    return kept, metrics
+        plan.store.put_folder(Path(d) / ADAPTER_DIR, plan.kept)
+    return {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}

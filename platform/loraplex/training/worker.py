@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from loraplex.training.config import Hyperparameters, LoraConfigModel
 from loraplex.training.dataset import IGNORE
+from loraplex.training.jobstore import JobStore
 
 ADAPTER_DIR = "adapter"
 
@@ -36,7 +37,9 @@ class WorkerConfig(BaseModel):
     base_dir: str  # the driver's folder; used where this node sees it
     base_ref: str  # else downloaded by this reference (models:/...) into the node's cache
     home: str  # LORAPLEX_HOME of the driver: the node's cache where the node sets none
-    job_dir: str
+    storage: str  # the job's storage (a folder every node mounts, or s3://)
+    storage_endpoint: str | None = None  # the driver's S3-compatible endpoint, if any
+    job: str  # <job>/<run> in it
     lora: LoraConfigModel
     train: Hyperparameters
     deepspeed: dict[str, Any]
@@ -140,11 +143,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(cfg.cpus_per_worker)
-    # Where the worker process is, for operators (and the fault-tolerance test).
-    pid_dir = Path(cfg.job_dir) / "workers"
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    (pid_dir / f"rank-{rank}.pid").write_text(str(os.getpid()))
-    (pid_dir / f"rank-{rank}.node").write_text(ray.get_runtime_context().get_node_id())
+    # Where the worker process is, for operators (and the fault-tolerance tests).
+    store = JobStore(cfg.storage, cfg.storage_endpoint)
+    store.write_text(f"{cfg.job}/workers/rank-{rank}.pid", str(os.getpid()))
+    store.write_text(f"{cfg.job}/workers/rank-{rank}.node", ray.get_runtime_context().get_node_id())
 
     base_dir = cfg.base_folder()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
