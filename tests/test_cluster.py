@@ -4,9 +4,10 @@ A Ray head and two worker nodes on 127.0.0.1 (``tests/cluster.py``), each worker
 its own mount namespace with an empty tmpfs over the driver's ``LORAPLEX_HOME`` and the
 session's home (where the tiny base model's folder is): a worker reaches the base model
 only through the MLflow server (artifacts proxied by the server), and the job's state
-and checkpoints only through the shared volume. Token authentication stays on, as Ray
-ships it. The session's in-process Ray is shut down meanwhile (two Rays do not come up
-side by side on this machine) and started again afterwards.
+and checkpoints only through S3-compatible storage (a local S3 server). Token
+authentication stays on, as Ray ships it. The session's in-process Ray is shut down
+meanwhile (two Rays do not come up side by side on this machine) and started again
+afterwards.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BASE = "tiny-cluster"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_base, settings, tmp_path_factory) -> Iterator[dict]:
+def cluster(tiny_base, settings, tmp_path_factory, s3) -> Iterator[dict]:
     """MLflow server (proxied artifacts) holding the tiny base model as a registered
     version, and a head plus two private worker nodes."""
     import ray
@@ -52,14 +53,14 @@ def cluster(tiny_base, settings, tmp_path_factory) -> Iterator[dict]:
         local.start()
         local.add_node("w1")
         local.add_node("w2")
-        yield {"cluster": local, "mlflow": url, "home": home, "client": client}
+        yield {"cluster": local, "mlflow": url, "home": home, "client": client, "s3": s3}
     finally:
         local.stop()
         stop(server)
         init_ray(settings)  # the session's Ray, for the tests after this one
 
 
-def _job_config(folder: Path, session_home: Path, storage: Path, **train) -> Path:
+def _job_config(folder: Path, session_home: Path, storage: str, **train) -> Path:
     data = session_home / "worlds" / "seed-0" / "datasets" / "json_answer"
     cfg = {
         "name": "spread",
@@ -71,12 +72,12 @@ def _job_config(folder: Path, session_home: Path, storage: Path, **train) -> Pat
             "max_length": 256,
         },
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "deepspeed": {"stage": 2},
+        "deepspeed": {"stage": 3},
         "ray": {
             "num_workers": 2,
             "cpus_per_worker": 1,
             "max_failures": 2,
-            "storage_path": str(storage),
+            "storage_path": storage,
         },
         "train": {
             "per_device_batch_size": 2,
@@ -104,23 +105,31 @@ def _job(c: LocalCluster, command: str, *args: str, timeout: float = 120) -> str
     return proc.stdout + proc.stderr
 
 
-def _nodes_of_ranks(c: LocalCluster, workers: Path) -> dict[str, str]:
-    return {p.stem: c.node_of(p.read_text()) for p in sorted(workers.glob("rank-*.node"))}
+def _nodes_of_ranks(c: LocalCluster, store, workers: str) -> dict[str, str]:
+    return {
+        f.removesuffix(".node"): c.node_of(store.read_text(f"{workers}/{f}"))
+        for f in store.files(workers, ".node")
+    }
 
 
 def test_training_spreads_over_private_nodes_and_survives_a_node_death(
     cluster, settings, tmp_path
 ) -> None:
-    """`ray job submit` of jobs/finetune.py: two workers on two private worker nodes, the
-    base model downloaded on each from the registry; one worker node dies mid-run and a
-    replacement joins; the job resumes from its last checkpoint on the shared volume and
-    finishes in the same MLflow run, registered on the MLflow server."""
+    """`ray job submit` of jobs/finetune.py: two ZeRO-3 workers on two private worker
+    nodes, the base model downloaded on each from the registry, job state and checkpoints
+    on S3; one worker node dies mid-run and a replacement joins; the job resumes from its
+    last checkpoint (every rank's shard) and finishes in the same MLflow run, registered
+    on the MLflow server."""
+    from loraplex.training.jobstore import JobStore
+
     c: LocalCluster = cluster["cluster"]
-    storage = c.shared / "ray"
+    storage = f"s3://loraplex/{tmp_path.name}"
+    store = JobStore(storage, endpoint=cluster["s3"])
     config = _job_config(tmp_path, settings.home, storage, max_steps=120, save_steps=10)
     env_vars = {
         "LORAPLEX_HOME": str(cluster["home"]),
         "LORAPLEX_MLFLOW__TRACKING_URI": cluster["mlflow"],
+        "AWS_ENDPOINT_URL": cluster["s3"],
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -143,7 +152,6 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
         if w.strip("'\"").startswith("raysubmit_")
     )
     client: mlflow.MlflowClient = cluster["client"]
-    state = storage / "spread" / "job.json"
 
     def steps(run_id: str) -> list[int]:
         return sorted({m.step for m in client.get_metric_history(run_id, "loss")})
@@ -151,19 +159,21 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
     def status() -> str:
         return _job(c, "status", job_id).upper()
 
+    def runs() -> list[dict]:
+        return json.loads(store.read_text("spread/job.json") or '{"runs": []}')["runs"]
+
     # phase 1: both workers up, on two different worker nodes, past a checkpoint (the
-    # tiny model takes ~0.2 s a step: the node dies well before step 120)
+    # tiny model takes ~0.3 s a step: the node dies well before step 120)
     first: dict[str, str] = {}
-    run_id = None
+    run_id, workers = None, ""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        if state.exists():
-            runs = json.loads(state.read_text())["runs"]
-            run_id = runs[-1].get("mlflow_run_id")
-        workers = storage / "spread" / (runs[-1]["run_name"] if state.exists() else "-")
-        ranks = list((workers / "workers").glob("rank-*.node"))
+        if got_runs := runs():
+            run_id = got_runs[-1].get("mlflow_run_id")
+            workers = f"spread/{got_runs[-1]['run_name']}/workers"
+        ranks = store.files(workers, ".node") if workers else []
         if run_id and len(ranks) == 2 and (got := steps(run_id)) and max(got) >= 20:
-            first = _nodes_of_ranks(c, workers / "workers")
+            first = _nodes_of_ranks(c, store, workers)
             break
         assert "FAILED" not in (s := status()) and "SUCCEEDED" not in s, s
         time.sleep(2)
@@ -186,14 +196,14 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
     got = steps(run_id)
     assert got[-1] == 120, got
     assert max(b - a for a, b in itertools.pairwise(got)) <= 10, got  # ≤ save_steps lost
-    runs = json.loads(state.read_text())["runs"]
-    assert [r["status"] for r in runs] == ["FINISHED"]
-    after = _nodes_of_ranks(c, workers / "workers")
+    assert [r["status"] for r in runs()] == ["FINISHED"]
+    after = _nodes_of_ranks(c, store, workers)
     assert first["rank-1"] not in after.values(), after  # nothing runs on the dead node
 
     # the version is on the MLflow server, its artifacts reachable through it alone
     mv = client.get_model_version_by_alias("spread", "candidate")
     assert mv.run_id == run_id
+    assert client.get_run(run_id).data.params["deepspeed.stage"] == "3"
     assert mv.source.startswith("mlflow-artifacts:/"), mv.source  # the server's store
     folder = Path(
         mlflow.artifacts.download_artifacts(
@@ -201,6 +211,9 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
         )
     )
     assert list(folder.rglob("adapter_config.json"))
+    # Ray Train's checkpoints and the kept adapter are on S3, as the run's tag says
+    assert store.files(f"spread/{runs()[-1]['run_name']}/final-adapter", ".json")
+    assert client.get_run(run_id).data.tags["loraplex.storage"] == f"{storage}/spread/spread"
 
 
 def _replica_nodes(c: LocalCluster, deployment: str = "LoraplexLLMServer") -> list[str]:

@@ -34,8 +34,11 @@ def test_doctor_passes_on_this_machine(tmp_path: Path):
     assert report["hardware"]["cpus"] >= 1 and report["hardware"]["memory_gib"] > 0
     assert report["config"]["home"] == str(tmp_path)
     assert report["config"]["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
-    for name in ("mlflow", "milvus", "ray", "adapter storage"):
+    for name in ("mlflow", "milvus", "ray", "adapter storage", "job storage"):
         assert _check(report, name)["ok"], name
+    assert _check(report, "job storage")["detail"] == f"{tmp_path}/ray_results (folder, writable)"
+    # a local Ray: nothing to say about node-local paths
+    assert not [c for c in report["checks"] if c["area"] == "cluster"]
     assert _check(report, "transformers model import", "stack")["ok"]
     # The human-readable form shows the same verdict.
     proc = run_cli("doctor", env=clean_env(LORAPLEX_HOME=str(tmp_path)))
@@ -59,6 +62,36 @@ def test_unreachable_services_fail_with_the_fix(tmp_path: Path):
         assert not check["ok"] and check["fix"], name
         assert f"127.0.0.1:{port}" in check["detail"]
         assert f"loraplex: error: {name}:" in stderr
+    assert "Traceback" not in stderr
+    # against a cluster, the one setting still on this machine's disk is named (a
+    # warning: a ReadWriteMany volume at the same path on every pod is a valid set-up)
+    paths = _check(report, "node-local paths", "cluster")
+    assert not paths["ok"] and not paths["required"], paths
+    assert paths["detail"] == (
+        "on a multi-node cluster every node must mount these at the same path: "
+        f"ray.storage_path ({tmp_path}/ray_results: or s3://)"
+    )
+
+
+def test_job_storage_on_s3_is_written_to(tmp_path: Path, s3: str):
+    """`ray.storage_path: s3://...` on an S3-compatible server: writable where the bucket
+    is; a missing bucket fails doctor with the storage named."""
+    env = clean_env(
+        LORAPLEX_HOME=str(tmp_path),
+        AWS_ENDPOINT_URL=s3,
+        LORAPLEX_RAY__STORAGE_PATH="s3://loraplex/doctor",
+    )
+    code, report, _ = _doctor_json(env)
+    assert code == 0, report
+    assert _check(report, "job storage")["detail"] == "s3://loraplex/doctor (S3, writable)"
+    env["LORAPLEX_RAY__STORAGE_PATH"] = "s3://no-such-bucket/jobs"
+    code, report, stderr = _doctor_json(env)
+    check = _check(report, "job storage")
+    assert code == 1 and not check["ok"], report
+    assert check["detail"].startswith(
+        "ray.storage_path 's3://no-such-bucket/jobs' cannot be written ("
+    ), check
+    assert "bucket does not exist" in check["detail"], check
     assert "Traceback" not in stderr
 
 

@@ -433,7 +433,7 @@ def test_bad_training_configs_fail_before_ray_starts(
         (tmp_path / "missing.yaml", "does not exist"),
         (
             write_config(tmp_path, "s", ray__storage_path="s3://no-such-bucket/jobs"),
-            "ray.storage_path 's3://no-such-bucket/jobs' refuses writes (",
+            "ray.storage_path 's3://no-such-bucket/jobs' cannot be written (",
         ),
         (write_config(tmp_path, "s2", ray__storage_path="gs://b/jobs"), "not on gs://"),
     ]

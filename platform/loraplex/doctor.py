@@ -375,12 +375,59 @@ def check_adapter_storage(cfg: LoraplexConfig) -> Check:
     )
 
 
+def check_job_storage(cfg: LoraplexConfig) -> Check:
+    """``ray.storage_path`` takes a write (a folder or s3://), as ``loraplex train`` will."""
+    from loraplex.errors import LoraplexError
+    from loraplex.training.jobstore import JobStore
+
+    where = cfg.ray.storage_path or str(cfg.home / "ray_results")
+    try:
+        store = JobStore(where)
+        store.check_writable()
+    except LoraplexError as e:
+        return Check("services", "job storage", False, str(e), "fix ray.storage_path")
+    kind = "S3" if store.remote else "folder"
+    return Check("services", "job storage", True, f"{store.uri} ({kind}, writable)")
+
+
+def check_cluster_paths(cfg: LoraplexConfig) -> Check | None:
+    """Against a Ray cluster (``ray.address`` set): the settings that are still folders of
+    this machine, which every node must then mount at the same path."""
+    if cfg.ray.address in (None, "local"):
+        return None
+    local = []
+    if "://" not in (cfg.ray.storage_path or ""):
+        local.append(f"ray.storage_path ({cfg.ray.storage_path}: or s3://)")
+    if not (cfg.mlflow.tracking_uri or "").startswith(("http://", "https://", "databricks")):
+        local.append(f"mlflow.tracking_uri ({cfg.mlflow.tracking_uri}: or an MLflow server)")
+    if not (cfg.milvus.uri or "").startswith(("http://", "https://", "tcp://")):
+        local.append(f"milvus.uri ({cfg.milvus.uri}: or a Milvus server)")
+    if not local:
+        return Check("cluster", "node-local paths", True, "none: every service is reached by URI")
+    return Check(
+        "cluster",
+        "node-local paths",
+        False,
+        "on a multi-node cluster every node must mount these at the same path: " + "; ".join(local),
+        "use the URIs named, or a ReadWriteMany volume mounted on every pod",
+        required=False,
+    )
+
+
 def run(cfg: LoraplexConfig) -> Report:
     versions = stack_versions()
     report = Report(versions=versions, hardware=hardware(), config=cfg.public_dict())
     report.checks.extend(check_packages(versions))
     report.checks.append(check_torchvision_trap())
     report.checks.extend(
-        [check_mlflow(cfg), check_milvus(cfg), check_ray(cfg), check_adapter_storage(cfg)]
+        [
+            check_mlflow(cfg),
+            check_milvus(cfg),
+            check_ray(cfg),
+            check_adapter_storage(cfg),
+            check_job_storage(cfg),
+        ]
     )
+    if (paths := check_cluster_paths(cfg)) is not None:
+        report.checks.append(paths)
     return report

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -178,7 +179,7 @@ class JobStore:
             self.fs.delete_file(self._path(probe))
         except Exception as e:  # pyarrow raises OSError subclasses; a local path, too
             raise InputError(
-                f"ray.storage_path {self.uri!r} refuses writes ({_reason(e)}); fine-tuning "
+                f"ray.storage_path {self.uri!r} cannot be written ({_reason(e)}); fine-tuning "
                 "keeps its job state and checkpoints there"
             ) from None
 
@@ -226,6 +227,9 @@ def _running(name: str, holder: str) -> InputError:
 
 
 def _reason(e: BaseException) -> str:
+    # pyarrow: "... AWS Error NO_SUCH_BUCKET during X operation: text (Request ID: ...)"
+    if m := re.search(r"AWS Error (\w+) during \w+ operation: ([^(]*)", str(e)):
+        return f"{m[1]}: {m[2].strip()}"
     code, text = _code(e), first_line(e, 200)
     return f"{code}: {text}" if code and code not in text else text
 
