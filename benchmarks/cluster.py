@@ -27,8 +27,10 @@ Prints a markdown summary for benchmarks/RESULTS.md and writes --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -51,7 +53,6 @@ from helpers import (
 )
 
 BASE = "tiny-cluster"
-SERVE = str(Path(sys.executable).with_name("serve"))
 MSGS = [{"role": "user", "content": "What is the warranty of the Urven E100?"}]
 
 
@@ -212,31 +213,24 @@ def serve_config(ctx: dict, port: int, routes: list[dict]) -> Path:
     return path
 
 
-def _replica_nodes(c: LocalCluster, deployment: str = "LoraplexLLMServer") -> list[str]:
-    return sorted(
-        c.node_of(a["node_id"]) for a in c.alive("actors") if deployment in a.get("class_name", "")
-    )
-
-
 def serve(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
     from openai import OpenAI
 
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
     route = {"name": "plain", "base": "tiny"}
-    deploy = [SERVE, "deploy", f"--address={c.dashboard}"]
-    subprocess.run([*deploy, str(serve_config(ctx, port, [route]))], check=True, env=c.client_env())
+    c.serve("deploy", str(serve_config(ctx, port, [route]))).check_returncode()
     openai = OpenAI(base_url=base, api_key="none", max_retries=0, timeout=300)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:
             openai.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4)
-            if len(_replica_nodes(c)) == 2:
+            if len(sorted(c.replicas().values())) == 2:
                 break
         except Exception:
             pass
         time.sleep(5)
-    nodes = _replica_nodes(c)
+    nodes = sorted(c.replicas().values())
     print(f"[serve] replicas on {nodes}", flush=True)
     results: list[tuple[float, bool, str]] = []
     done = threading.Event()
@@ -254,7 +248,7 @@ def serve(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
     for t in threads:
         t.start()
     time.sleep(20)
-    ingress = _replica_nodes(c, "LoraplexIngress")
+    ingress = sorted(c.replicas("LoraplexIngress").values())
     victim = next(n for n in nodes if n not in ingress and n != "head")
     killed = time.monotonic()
     c.kill_node(victim)
@@ -262,13 +256,14 @@ def serve(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
     time.sleep(args.after_kill_s)
     joined = time.monotonic()
     c.add_node("w4")
-    while time.monotonic() < joined + 600 and len(_replica_nodes(c)) < 2:
+    while time.monotonic() < joined + 600 and len(sorted(c.replicas().values())) < 2:
         time.sleep(3)
     back_s = time.monotonic() - joined
     time.sleep(10)
+    old_replicas = {*c.replicas(), *c.replicas("LoraplexIngress")}
     update_at = time.monotonic()
     routes = [route, {"name": "second", "base": "tiny", "system_prompt": "Answer briefly."}]
-    subprocess.run([*deploy, str(serve_config(ctx, port, routes))], check=True, env=c.client_env())
+    c.serve("deploy", str(serve_config(ctx, port, routes))).check_returncode()
     new_route_s = None
     while time.monotonic() < update_at + 900:
         try:
@@ -278,7 +273,12 @@ def serve(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
         except Exception:
             pass
         time.sleep(2)
-    time.sleep(args.after_update_s)  # the rolling update finishes under load
+    time.sleep(10)
+    while time.monotonic() < update_at + 1200 and not c.app_running("cluster"):
+        time.sleep(3)  # the rolling update goes on under load
+    update_s = time.monotonic() - update_at
+    replaced = len(old_replicas - {*c.replicas(), *c.replicas("LoraplexIngress")})
+    time.sleep(args.after_update_s)
     done.set()
     for t in threads:
         t.join(timeout=300)
@@ -297,10 +297,12 @@ def serve(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
         "failed_during_update": sum(not ok for _, ok, _ in update),
         "errors_during_update": dict(Counter(e for _, ok, e in update if not ok)),
         "new_route_after_deploy_s": round(new_route_s, 1) if new_route_s else None,
-        "replicas_after": _replica_nodes(c),
+        "update_running_after_s": round(update_s, 1),
+        "replicas_replaced_by_update": f"{replaced} of {len(old_replicas)}",
+        "replicas_after": sorted(c.replicas().values()),
     }
     print(f"[serve] {result}", flush=True)
-    subprocess.run([SERVE, "shutdown", "-y", f"--address={c.dashboard}"], env=c.client_env())
+    c.serve("shutdown", "-y")
     return result
 
 
@@ -313,11 +315,20 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=60)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--after-kill-s", type=float, default=60)
-    p.add_argument("--after-update-s", type=float, default=60)
+    p.add_argument("--after-update-s", type=float, default=20)
     p.add_argument("--out", type=Path, default=Path("cluster.json"))
     args = p.parse_args()
     if why := can_run():
         sys.exit(f"cluster.py: {why}")
+    # the local S3 server accepts any credentials; every node inherits these, as pods
+    # would have theirs
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "loraplex-bench",
+        "AWS_SECRET_ACCESS_KEY": "loraplex-bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ.setdefault(key, value)
     import mlflow
 
     from loraplex.models.registry import register_base_model
@@ -326,19 +337,21 @@ def main() -> None:
     if not (model / "config.json").exists():
         sys.exit(f"cluster.py: no tiny model in {args.home} (run `loraplex bootstrap` first)")
     root = Path(tempfile.mkdtemp(prefix="lpx-cluster-bench-"))
-    server, url = start_mlflow_server(root / "mlflow", free_port(), proxied=True)
-    s3, s3_url = start_s3_server(free_port(), "loraplex")
-    client = mlflow.MlflowClient(url)
-    register_base_model(
-        client, client.create_experiment("base-models"), model, BASE, {"loraplex.source": "bench"}
-    )
-    driver_home = root / "driver-home"
-    driver_home.mkdir()
-    ctx = {"root": root, "mlflow": url, "s3": s3_url, "driver_home": driver_home}
-    env = {"AWS_ENDPOINT_URL": s3_url}
-    local = LocalCluster(private=[driver_home, args.home], head_cpus=1, node_cpus=2, env=env)
     results: dict = {}
-    try:
+    with contextlib.ExitStack() as started:  # everything started here is stopped by pid
+        server, url = start_mlflow_server(root / "mlflow", free_port(), proxied=True)
+        started.callback(stop, server)
+        s3, s3_url = start_s3_server(free_port(), "loraplex")
+        started.callback(stop, s3)
+        client = mlflow.MlflowClient(url)
+        experiment = client.create_experiment("base-models")
+        register_base_model(client, experiment, model, BASE, {"loraplex.source": "bench"})
+        driver_home = root / "driver-home"
+        driver_home.mkdir()
+        ctx = {"root": root, "mlflow": url, "s3": s3_url, "driver_home": driver_home}
+        env = {"AWS_ENDPOINT_URL": s3_url}
+        local = LocalCluster(private=[driver_home, args.home], head_cpus=1, node_cpus=2, env=env)
+        started.callback(local.stop)
         local.start()
         local.add_node("w1")
         local.add_node("w2")
@@ -346,10 +359,6 @@ def main() -> None:
             results["train"] = train(local, ctx, args)
         if "serve" in args.phase:
             results["serve"] = serve(local, ctx, args)
-    finally:
-        local.stop()
-        stop(s3)
-        stop(server)
     args.out.write_text(json.dumps(results, indent=2))
     print("\n| figure | value |\n|---|---|")
     for phase, figures in results.items():

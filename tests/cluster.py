@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+SERVE = str(Path(sys.executable).with_name("serve"))
 
 
 def can_run() -> str | None:
@@ -221,6 +222,37 @@ class LocalCluster:
                     if key.startswith("node:") and "." not in name and not name.startswith("_"):
                         return name
         raise KeyError(node_id)
+
+    def replicas(self, deployment: str = "LoraplexLLMServer") -> dict[str, str]:
+        """Alive replica actors of a Serve deployment: actor id -> harness node name."""
+        return {
+            a["actor_id"]: self.node_of(a["node_id"])
+            for a in self.alive("actors")
+            if deployment in a.get("class_name", "")
+        }
+
+    def serve(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``serve ARGS --address DASHBOARD`` (deploy, status, shutdown) as a client of
+        this cluster, as a RayService's operator applies ``serveConfigV2``."""
+        return subprocess.run(
+            [SERVE, *args, f"--address={self.dashboard}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.client_env(),
+        )
+
+    def app_running(self, name: str) -> bool:
+        """``serve status``: the application RUNNING, every deployment HEALTHY (not
+        UPDATING: a rolling update has finished)."""
+        import yaml
+
+        status = yaml.safe_load(self.serve("status").stdout or "{}") or {}
+        app = (status.get("applications") or {}).get(name, {})
+        deployments = (app.get("deployments") or {}).values()
+        return app.get("status") == "RUNNING" and all(
+            d.get("status") == "HEALTHY" for d in deployments
+        )
 
     def wait_for_nodes(self, n: int, timeout_s: float, name: str | None = None) -> None:
         """Until ``n`` nodes are alive (with ``name``: until that node is). A killed

@@ -12,6 +12,7 @@ afterwards.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import subprocess
@@ -113,7 +114,7 @@ def _nodes_of_ranks(c: LocalCluster, store, workers: str) -> dict[str, str]:
 
 
 def test_training_spreads_over_private_nodes_and_survives_a_node_death(
-    cluster, settings, tmp_path
+    cluster, settings, tiny_base, tmp_path
 ) -> None:
     """`ray job submit` of jobs/finetune.py: two ZeRO-3 workers on two private worker
     nodes, the base model downloaded on each from the registry, job state and checkpoints
@@ -196,6 +197,12 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
     got = steps(run_id)
     assert got[-1] == 120, got
     assert max(b - a for a, b in itertools.pairwise(got)) <= 10, got  # ≤ save_steps lost
+    # it went on from a checkpoint, not from the start: only steps after the last
+    # checkpoint before the kill were logged twice (a restart from step 0 would repeat
+    # every step up to the kill, 20 or more)
+    logged = [m.step for m in client.get_metric_history(run_id, "loss")]
+    repeated = sorted(s for s, n in collections.Counter(logged).items() if n > 1)
+    assert len(repeated) <= 2 * 10 and got[0] not in repeated, (repeated, logged)
     assert [r["status"] for r in runs()] == ["FINISHED"]
     after = _nodes_of_ranks(c, store, workers)
     assert first["rank-1"] not in after.values(), after  # nothing runs on the dead node
@@ -210,90 +217,107 @@ def test_training_spreads_over_private_nodes_and_survives_a_node_death(
             artifact_uri=mv.source, dst_path=str(tmp_path / "dl"), tracking_uri=cluster["mlflow"]
         )
     )
-    assert list(folder.rglob("adapter_config.json"))
+    # the registered adapter is whole: the tensors an undisturbed LoRA of this config
+    # has, gathered from both ranks' ZeRO-3 shards, with their full shapes, trained
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(str(next(folder.rglob("adapter_model.safetensors"))))
+    fresh = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base.model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    expected = {
+        k.replace(".default", ""): tuple(v.shape)
+        for k, v in fresh.state_dict().items()
+        if "lora_" in k
+    }
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected
+    assert all(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
     # Ray Train's checkpoints and the kept adapter are on S3, as the run's tag says
     assert store.files(f"spread/{runs()[-1]['run_name']}/final-adapter", ".json")
     assert client.get_run(run_id).data.tags["loraplex.storage"] == f"{storage}/spread/spread"
 
 
-def _replica_nodes(c: LocalCluster, deployment: str = "LoraplexLLMServer") -> list[str]:
-    """Harness names of the nodes that run an alive replica of a deployment."""
-    return sorted(
-        c.node_of(a["node_id"]) for a in c.alive("actors") if deployment in a.get("class_name", "")
-    )
+def _serve_config(cluster: dict, tmp_path: Path, port: int, routes: list[dict]) -> Path:
+    """A Ray Serve config file, as a RayService's ``serveConfigV2`` holds it: the
+    application builder with the serving config inline, the settings by environment."""
+    serving = {
+        "name": "cluster",
+        "models": [
+            {
+                "id": "tiny",
+                "source": f"models:/{BASE}@current",
+                "accelerator": "cpu",
+                "max_model_len": 512,
+                "dtype": "float32",
+                "kv_cache_gib": 1,
+                "max_adapters_per_replica": 2,
+                "max_lora_rank": 8,
+                "num_cpus": 1,
+                "scaling": {"num_replicas": 2},
+            }
+        ],
+        "adapters": [{"name": "spread", "base": "tiny", "registry": "spread@candidate"}],
+        "routes": routes,
+        "retriever": None,
+        "auth": {"allow_anonymous": True},
+    }
+    env = {
+        "LORAPLEX_HOME": str(cluster["home"]),
+        "LORAPLEX_MLFLOW__TRACKING_URI": cluster["mlflow"],
+    }
+    config = {
+        "proxy_location": "HeadOnly",  # the nodes share one address here
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "cluster",
+                "route_prefix": "/",
+                "import_path": "loraplex.serving.builder:build_app",
+                "runtime_env": {"env_vars": env},
+                "args": {"config": serving},
+            }
+        ],
+    }
+    path = tmp_path / f"serve-{len(routes)}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
-def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_path) -> None:
-    """Two LLM server replicas on two private worker nodes: each downloads the base model
-    and the adapter from the registry (the nodes cannot see the driver's folders). Under a
+def test_serving_across_private_nodes_survives_a_dead_node_and_a_config_update(
+    cluster, tmp_path
+) -> None:
+    """`serve deploy` of the application (as a RayService applies its serveConfigV2) with
+    two LLM server replicas on two private worker nodes: each downloads the base model and
+    the adapter from the registry (the nodes cannot see the driver's folders). Under a
     steady load one replica's node dies: only requests running on it may fail, the rest
-    keep succeeding, and Serve brings the replica back on the remaining capacity."""
+    keep succeeding, and Serve brings the replica back when a node joins. Then `serve
+    deploy` of a changed config (one more route) under the same load: every replica is
+    replaced by a rolling update, and not one request fails."""
     import threading
 
-    import httpx
     from openai import OpenAI
 
     c: LocalCluster = cluster["cluster"]
     port = free_port()
-    config = tmp_path / "serving.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "name": "cluster",
-                "models": [
-                    {
-                        "id": "tiny",
-                        "source": f"models:/{BASE}@current",
-                        "accelerator": "cpu",
-                        "max_model_len": 512,
-                        "dtype": "float32",
-                        "kv_cache_gib": 1,
-                        "max_adapters_per_replica": 2,
-                        "max_lora_rank": 8,
-                        "num_cpus": 1,
-                        "scaling": {"num_replicas": 2},
-                    }
-                ],
-                "adapters": [{"name": "spread", "base": "tiny", "registry": "spread@candidate"}],
-                "retriever": None,
-                "auth": {"allow_anonymous": True},
-                "http": {"port": port, "proxy_location": "HeadOnly"},
-            }
-        )
-    )
-    env = {
-        **c.client_env(),
-        "LORAPLEX_HOME": str(cluster["home"]),
-        "LORAPLEX_MLFLOW__TRACKING_URI": cluster["mlflow"],
-        "LORAPLEX_RAY__ADDRESS": c.address,
-    }
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("loraplex")), "serve", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    plain = {"name": "plain", "base": "tiny"}
+    deployed = c.serve("deploy", str(_serve_config(cluster, tmp_path, port, [plain])))
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
     base = f"http://127.0.0.1:{port}/v1"
+    # the first answers of a fresh CPU engine are slow (two engines share two cores)
+    openai = OpenAI(base_url=base, api_key="none", max_retries=0, timeout=300)
+    msgs = [{"role": "user", "content": "What is the warranty of the Urven E100?"}]
     try:
-        # ready when `loraplex serve` says so (the ingress answers /v1/models before the
-        # model replicas are up)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and server.poll() is None:
-            if "loraplex is serving at" in (tmp_path / "serve.log").read_text(errors="replace"):
-                break
-            time.sleep(3)
-        served = (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-        assert server.poll() is None and "loraplex is serving at" in served, served
-        assert httpx.get(f"{base}/models", timeout=30).status_code == 200
-        # the first answers of a fresh CPU engine are slow (two engines share two cores)
-        openai = OpenAI(base_url=base, api_key="none", max_retries=0, timeout=300)
-        msgs = [{"role": "user", "content": "What is the warranty of the Urven E100?"}]
-        for model in ("tiny", "tiny:spread"):
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not c.app_running("cluster"):
+            time.sleep(5)
+        assert c.app_running("cluster"), c.serve("status").stdout
+        for model in ("tiny", "tiny:spread", "plain"):
             r = openai.chat.completions.create(model=model, messages=msgs, max_tokens=8)
             assert r.choices[0].message.content is not None
-        nodes = _replica_nodes(c)
+        nodes = sorted(c.replicas().values())
         assert len(nodes) == 2 and "head" not in nodes, nodes
 
         # steady load from two clients; the node of one replica dies
@@ -311,32 +335,54 @@ def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_pat
         threads = [threading.Thread(target=client) for _ in range(2)]
         for t in threads:
             t.start()
-        time.sleep(10)
-        # the node of a model replica that holds no ingress replica (the ingress has
-        # replicas of its own; its death is the proxy's problem, not this test's)
-        ingress = _replica_nodes(c, "LoraplexIngress")
-        victim = next((n for n in nodes if n not in ingress), None)
-        assert victim, (nodes, ingress)
-        killed_at = time.monotonic()
-        c.kill_node(victim)
-        time.sleep(60)
-        done.set()
-        for t in threads:
-            t.join(timeout=150)
-        before = [ok for at, ok in results if at < killed_at]
-        after = [ok for at, ok in results if at >= killed_at]
-        assert before and all(before)
-        assert after.count(False) <= 2, after  # at most the two requests running on it
-        assert after[-5:] == [True] * 5, after  # the surviving replica answers
+        try:
+            time.sleep(10)
+            # the node of a model replica that holds no ingress replica (the ingress has
+            # replicas of its own; its death is the proxy's problem, not this test's)
+            ingress = set(c.replicas("LoraplexIngress").values())
+            victim = next((n for n in nodes if n not in ingress), None)
+            assert victim, (nodes, ingress)
+            killed_at = time.monotonic()
+            c.kill_node(victim)
+            time.sleep(45)
+            before = [ok for at, ok in results if at < killed_at]
+            after = [ok for at, ok in results if at >= killed_at]
+            assert before and all(before)
+            assert after.count(False) <= 2, after  # at most the two requests running on it
+            assert after[-5:] == [True] * 5, after  # the surviving replica answers
 
-        # capacity returns: Serve brings the second replica back on a node that joins
-        c.add_node("w4")
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and len(_replica_nodes(c)) < 2:
+            # capacity returns: Serve brings the second replica back on a node that joins
+            c.add_node("w4")
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and len(c.replicas()) < 2:
+                time.sleep(5)
+            assert len(c.replicas()) == 2
+            while time.monotonic() < deadline and not c.app_running("cluster"):
+                time.sleep(3)
+
+            # a config update under the same load: a rolling update, no request lost
+            old = {*c.replicas(), *c.replicas("LoraplexIngress")}
+            updated_at = time.monotonic()
+            second = {"name": "second", "base": "tiny", "system_prompt": "Answer briefly."}
+            path = _serve_config(cluster, tmp_path, port, [plain, second])
+            assert c.serve("deploy", str(path)).returncode == 0
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline and not (
+                "second" in {m.id for m in openai.models.list().data} and c.app_running("cluster")
+            ):
+                time.sleep(3)
             time.sleep(5)
-        assert len(_replica_nodes(c)) == 2
+        finally:
+            done.set()
+            for t in threads:
+                t.join(timeout=300)
+        during = [ok for at, ok in results if at >= updated_at]
+        assert c.app_running("cluster"), c.serve("status").stdout
+        assert len(during) > 10 and all(during), (len(during), during.count(False))
+        assert not old & {*c.replicas(), *c.replicas("LoraplexIngress")}  # all replaced
         r = openai.chat.completions.create(model="tiny:spread", messages=msgs, max_tokens=8)
         assert r.choices[0].message.content is not None
+        r = openai.chat.completions.create(model="second", messages=msgs, max_tokens=8)
+        assert r.choices[0].message.content is not None
     finally:
-        stop(server, timeout=120)  # loraplex serve removes its application first
-        log.close()
+        c.serve("shutdown", "-y")
