@@ -16,8 +16,9 @@ S3-compatible server (moto) for ``ray.storage_path``. Two phases, each bounded:
    clients in a loop. (a) the node of a replica that holds no ingress is killed: failed
    requests after the kill, and the time until a second replica runs again once a node
    joins; (b) ``serve deploy`` of a changed config (one more route: every deployment of
-   the application gets a new version and rolls) under the same load: failed requests
-   and the time until the new route answers.
+   the application gets a new version and rolls) under the same load: failed requests,
+   the time until the new route answers and until ``serve status`` says RUNNING with
+   every deployment HEALTHY, and how many of the old replicas were replaced.
 
 Usage: .venv/bin/python benchmarks/cluster.py --home HOME   (HOME: `loraplex bootstrap`
 and `loraplex world generate --seed 0` done) [--phase train serve --out cluster.json]

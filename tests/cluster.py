@@ -7,8 +7,10 @@ over every folder in ``private`` (the head's ``LORAPLEX_HOME``, its data folders
 Ray temp dir of its own. The code and its virtual environment stay visible, as a pod's
 image would hold them; ``shared`` stays visible too, as a ReadWriteMany volume would.
 So a worker node reaches only what a KubeRay pod could: services by URI, the shared
-volume, and its own disk. Every node is a process group this harness started: it is
-killed (a node dying) or stopped by its pid, never with ``ray stop``.
+volume, and its own disk; and its own CPU core for vLLM's engine threads
+(``VLLM_CPU_OMP_THREADS_BIND``), as a pod has its own CPUs. Every node is a process
+group this harness started: it is killed (a node dying) or stopped by its pid, never
+with ``ray stop``.
 
 Does not own: the services the cluster talks to (MLflow, Milvus: ``helpers``).
 """
@@ -62,6 +64,7 @@ class Node:
     proc: subprocess.Popen
     temp_dir: Path
     log: Path
+    core: int | None = None  # the CPU core its vLLM engines compute on (worker nodes)
 
 
 @dataclass
@@ -116,7 +119,9 @@ class LocalCluster:
             "--block",
         ]
 
-    def _spawn(self, name: str, argv: list[str], private: Sequence[Path]) -> Node:
+    def _spawn(
+        self, name: str, argv: list[str], private: Sequence[Path], core: int | None = None
+    ) -> Node:
         temp = self.root / name
         temp.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
@@ -143,11 +148,16 @@ class LocalCluster:
             # a pod's /tmp is its own: torch's compile cache too (two nodes writing one
             # cache folder read each other's half-written kernels)
             env["TORCHINDUCTOR_CACHE_DIR"] = str(temp / "inductor")
+        if core is not None:
+            # a pod's CPUs are its own: vLLM's CPU engine binds its OpenMP threads to core
+            # 0 wherever it runs, so two nodes' engines on one machine would share a core
+            # (a busy engine starves a new one's start-up for minutes)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
         with log.open("w") as out:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        node = Node(name, proc, temp, log)
+        node = Node(name, proc, temp, log, core)
         self.nodes[name] = node
         return node
 
@@ -173,7 +183,10 @@ class LocalCluster:
         return self
 
     def add_node(self, name: str, timeout_s: float = 120) -> Node:
-        """A worker node with private disks; returns once it is alive in the cluster."""
+        """A worker node with private disks and a CPU core of its own for vLLM (the one
+        fewest alive worker nodes use); returns once it is alive in the cluster."""
+        used = [n.core for n in self.nodes.values() if n.core is not None]
+        core = min(range(os.cpu_count() or 1), key=used.count)
         node = self._spawn(
             name,
             [
@@ -184,6 +197,7 @@ class LocalCluster:
                 *self._ports(name),
             ],
             private=self.private,
+            core=core,
         )
         self.wait_for_nodes(1, timeout_s, name=name)
         return node

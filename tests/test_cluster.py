@@ -332,7 +332,7 @@ def test_serving_across_private_nodes_survives_a_dead_node_and_a_config_update(
                 except Exception:
                     results.append((time.monotonic(), False))
 
-        threads = [threading.Thread(target=client) for _ in range(2)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
         try:
