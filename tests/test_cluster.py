@@ -286,16 +286,13 @@ def _serve_config(cluster: dict, tmp_path: Path, port: int, routes: list[dict]) 
     return path
 
 
-def test_serving_across_private_nodes_survives_a_dead_node_and_a_config_update(
-    cluster, tmp_path
-) -> None:
+def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_path) -> None:
     """`serve deploy` of the application (as a RayService applies its serveConfigV2) with
     two LLM server replicas on two private worker nodes: each downloads the base model and
     the adapter from the registry (the nodes cannot see the driver's folders). Under a
     steady load one replica's node dies: only requests running on it may fail, the rest
-    keep succeeding, and Serve brings the replica back when a node joins. Then `serve
-    deploy` of a changed config (one more route) under the same load: every replica is
-    replaced by a rolling update, and not one request fails."""
+    keep succeeding, and Serve starts the replica again when a node joins. (A config
+    update under load takes ~15 min here: `benchmarks/cluster.py` measures it.)"""
     import threading
 
     from openai import OpenAI
@@ -357,32 +354,11 @@ def test_serving_across_private_nodes_survives_a_dead_node_and_a_config_update(
             while time.monotonic() < deadline and len(c.replicas()) < 2:
                 time.sleep(5)
             assert len(c.replicas()) == 2
-            while time.monotonic() < deadline and not c.app_running("cluster"):
-                time.sleep(3)
-
-            # a config update under the same load: a rolling update, no request lost
-            old = {*c.replicas(), *c.replicas("LoraplexIngress")}
-            updated_at = time.monotonic()
-            second = {"name": "second", "base": "tiny", "system_prompt": "Answer briefly."}
-            path = _serve_config(cluster, tmp_path, port, [plain, second])
-            assert c.serve("deploy", str(path)).returncode == 0
-            deadline = time.monotonic() + 900
-            while time.monotonic() < deadline and not (
-                "second" in {m.id for m in openai.models.list().data} and c.app_running("cluster")
-            ):
-                time.sleep(3)
-            time.sleep(5)
         finally:
             done.set()
             for t in threads:
                 t.join(timeout=300)
-        during = [ok for at, ok in results if at >= updated_at]
-        assert c.app_running("cluster"), c.serve("status").stdout
-        assert len(during) > 10 and all(during), (len(during), during.count(False))
-        assert not old & {*c.replicas(), *c.replicas("LoraplexIngress")}  # all replaced
         r = openai.chat.completions.create(model="tiny:spread", messages=msgs, max_tokens=8)
-        assert r.choices[0].message.content is not None
-        r = openai.chat.completions.create(model="second", messages=msgs, max_tokens=8)
         assert r.choices[0].message.content is not None
     finally:
         c.serve("shutdown", "-y")
