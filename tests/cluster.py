@@ -203,7 +203,9 @@ class LocalCluster:
         return node
 
     def kill_node(self, name: str) -> None:
-        """The node dies: SIGKILL to its whole process group (raylet, workers, agents)."""
+        """The node dies: SIGKILL to its process group (``ray start``, raylet, agents).
+        Its Ray worker processes are process groups of their own: they exit within
+        seconds, when they find their raylet gone (as a pod's processes die with it)."""
         node = self.nodes.pop(name)
         _kill_group(node.proc, signal.SIGKILL)
 
