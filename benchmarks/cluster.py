@@ -68,6 +68,19 @@ def _job(c: LocalCluster, *args: str, timeout: float = 120) -> str:
     return proc.stdout + proc.stderr
 
 
+def resume_point(logged: list[tuple[int, int]]) -> tuple[int | None, float | None]:
+    """From (step, timestamp ms) in logging order: the first step logged again after a
+    restart (a step at or below the highest one so far) and the seconds between it and
+    the step logged just before it (the surviving rank may go on logging for a few
+    seconds after a node dies, so the kill's own time says less than this)."""
+    highest = -1
+    for (prev, before), (step, at) in itertools.pairwise(sorted(logged, key=lambda x: x[1])):
+        highest = max(highest, prev)
+        if step <= highest:
+            return step, round((at - before) / 1000, 1)
+    return None, None
+
+
 def train(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
     import mlflow
 
@@ -130,7 +143,7 @@ def train(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
     def runs() -> list[dict]:
         return json.loads(store.read_text("spread/job.json") or '{"runs": []}')["runs"]
 
-    run_id, killed_at, victim = None, None, None
+    run_id, killed_at, victim, seen_step = None, None, None, None
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline and killed_at is None:
         if got := runs():
@@ -139,7 +152,7 @@ def train(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
         if steps and max(steps) >= args.kill_at:
             workers = f"spread/{got[-1]['run_name']}/workers"
             victim = c.node_of(store.read_text(f"{workers}/rank-1.node") or "")
-            killed_at = time.time()
+            killed_at, seen_step = time.time(), max(steps)
             c.kill_node(victim)
             print(f"[train] step {max(steps)}: killed node {victim}", flush=True)
             c.add_node("w3")
@@ -155,14 +168,16 @@ def train(c: LocalCluster, ctx: dict, args: argparse.Namespace) -> dict:
     wall = time.monotonic() - started
     logged = history(run_id) if run_id else []
     steps = sorted({s for s, _ in logged})
-    after = [t / 1000 for s, t in logged if killed_at and t / 1000 > killed_at]
+    resumed_at, pause_s = resume_point(logged)
     twice = sorted(s for s, n in Counter(s for s, _ in logged).items() if n > 1)
     result = {
         "status": "SUCCEEDED" if "SUCCEEDED" in status else status.strip()[-200:],
         "killed_node": victim,
         "steps": args.steps,
         "last_step": steps[-1] if steps else None,
-        "kill_to_next_step_s": round(min(after) - killed_at, 1) if after else None,
+        "killed_when_the_benchmark_saw_step": seen_step,
+        "resumed_at_step": resumed_at,
+        "last_step_before_to_first_after_resume_s": pause_s,
         "steps_done_twice": len(twice),
         "largest_gap": max((b - a for a, b in itertools.pairwise(steps)), default=None),
         "wall_s": round(wall, 1),

@@ -398,9 +398,9 @@ def check_cluster_paths(cfg: LoraplexConfig) -> Check | None:
     local = []
     if "://" not in (cfg.ray.storage_path or ""):
         local.append(f"ray.storage_path ({cfg.ray.storage_path}: or s3://)")
-    if not (cfg.mlflow.tracking_uri or "").startswith(("http://", "https://", "databricks")):
+    if cfg.mlflow.is_local:
         local.append(f"mlflow.tracking_uri ({cfg.mlflow.tracking_uri}: or an MLflow server)")
-    if not (cfg.milvus.uri or "").startswith(("http://", "https://", "tcp://")):
+    if cfg.milvus.is_lite:
         local.append(f"milvus.uri ({cfg.milvus.uri}: or a Milvus server)")
     if not local:
         return Check("cluster", "node-local paths", True, "none: every service is reached by URI")

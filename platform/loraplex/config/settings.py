@@ -82,6 +82,11 @@ class MlflowSettings(StrictModel):
             raise ValueError("an http(s) MLflow URI needs a host")
         return v
 
+    @property
+    def is_local(self) -> bool:
+        """A tracking store on this machine's disk (sqlite, file), not one reached by URI."""
+        return urlparse(self.tracking_uri or "").scheme in ("", "sqlite", "file")
+
 
 class MilvusSettings(StrictModel):
     """Milvus: a Lite data file (embedded) or a server URI."""
