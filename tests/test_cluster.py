@@ -292,7 +292,7 @@ def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_pat
     the adapter from the registry (the nodes cannot see the driver's folders). Under a
     steady load one replica's node dies: only requests running on it may fail, the rest
     keep succeeding, and Serve starts the replica again when a node joins. (A config
-    update under load takes ~15 min here: `benchmarks/cluster.py` measures it.)"""
+    update under load added ~10 min here: `benchmarks/cluster.py` measures it.)"""
     import threading
 
     from openai import OpenAI
