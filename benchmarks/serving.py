@@ -1,11 +1,14 @@
 """Benchmark of serving (issues: Serving; a real pretrained model). Same model, same
 prompts, one run: the tiny bootstrap model (``--model embedded``, the default) or an
-imported one (``--model smollm2-135m-instruct``, bfloat16, as ``serving/smollm2.yaml``).
+imported one (``--model smollm2-135m-instruct``, with the dtype ``serving/smollm2.yaml``'s
+``auto`` gives on this CPU: float32 without native bfloat16).
 
 1. bare ``vllm serve`` (vLLM's own OpenAI server) against loraplex (Ray Serve + the
    loraplex ingress + LLMServer) on the base model without retrieval, at concurrency
    1, 8 and 32: throughput (completion tokens/s) and p50/p95 request latency;
-2. through loraplex: 8 adapters mixed round-robin against the base model alone;
+2. 8 adapters round-robin on both servers (``--phase bare-lora`` against ``--phase
+   loraplex``), and through loraplex the same adapters against the base model alone on
+   the same LoRA-enabled engine;
 3. the first (cold) request to each adapter against a second (warm) one;
 4. a retrieval route against the same adapter without retrieval, on a collection of
    10,000 chunks (real MiniLM embeddings), per search mode.
@@ -53,6 +56,12 @@ PROMPTS = [
 
 
 SERVED = "base"  # the model id both servers answer to
+
+
+def adapter_names(model: str) -> list[str]:
+    """The 8 adapters both sides serve (registered under these names for loraplex)."""
+    prefix = "bench" if model == "embedded" else f"bench-{model}"
+    return [f"{prefix}-{i}" for i in range(8)]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -126,12 +135,14 @@ def wait_ready(url: str, timeout: float = 600, proc: subprocess.Popen | None = N
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-def levels(url: str, model: str, args) -> list[dict]:
+def levels(url: str, models: list[str], args) -> list[dict]:
+    """Each concurrency level of ``args``, the models round-robin, after a warm-up that
+    sends every model at least two requests."""
     out = []
-    asyncio.run(load(url, [model], 8, 32, args.tokens))  # warm-up
+    asyncio.run(load(url, models, 8, max(16, 2 * len(models)), args.tokens))  # warm-up
     for c in args.concurrency:
-        res = asyncio.run(load(url, [model], c, max(args.requests, 8 * c), args.tokens))
-        print(f"  c={c}: {res['tokens_per_s']:.0f} tok/s, p50 {res['p50_s']:.2f} s")
+        res = asyncio.run(load(url, models, c, max(args.requests, 8 * c), args.tokens))
+        print(f"  c={c}: {res['tokens_per_s']:.1f} tok/s, p50 {res['p50_s']:.2f} s")
         out.append(res)
     return out
 
@@ -155,9 +166,17 @@ def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict
         "--port",
         str(port),
     ]
+    models = [SERVED]
     if lora:  # the same LoRA settings loraplex gives vLLM when adapters are configured
         cmd += ["--enable-lora", "--max-loras", "8", "--max-cpu-loras", "8"]
         cmd += ["--max-lora-rank", "64"]
+        # the 8 adapters the loraplex side serves (same seeds, same weights), round-robin
+        from helpers import make_adapter
+
+        folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+        models = adapter_names(args.model)
+        cmd += ["--lora-modules"]
+        cmd += [f"{n}={make_adapter(model_dir, folder / n, i)}" for i, n in enumerate(models)]
     log = open(Path(tempfile.gettempdir()) / "bench-vllm-serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -165,8 +184,8 @@ def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict
     try:
         url = f"http://127.0.0.1:{port}/v1"
         wait_ready(url, proc=proc)
-        print(f"bare vllm serve{' with LoRA enabled' if lora else ''}:")
-        return levels(url, SERVED, args)
+        print(f"bare vllm serve{' with 8 adapters round-robin' if lora else ''}:")
+        return levels(url, models, args)
     finally:  # the server and its engine process: the whole process group we started
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -177,8 +196,8 @@ def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict
         time.sleep(5)
 
 
-def speeds(url: str, names: list[str], args, results: dict) -> None:
-    """Parts 2 and 3: adapters cold and warm, 8 adapters mixed against the base."""
+def cold_and_warm(url: str, names: list[str], results: dict) -> None:
+    """Part 3: the first request to each adapter against its second."""
     cold: list[float] = []
     warm: list[float] = []
     for name in names:
@@ -198,19 +217,6 @@ def speeds(url: str, names: list[str], args, results: dict) -> None:
         f"adapter first request {results['adapter_cold_s']:.2f} s, warm "
         f"{results['adapter_warm_s']:.2f} s"
     )
-
-    mixed = {}
-    for c in (8, 32):
-        n = max(args.requests, 8 * c)
-        base = asyncio.run(load(url, [SERVED], c, n, args.tokens))
-        mix = asyncio.run(load(url, [f"{SERVED}:{x}" for x in names], c, n, args.tokens))
-        mixed[c] = {
-            "base": base,
-            "adapters": mix,
-            "ratio": mix["tokens_per_s"] / base["tokens_per_s"],
-        }
-        print(f"8 adapters vs base at c={c}: ratio {mixed[c]['ratio']:.2f}")
-    results["adapters_mixed"] = mixed
 
 
 def main() -> None:
@@ -234,8 +240,20 @@ def main() -> None:
         "process first, so the two servers never share a process; `retrieval` runs only "
         "part 4 (a retrieval route against the same adapter without).",
     )
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="The engines' dtype on both sides (default: float32 for the tiny model; for "
+        "an imported one what `dtype: auto` gives on this CPU).",
+    )
     args = ap.parse_args()
-    args.dtype = "float32" if args.model == "embedded" else "bfloat16"
+    if args.dtype is None:  # what loraplex's `auto` gives vLLM on this CPU, on both sides
+        from loraplex.serving.builder import engine_dtype
+        from loraplex.serving.config import BaseModelSpec
+
+        auto = engine_dtype(BaseModelSpec(id=SERVED))
+        args.dtype = "float32" if args.model == "embedded" or auto == "float32" else "bfloat16"
     if args.phase == "all":
         for phase in ("bare", "bare-lora", "loraplex-base", "loraplex"):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
@@ -279,8 +297,7 @@ def main() -> None:
     # 8 adapters in the registry (random LoRA weights: the cost is the same)
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     experiment = tracking.setup(settings)
-    prefix = "bench" if args.model == "embedded" else f"bench-{args.model}"
-    names = [f"{prefix}-{i}" for i in range(8)]
+    names = adapter_names(args.model)
     for i, name in enumerate(names):
         try:
             client.get_model_version_by_alias(name, "live")
@@ -323,13 +340,18 @@ def main() -> None:
     )
     url = start(cfg, settings, port=free_port())
     try:
-        if args.phase != "retrieval":
-            print(f"loraplex{' without adapters' if base_only else ''}:")
-            results["loraplex_base" if base_only else "loraplex"] = levels(url, SERVED, args)
         if base_only:
+            print("loraplex without adapters:")
+            results["loraplex_base"] = levels(url, [SERVED], args)
             return
         if args.phase != "retrieval":
-            speeds(url, names, args, results)
+            # part 2: the same 8 adapters round-robin as bare-lora, and the base model
+            # alone on this LoRA-enabled engine (the adapters' own cost, vLLM's)
+            cold_and_warm(url, names, results)
+            print("loraplex, 8 adapters round-robin:")
+            results["loraplex"] = levels(url, [f"{SERVED}:{n}" for n in names], args)
+            print("loraplex, the base model on the same engine:")
+            results["loraplex_lora_base"] = levels(url, [SERVED], args)
 
         rag = {}
         plain = asyncio.run(load(url, ["plain"], 1, 40, args.tokens))
@@ -357,7 +379,10 @@ def main() -> None:
 
 
 def print_tables(results: dict) -> None:
-    pairs = [("bare_vllm", "loraplex_base", "no LoRA"), ("bare_vllm_lora", "loraplex", "LoRA on")]
+    pairs = [
+        ("bare_vllm", "loraplex_base", "no LoRA"),
+        ("bare_vllm_lora", "loraplex", "8 adapters round-robin"),
+    ]
     print(
         "\n| vLLM | concurrency | bare tok/s | loraplex tok/s | ratio | bare p50 / p95 s | "
         "loraplex p50 / p95 s |\n|---|---|---|---|---|---|---|"
@@ -368,6 +393,13 @@ def print_tables(results: dict) -> None:
                 f"| {label} | {b['concurrency']} | {b['tokens_per_s']:.0f} | "
                 f"{lp['tokens_per_s']:.0f} | {lp['tokens_per_s'] / b['tokens_per_s']:.2f} | "
                 f"{b['p50_s']:.2f} / {b['p95_s']:.2f} | {lp['p50_s']:.2f} / {lp['p95_s']:.2f} |"
+            )
+    base = {r["concurrency"]: r for r in results.get("loraplex_lora_base", [])}
+    for r in results.get("loraplex", []):
+        if r["concurrency"] in base:
+            ratio = r["tokens_per_s"] / base[r["concurrency"]]["tokens_per_s"]
+            print(
+                f"8 adapters vs the base model through loraplex, c={r['concurrency']}: {ratio:.2f}"
             )
 
 

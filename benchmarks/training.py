@@ -263,6 +263,13 @@ def main() -> None:
         help="The training config whose model and data the overhead runs use.",
     )
     ap.add_argument("--one-worker", action="store_true", help="Skip the 2-worker run.")
+    ap.add_argument(
+        "--stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="DeepSpeed ZeRO stage of the loraplex runs (default: the config's).",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("training.json"))
     args = ap.parse_args()
     os.environ["LORAPLEX_HOME"] = str(args.home)
@@ -273,6 +280,11 @@ def main() -> None:
 
     settings = load_settings(overrides=[f"home={args.home}"])
     cfg = load_train_config(args.config, (), args.home)
+    if args.stage is not None:
+        cfg = cfg.model_copy(
+            update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": args.stage})}
+        )
+    zero = f"zero{cfg.deepspeed.stage}"
     base_dir, _ = resolve_base_model(cfg.base_model, settings)
     world = args.home / "worlds" / "seed-0"
     results: dict = {
@@ -292,12 +304,12 @@ def main() -> None:
         results["overhead"] = {
             "steps": args.steps,
             "plain_hf_peft": plain,
-            "loraplex_1_worker_zero2": one,
+            f"loraplex_1_worker_{zero}": one,
             "ratio_1_worker_vs_plain": one["tokens_per_s"] / plain["tokens_per_s"],
         }
         if not args.one_worker:
             two = loraplex_run(cfg, settings, "bench-overhead-2w", 2, 1, args.steps)
-            results["overhead"]["loraplex_2_workers_zero2"] = two
+            results["overhead"][f"loraplex_2_workers_{zero}"] = two
         print(json.dumps(results["overhead"], indent=2), flush=True)
     if not args.skip_quality:
         results["quality"] = quality(settings, base_dir, world)

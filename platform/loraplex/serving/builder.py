@@ -94,6 +94,18 @@ def settings_env(settings: LoraplexConfig) -> dict[str, str]:
     return env
 
 
+def engine_dtype(spec: BaseModelSpec) -> str:
+    """The dtype vLLM gets: the spec's, with ``auto`` on a CPU that has no native
+    bfloat16 arithmetic (no AVX-512 BF16, no AMX) made float32, since vLLM's own ``auto``
+    keeps a bfloat16 checkpoint in bfloat16 and the CPU then emulates every product."""
+    if spec.dtype != "auto" or spec.accelerator != "cpu":
+        return spec.dtype
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "auto" if native else "float32"
+
+
 def llm_config(
     spec: BaseModelSpec,
     base_dir: Path,
@@ -107,7 +119,7 @@ def llm_config(
 
     engine: dict[str, Any] = {
         "max_model_len": spec.max_model_len,
-        "dtype": spec.dtype,
+        "dtype": engine_dtype(spec),
         # JSON-schema answers without free whitespace: small models otherwise fill the
         # allowed whitespace until max_tokens.
         "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},

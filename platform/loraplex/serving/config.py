@@ -64,7 +64,12 @@ class BaseModelSpec(StrictModel):
     accelerator: Literal["cpu", "gpu"] = "cpu"
     accelerator_type: str | None = Field(default=None, description="e.g. H100, L4 (GPU only).")
     max_model_len: int = Field(default=1024, ge=16)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="auto: the model's own dtype, except on a CPU without native bfloat16 "
+        "(AVX-512 BF16 or AMX), where it is float32: vLLM would run bfloat16 weights "
+        "emulated there (SmolLM2 on an AVX2 CPU: 23 against 89 tokens/s at 8 requests).",
+    )
     kv_cache_gib: float = Field(
         default=1.0, gt=0, description="CPU: VLLM_CPU_KVCACHE_SPACE. GPU: ignored."
     )
