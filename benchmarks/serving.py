@@ -241,6 +241,11 @@ def main() -> None:
         "part 4 (a retrieval route against the same adapter without).",
     )
     ap.add_argument(
+        "--skip-retrieval",
+        action="store_true",
+        help="--phase loraplex without part 4 (no 10k-chunk collection, no retrieval routes).",
+    )
+    ap.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default=None,
@@ -288,11 +293,13 @@ def main() -> None:
 
     # 10k chunks of product documents, real embeddings (idempotent on a second run)
     collection = f"bench_{args.chunks}"
-    with Retriever(settings) as r:
-        if collection not in r.store.collections():
-            files, _ = write_corpus(args.chunks, Path(tempfile.mkdtemp()) / "corpus")
-            r.ingest(files, collection)
-        results["chunks"] = r.store.info(collection).rows
+    retrieval = args.phase == "retrieval" or (args.phase == "loraplex" and not args.skip_retrieval)
+    if retrieval:
+        with Retriever(settings) as r:
+            if collection not in r.store.collections():
+                files, _ = write_corpus(args.chunks, Path(tempfile.mkdtemp()) / "corpus")
+                r.ingest(files, collection)
+            results["chunks"] = r.store.info(collection).rows
 
     # 8 adapters in the registry (random LoRA weights: the cost is the same)
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
@@ -323,7 +330,7 @@ def main() -> None:
             if base_only
             else [{"name": n, "base": SERVED, "registry": f"{n}@live"} for n in names],
             "routes": []
-            if base_only
+            if base_only or not retrieval
             else [
                 {
                     "name": f"rag-{mode}",
@@ -352,22 +359,22 @@ def main() -> None:
             results["loraplex"] = levels(url, [f"{SERVED}:{n}" for n in names], args)
             print("loraplex, the base model on the same engine:")
             results["loraplex_lora_base"] = levels(url, [SERVED], args)
-
-        rag = {}
-        plain = asyncio.run(load(url, ["plain"], 1, 40, args.tokens))
-        for mode in ("dense", "bm25", "hybrid"):
-            res = asyncio.run(load(url, [f"rag-{mode}"], 1, 40, args.tokens))
-            rag[mode] = {
-                "p50_s": res["p50_s"],
-                "plain_p50_s": plain["p50_s"],
-                "added_p50_ms": (res["p50_s"] - plain["p50_s"]) * 1000,
-                "retrieval_stage_p50_ms": res["retrieval_p50_ms"],
-            }
-            print(
-                f"retrieval {mode}: stage p50 {res['retrieval_p50_ms']:.1f} ms, "
-                f"added p50 {rag[mode]['added_p50_ms']:.1f} ms"
-            )
-        results["retrieval"] = rag
+        if retrieval:  # part 4
+            rag = {}
+            plain = asyncio.run(load(url, ["plain"], 1, 40, args.tokens))
+            for mode in ("dense", "bm25", "hybrid"):
+                res = asyncio.run(load(url, [f"rag-{mode}"], 1, 40, args.tokens))
+                rag[mode] = {
+                    "p50_s": res["p50_s"],
+                    "plain_p50_s": plain["p50_s"],
+                    "added_p50_ms": (res["p50_s"] - plain["p50_s"]) * 1000,
+                    "retrieval_stage_p50_ms": res["retrieval_p50_ms"],
+                }
+                print(
+                    f"retrieval {mode}: stage p50 {res['retrieval_p50_ms']:.1f} ms, "
+                    f"added p50 {rag[mode]['added_p50_ms']:.1f} ms"
+                )
+            results["retrieval"] = rag
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -98,6 +98,11 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     cfg = load(write_config(tmp_path, "json-tiny"), settings.home)
     result = run_training(cfg, settings)
     assert result.version == "1" and result.run_name == "json-tiny"
+    # the job's log, as the user sees it: the worker's progress lines, and not Ray Train's
+    # once-a-second complaint that a local Ray has no dashboard (State API)
+    logged = "".join(capsys.readouterr())
+    assert "[train] step 1/8" in logged, logged[-2000:]
+    assert "State API may be temporarily unavailable" not in logged
 
     client = mlflow.MlflowClient()
     runs = client.search_runs(

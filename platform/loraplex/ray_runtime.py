@@ -2,7 +2,8 @@
 
 Owns: :func:`init_ray`, the one place loraplex calls ``ray.init``, so every command and
 test starts Ray the same way (logical CPUs oversubscribed for Ray Serve LLM's CPU
-bundles, no dashboard, usage stats off). Does not own: Ray Train or Serve set-up.
+bundles, no dashboard, usage stats off), and :func:`quiet_ray_worker`, the set-up hook
+of a local Ray's worker processes. Does not own: Ray Train or Serve set-up.
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from loraplex.config import LoraplexConfig
 from loraplex.errors import LoraplexError
 
 log = logging.getLogger(__name__)
+
+# Ray Train's placement-group cleaner asks the State API (the dashboard) every second
+# whether the training controller is alive; a local Ray runs without a dashboard, so
+# each check fails and logs a warning: one line a second in every training log.
+_NOISY_WITHOUT_DASHBOARD = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_ray_worker() -> None:
+    """Set-up hook of a local Ray's worker processes (``worker_process_setup_hook``):
+    silence the warnings that only say the dashboard is not there."""
+    logging.getLogger(_NOISY_WITHOUT_DASHBOARD).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
@@ -59,7 +71,13 @@ def _start_local(num_cpus: int, attempts: int = 3, **kwargs: Any) -> None:
     for attempt in range(1, attempts + 1):
         began = time.time()
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=True,
+                runtime_env={"worker_process_setup_hook": "loraplex.ray_runtime.quiet_ray_worker"},
+                **kwargs,
+            )
             return
         except Exception as e:
             if "timed out during startup" not in str(e):
