@@ -7,8 +7,7 @@ imported one (``--model smollm2-135m-instruct``, with the dtype ``serving/smollm
    loraplex ingress + LLMServer) on the base model without retrieval, at concurrency
    1, 8 and 32: throughput (completion tokens/s) and p50/p95 request latency;
 2. 8 adapters round-robin on both servers (``--phase bare-lora`` against ``--phase
-   loraplex``), and through loraplex the same adapters against the base model alone on
-   the same LoRA-enabled engine;
+   loraplex``), and through loraplex the adapters against the base model without LoRA;
 3. the first (cold) request to each adapter against a second (warm) one;
 4. a retrieval route against the same adapter without retrieval, on a collection of
    10,000 chunks (real MiniLM embeddings), per search mode.
@@ -352,13 +351,11 @@ def main() -> None:
             results["loraplex_base"] = levels(url, [SERVED], args)
             return
         if args.phase != "retrieval":
-            # part 2: the same 8 adapters round-robin as bare-lora, and the base model
-            # alone on this LoRA-enabled engine (the adapters' own cost, vLLM's)
+            # part 2: the same 8 adapters round-robin as bare-lora (against the base model
+            # without LoRA, --phase loraplex-base: the adapters' own cost, vLLM's)
             cold_and_warm(url, names, results)
             print("loraplex, 8 adapters round-robin:")
             results["loraplex"] = levels(url, [f"{SERVED}:{n}" for n in names], args)
-            print("loraplex, the base model on the same engine:")
-            results["loraplex_lora_base"] = levels(url, [SERVED], args)
         if retrieval:  # part 4
             rag = {}
             plain = asyncio.run(load(url, ["plain"], 1, 40, args.tokens))
@@ -401,12 +398,13 @@ def print_tables(results: dict) -> None:
                 f"{lp['tokens_per_s']:.0f} | {lp['tokens_per_s'] / b['tokens_per_s']:.2f} | "
                 f"{b['p50_s']:.2f} / {b['p95_s']:.2f} | {lp['p50_s']:.2f} / {lp['p95_s']:.2f} |"
             )
-    base = {r["concurrency"]: r for r in results.get("loraplex_lora_base", [])}
+    base = {r["concurrency"]: r for r in results.get("loraplex_base", [])}
     for r in results.get("loraplex", []):
         if r["concurrency"] in base:
             ratio = r["tokens_per_s"] / base[r["concurrency"]]["tokens_per_s"]
+            c = r["concurrency"]
             print(
-                f"8 adapters vs the base model through loraplex, c={r['concurrency']}: {ratio:.2f}"
+                f"through loraplex, 8 adapters vs the base model without LoRA, c={c}: {ratio:.2f}"
             )
 
 

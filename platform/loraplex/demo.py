@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex.demo")
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "jobs" / "configs"
+# Requests the evaluation keeps in flight. A CPU engine batches them: SmolLM2 in float32
+# on one core gave 20 tokens/s at 1 request, 88 at 8 and 139 at 32 (benchmarks/RESULTS.md).
+EVAL_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
                 url=url,
                 collection=eval_collection,
                 top_k=top_k,
+                concurrency=EVAL_CONCURRENCY,
             ),
         )
         tickets = evaluate_endpoint(
@@ -225,6 +229,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
                 configs="tickets",
                 url=url,
                 max_tokens=8,
+                concurrency=EVAL_CONCURRENCY,
             ),
         )
         result |= {

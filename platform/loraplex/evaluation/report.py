@@ -198,6 +198,11 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], advice: s
         "",
         f"Endpoint {meta['url']}, {meta['questions']} questions from `{meta['questions_file']}`"
         + (f", collection `{meta['collection']}`" if meta.get("collection") else "")
+        + (
+            f", {meta['concurrency']} requests at a time (latencies are under that load)"
+            if meta.get("concurrency")
+            else ""
+        )
         + f", {meta['date']}.",
         "",
         *rows,

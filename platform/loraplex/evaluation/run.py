@@ -95,6 +95,7 @@ def evaluate_endpoint(
         "collection": collection if any(c.retrieval for c in configs) else None,
         "date": dt.date.today().isoformat(),
         "max_tokens": opts.max_tokens,
+        "concurrency": opts.concurrency,
         "world_seed": provenance.world_seed(opts.questions),
         "adapters_trained_on_seeds": trained_on,
     }
@@ -152,6 +153,7 @@ def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Pat
                 "questions_file": meta["questions_file"],
                 "questions": meta["questions"],
                 "max_tokens": meta["max_tokens"],
+                "concurrency": meta["concurrency"],
             }
         )
         for config, s in summary.items():
