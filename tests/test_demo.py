@@ -66,9 +66,9 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
 
     # the report says which worlds the adapters learned from (seed 0, not the questions')
     assert results["meta"]["world_seed"] == 7
-    # the evaluation keeps 16 requests in flight (a CPU engine batches them), and says so
-    assert results["meta"]["concurrency"] == 16
-    assert "16 requests at a time" in (report / "report.md").read_text()
+    # the report says how many requests were in flight: its latencies are under that load
+    assert results["meta"]["concurrency"] == 4
+    assert "4 requests at a time" in (report / "report.md").read_text()
     assert results["meta"]["adapters_trained_on_seeds"] == {"loraplex-tiny:json-answer": [0]}
     assert (
         "trained on worlds loraplex-tiny:json-answer: seed 0" in (report / "report.md").read_text()

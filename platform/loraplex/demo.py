@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex.demo")
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "jobs" / "configs"
-# Requests the evaluation keeps in flight. A CPU engine batches them: SmolLM2 in float32
-# on one core gave 20 tokens/s at 1 request, 88 at 8 and 139 at 32 (benchmarks/RESULTS.md).
-EVAL_CONCURRENCY = 16
+# Requests the evaluation keeps in flight. 16 instead of 4 left SmolLM2's demo no faster
+# (12.4 against 12.1 min: vLLM's CPU LoRA barely batches) and its latencies 4x longer.
+EVAL_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
