@@ -97,7 +97,9 @@ def settings_env(settings: LoraplexConfig) -> dict[str, str]:
 def engine_dtype(spec: BaseModelSpec) -> str:
     """The dtype vLLM gets: the spec's, with ``auto`` on a CPU that has no native
     bfloat16 arithmetic (no AVX-512 BF16, no AMX) made float32, since vLLM's own ``auto``
-    keeps a bfloat16 checkpoint in bfloat16 and the CPU then emulates every product."""
+    keeps a bfloat16 checkpoint in bfloat16 and the CPU then emulates every product.
+    Decided on the machine that builds the application: a cluster whose nodes differ
+    should name the dtype."""
     if spec.dtype != "auto" or spec.accelerator != "cpu":
         return spec.dtype
     import torch
