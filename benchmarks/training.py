@@ -279,11 +279,8 @@ def main() -> None:
     from loraplex.training.dataset import load_examples, tokenize
 
     settings = load_settings(overrides=[f"home={args.home}"])
-    cfg = load_train_config(args.config, (), args.home)
-    if args.stage is not None:
-        cfg = cfg.model_copy(
-            update={"deepspeed": cfg.deepspeed.model_copy(update={"stage": args.stage})}
-        )
+    stage = () if args.stage is None else (f"deepspeed.stage={args.stage}",)
+    cfg = load_train_config(args.config, stage, args.home)  # validated like `--set`
     zero = f"zero{cfg.deepspeed.stage}"
     base_dir, _ = resolve_base_model(cfg.base_model, settings)
     world = args.home / "worlds" / "seed-0"

@@ -27,9 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("loraplex.demo")
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "jobs" / "configs"
-# Requests the evaluation keeps in flight. 16 instead of 4 left SmolLM2's demo no faster
-# (12.4 against 12.1 min: vLLM's CPU LoRA barely batches) and its latencies 4x longer.
-EVAL_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -217,7 +214,6 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
                 url=url,
                 collection=eval_collection,
                 top_k=top_k,
-                concurrency=EVAL_CONCURRENCY,
             ),
         )
         tickets = evaluate_endpoint(
@@ -229,7 +225,6 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
                 configs="tickets",
                 url=url,
                 max_tokens=8,
-                concurrency=EVAL_CONCURRENCY,
             ),
         )
         result |= {
