@@ -3,28 +3,46 @@
 Greedy answers (transformers, CPU) to a held-out world's test questions, with the gold
 document in the prompt (``--mode json``: the adapter's JSON task; ``--mode text``: the
 base model's plain answer) or with no source at all (``--mode closed``: the format alone).
-Prints exact match and JSON-schema compliance. A quick check between adapter trainings
-(seconds, against minutes for `loraplex eval` through a server); the four-way
-evaluation is the figure of record.
+With ``--retrieved`` the sources are instead the top ``--top-k`` chunks that hybrid search
+returns from the world's evaluation collection, in rank order, as the `docs-json` and
+`docs-qa` routes serve them (needs the collection `eval_seed_N` that `loraplex demo`
+ingests, and no server holding Milvus Lite). Prints exact match, answer accuracy,
+JSON-schema compliance and, with sources, citation precision, where the gold passage
+stood and which numbers were cited. A quick check between adapter trainings (a few
+minutes, against a server's start and `loraplex eval`); the four-way evaluation is the
+figure of record.
 
 Usage: .venv/bin/python benchmarks/adapter_reading.py --home DIR [--adapter models:/json-answer/3]
-       [--mode json|text|closed] [--eval-seed 7] [--questions 80]
+       [--base-model smollm2-135m-instruct] [--mode json|text|closed] [--retrieved]
+       [--top-k 3] [--eval-seed 7] [--questions 80]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplex.evaluation.scorers import exact_match, json_compliant
+from loraplex.config import load_settings
+from loraplex.evaluation.scorers import (
+    answer_correct,
+    citation_score,
+    cited_numbers,
+    exact_match,
+    json_compliant,
+    parse_json_object,
+)
+from loraplex.models.resolve import resolve_base_model
 from loraplex.prompts import JSON_ANSWER_SCHEMA, Source, question_prompt
+from loraplex.retrieval.retriever import Retriever, SearchRequest, hits_to_sources
+from loraplex.tracking import setup
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -35,10 +53,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--adapter", default=None, help="models:/NAME/VERSION; none: the base model")
+    ap.add_argument("--base-model", default="tiny-llama", help="an imported base model's name")
     ap.add_argument("--mode", choices=("json", "text", "closed"), default="json")
+    ap.add_argument("--retrieved", action="store_true", help="hybrid top-k chunks as sources")
+    ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--eval-seed", type=int, default=7)
     ap.add_argument("--questions", type=int, default=80)
     args = ap.parse_args()
+    if args.retrieved and args.mode == "closed":
+        raise SystemExit("--retrieved gives sources; --mode closed has none")
 
     world = args.home / "worlds" / f"seed-{args.eval_seed}"
     if not (world / "manifest.json").exists():
@@ -47,45 +70,74 @@ def main() -> None:
     questions = [q for q in _jsonl(world / "queries.jsonl") if q["metadata"]["split"] == "test"]
     questions = questions[: args.questions]
 
-    base = args.home / "models" / "tiny-llama"
+    settings = load_settings(overrides=[f"home={args.home}"])
+    base, _ = resolve_base_model(args.base_model, settings)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     if args.adapter:
         from peft import PeftModel
 
-        mlflow.set_tracking_uri(f"sqlite:///{args.home}/mlflow.db")
+        setup(settings)
         folder = Path(mlflow.artifacts.download_artifacts(args.adapter))
         adapter_dir = next(p.parent for p in folder.rglob("adapter_config.json"))
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    retriever = Retriever(settings) if args.retrieved else None
+    collection = f"eval_seed_{args.eval_seed}"
 
-    started, exact, compliant, misses = time.perf_counter(), 0.0, 0, []
-    for q in questions:
+    started, exact, accurate, compliant, misses = time.perf_counter(), 0.0, 0.0, 0, []
+    precisions: list[float] = []
+    gold_at: Counter[int] = Counter()  # 0: the gold passage was not retrieved
+    cited_at: Counter[str] = Counter()
+    for q in tqdm(questions, desc="answering", unit="question"):
         gold = docs[q["metadata"]["gold_doc"]]
         sources = [] if args.mode == "closed" else [Source(gold["_id"], gold["text"])]
+        if retriever is not None:
+            request = SearchRequest(query=q["text"], collection=collection, top_k=args.top_k)
+            sources = hits_to_sources(retriever.search(request))
+            ranked = [s.doc_id for s in sources]
+            gold_at[1 + ranked.index(gold["_id"]) if gold["_id"] in ranked else 0] += 1
         prompt = question_prompt(q["text"], sources, json_answer=args.mode != "text")
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=32, do_sample=False)
+            out = model.generate(ids, max_new_tokens=64, do_sample=False)
         reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        answer = reply.split("[")[0]
+        answer, numbers = reply, cited_numbers(reply)
         if args.mode != "text":
             compliant += json_compliant(reply, JSON_ANSWER_SCHEMA)
-            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-                answer = json.loads(reply)["answer"]
+            parsed = parse_json_object(reply) or {}
+            answer = str(parsed.get("answer", reply))
+            numbers = [n for n in parsed.get("sources") or [] if isinstance(n, int)]
+        if sources:
+            cited_at[",".join(map(str, numbers)) or "none"] += 1
+            cited = [sources[n - 1].doc_id for n in numbers if 1 <= n <= len(sources)]
+            score = citation_score(cited, [gold["_id"]])
+            if score.precision is not None:
+                precisions.append(score.precision)
         hit = exact_match(answer, q["metadata"]["answer"])
         exact += hit
+        accurate += answer_correct(answer, q["metadata"]["answer"])
         if not hit and len(misses) < 5:
             misses.append((q["metadata"]["answer"], reply))
+    if retriever is not None:
+        retriever.close()
     n = len(questions)
     print(
-        f"{args.adapter or 'base model'} ({args.mode}, seed {args.eval_seed}): "
-        f"exact match {exact / n:.3f}"
+        f"{args.adapter or args.base_model} ({args.mode}"
+        + (f", retrieved top {args.top_k}" if args.retrieved else "")
+        + f", seed {args.eval_seed}): exact match {exact / n:.3f}, answer accuracy "
+        f"{accurate / n:.3f}"
         + (f", JSON compliance {compliant / n:.3f}" if args.mode != "text" else "")
         + f" on {n} questions ({time.perf_counter() - started:.0f} s)"
     )
+    if args.mode != "closed":
+        precision = sum(precisions) / len(precisions) if precisions else float("nan")
+        print(f"citation precision {precision:.3f} over {len(precisions)} answers citing")
+        print(f"cited: {dict(cited_at.most_common())}")
+    if retriever is not None:
+        print(f"gold passage at (0 = not retrieved): {dict(sorted(gold_at.items()))}")
     for gold_answer, reply in misses:
         print(f"  expected {gold_answer!r}, got {reply!r}")
 
