@@ -31,17 +31,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex.config import load_settings
-from loraplex.evaluation.scorers import (
-    answer_correct,
-    citation_score,
-    cited_numbers,
-    exact_match,
-    json_compliant,
-    parse_json_object,
-)
+from loraplex.evaluation.endpoint import Record, load_questions, score
 from loraplex.models.resolve import resolve_base_model
-from loraplex.prompts import JSON_ANSWER_SCHEMA, Source, question_prompt
+from loraplex.prompts import Source, question_prompt
 from loraplex.retrieval.retriever import Retriever, SearchRequest, hits_to_sources
+from loraplex.serving.grounding import citations
 from loraplex.tracking import setup
 
 
@@ -67,8 +61,7 @@ def main() -> None:
     if not (world / "manifest.json").exists():
         raise SystemExit(f"no world in {world}: run `loraplex world generate` or the demo first")
     docs = {d["_id"]: d for d in _jsonl(world / "corpus.jsonl")}
-    questions = [q for q in _jsonl(world / "queries.jsonl") if q["metadata"]["split"] == "test"]
-    questions = questions[: args.questions]
+    questions = load_questions(world / "queries.jsonl", split="test", limit=args.questions)
 
     settings = load_settings(overrides=[f"home={args.home}"])
     base, _ = resolve_base_model(args.base_model, settings)
@@ -89,14 +82,14 @@ def main() -> None:
     gold_at: Counter[int] = Counter()  # 0: the gold passage was not retrieved
     cited_at: Counter[str] = Counter()
     for q in tqdm(questions, desc="answering", unit="question"):
-        gold = docs[q["metadata"]["gold_doc"]]
-        sources = [] if args.mode == "closed" else [Source(gold["_id"], gold["text"])]
+        gold = q.gold_docs[0]
+        sources = [] if args.mode == "closed" else [Source(gold, docs[gold]["text"])]
         if retriever is not None:
-            request = SearchRequest(query=q["text"], collection=collection, top_k=args.top_k)
+            request = SearchRequest(query=q.text, collection=collection, top_k=args.top_k)
             sources = hits_to_sources(retriever.search(request))
             ranked = [s.doc_id for s in sources]
-            gold_at[1 + ranked.index(gold["_id"]) if gold["_id"] in ranked else 0] += 1
-        prompt = question_prompt(q["text"], sources, json_answer=args.mode != "text")
+            gold_at[1 + ranked.index(gold) if gold in ranked else 0] += 1
+        prompt = question_prompt(q.text, sources, json_answer=args.mode != "text")
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
@@ -104,23 +97,21 @@ def main() -> None:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=64, do_sample=False)
         reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        answer, numbers = reply, cited_numbers(reply)
-        if args.mode != "text":
-            compliant += json_compliant(reply, JSON_ANSWER_SCHEMA)
-            parsed = parse_json_object(reply) or {}
-            answer = str(parsed.get("answer", reply))
-            numbers = [n for n in parsed.get("sources") or [] if isinstance(n, int)]
+        # cited and scored as the server and `loraplex eval` do
+        cites = citations(reply, [{"id": i, "doc_id": s.doc_id} for i, s in enumerate(sources, 1)])
+        cited = [c["doc_id"] for c in cites if c["valid"]]
+        rec = score(
+            Record("reading", q.text, text=reply, cited=cited), q, args.mode != "text", None
+        )
+        exact += rec.exact
+        accurate += rec.answer_accuracy
+        compliant += bool(rec.compliant)
         if sources:
-            cited_at[",".join(map(str, numbers)) or "none"] += 1
-            cited = [sources[n - 1].doc_id for n in numbers if 1 <= n <= len(sources)]
-            score = citation_score(cited, [gold["_id"]])
-            if score.precision is not None:
-                precisions.append(score.precision)
-        hit = exact_match(answer, q["metadata"]["answer"])
-        exact += hit
-        accurate += answer_correct(answer, q["metadata"]["answer"])
-        if not hit and len(misses) < 5:
-            misses.append((q["metadata"]["answer"], reply))
+            cited_at[",".join(str(c["source"]) for c in cites) or "none"] += 1
+            if rec.citation_precision is not None:
+                precisions.append(rec.citation_precision)
+        if not rec.exact and len(misses) < 5:
+            misses.append((q.answer, reply))
     if retriever is not None:
         retriever.close()
     n = len(questions)
