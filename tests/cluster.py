@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# what `ray start` says when its raylet did not register with the GCS within its fixed 30 s
+_STARTUP_TIMEOUT = "timed out during startup"
 SERVE = str(Path(sys.executable).with_name("serve"))
 
 
@@ -182,25 +184,40 @@ class LocalCluster:
         self.wait_for_nodes(1, timeout_s)
         return self
 
-    def add_node(self, name: str, timeout_s: float = 120) -> Node:
+    def add_node(self, name: str, timeout_s: float = 120, attempts: int = 3) -> Node:
         """A worker node with private disks and a CPU core of its own for vLLM (the one
-        fewest alive worker nodes use); returns once it is alive in the cluster."""
+        fewest alive worker nodes use); returns once it is alive in the cluster.
+
+        ``ray start`` gives its raylet a fixed 30 s to register with the GCS and exits
+        if it has not; on two busy cores that happens. A node that exited so is started
+        again (as a pod's container is restarted), up to ``attempts`` times."""
         used = [n.core for n in self.nodes.values() if n.core is not None]
         core = min(range(os.cpu_count() or 1), key=used.count)
-        node = self._spawn(
-            name,
-            [
-                RAY,
-                "start",
-                f"--address={self.address}",
-                f"--num-cpus={self.node_cpus}",
-                *self._ports(name),
-            ],
-            private=self.private,
-            core=core,
-        )
-        self.wait_for_nodes(1, timeout_s, name=name)
-        return node
+        attempt = 1
+        while True:
+            node = self._spawn(
+                name,
+                [
+                    RAY,
+                    "start",
+                    f"--address={self.address}",
+                    f"--num-cpus={self.node_cpus}",
+                    *self._ports(name),
+                ],
+                private=self.private,
+                core=core,
+            )
+            try:
+                self.wait_for_nodes(1, timeout_s, name=name)
+                return node
+            except RuntimeError:
+                exited = node.proc.poll() is not None
+                if attempt >= attempts or not exited or _STARTUP_TIMEOUT not in self.tail(name):
+                    raise
+            print(f"node {name} did not register within ray start's 30 s; starting it again")
+            _kill_group(node.proc, signal.SIGKILL)
+            del self.nodes[name]
+            attempt += 1
 
     def kill_node(self, name: str) -> None:
         """The node dies: SIGKILL to its process group (``ray start``, raylet, agents).

@@ -347,17 +347,16 @@ def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_pat
             assert before and all(before)
             assert after.count(False) <= 2, after  # at most the two requests running on it
             assert after[-5:] == [True] * 5, after  # the surviving replica answers
-
-            # capacity returns: Serve brings the second replica back on a node that joins
-            c.add_node("w4")
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and len(c.replicas()) < 2:
-                time.sleep(5)
-            assert len(c.replicas()) == 2
         finally:
             done.set()
             for t in threads:
                 t.join(timeout=300)
+        # capacity returns: Serve brings the second replica back on a node that joins
+        c.add_node("w4")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and len(c.replicas()) < 2:
+            time.sleep(5)
+        assert len(c.replicas()) == 2
         r = openai.chat.completions.create(model="tiny:spread", messages=msgs, max_tokens=8)
         assert r.choices[0].message.content is not None
     finally:
