@@ -47,14 +47,16 @@ endif
 
 # The CPU stack installs from the lock with --no-deps: exactly the versions listed,
 # nothing resolved again, so next month installs what was tested today. uv installs it
-# (the same pins; 27 s instead of pip's 177 s on a 2-core machine), looking where pip is
+# (the same pins, compiled to bytecode as pip does: without .pyc files every process
+# compiles what it imports where PYTHONDONTWRITEBYTECODE is set; all of `make setup` 92 s
+# on a 2-core machine, where pip took 177 s for the lock alone), looking where pip is
 # configured to look too (pip's find-links: where the CPU torch wheel lies).
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==26.3 uv==$(UV_VERSION)
 ifeq ($(EXTRA),cpu)
 	links="$$($(BIN)/pip config get global.find-links 2>/dev/null) $${PIP_FIND_LINKS:-}"; \
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps \
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --no-deps \
 	  $$(for l in $$links; do echo --find-links $$l; done) -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 else ifeq ($(EXTRA),gpu)
