@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
+SERVE = str(Path(sys.executable).with_name("serve"))
 # what `ray start` says when its raylet did not register with the GCS within its fixed 30 s
 _STARTUP_TIMEOUT = "timed out during startup"
-SERVE = str(Path(sys.executable).with_name("serve"))
 
 
 def can_run() -> str | None:
