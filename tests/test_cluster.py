@@ -266,6 +266,11 @@ def _serve_config(cluster: dict, tmp_path: Path, port: int, routes: list[dict]) 
         "routes": routes,
         "retriever": None,
         "auth": {"allow_anonymous": True},
+        # the front door on the head node (its `node:head` resource), as a KubeRay user
+        # keeps it off the model nodes: a model replica needs a whole 2-CPU worker node
+        # (replica and engine bundle), so an ingress placed on one by Serve's SPREAD left
+        # the second model replica unschedulable (CI, 2026-12-04)
+        "ingress": {"num_cpus": 0.5, "resources": {"node:head": 0.01}},
     }
     env = {
         "LORAPLEX_HOME": str(cluster["home"]),
@@ -338,11 +343,9 @@ def test_serving_across_private_nodes_routes_around_a_dead_node(cluster, tmp_pat
             t.start()
         try:
             time.sleep(10)
-            # the node of a model replica that holds no ingress replica (the ingress has
-            # replicas of its own; its death is the proxy's problem, not this test's)
-            ingress = set(c.replicas("LoraplexIngress").values())
-            victim = next((n for n in nodes if n not in ingress), None)
-            assert victim, (nodes, ingress)
+            # the ingress stays where its custom resource put it; a model node dies
+            assert set(c.replicas("LoraplexIngress").values()) == {"head"}
+            victim = nodes[0]
             killed_at = time.monotonic()
             c.kill_node(victim)
             time.sleep(45)

@@ -71,6 +71,8 @@ def test_shipped_serving_configs_validate() -> None:
         ),
         ({"models": [{"id": "m", "scaling": {"min_replicas": 3, "max_replicas": 1}}]}, "min_"),
         ({"retriever": None, "routes": [{"name": "r", "base": "m", "retrieval": {}}]}, "null"),
+        ({"ingress": {"resources": {"CPU": 1}}}, "'CPU' is not a custom resource"),
+        ({"models": [{"id": "m", "scaling": {"resources": {"pool": 0}}}]}, "an amount above 0"),
     ],
 )
 def test_bad_serving_configs_are_refused_with_the_reason(change: dict, reason: str) -> None:
@@ -265,3 +267,32 @@ def test_auto_dtype_is_float32_on_a_cpu_that_emulates_bfloat16(settings, tmp_pat
     assert engine_dtype(dtype="bfloat16") == "bfloat16"
     assert engine_dtype(dtype="float32") == "float32"
     assert engine_dtype(accelerator="gpu") == "auto"
+
+
+def test_custom_resources_decide_where_each_deployment_may_go(ray_local, settings, tmp_path):
+    """`resources` of a deployment's scaling (a KubeRay group started with
+    ``--resources '{"cpu-pool": 1}'``) reach Ray: the ingress and the retriever as the
+    replica actor's resources, the LLM server inside its placement group's replica bundle
+    beside the engine's CPU, with the CPUs loraplex reserves left as they were."""
+    from loraplex.serving.adapters import LoraplexLLMServer
+    from loraplex.serving.builder import llm_config
+    from loraplex.serving.config import BaseModelSpec, ServingConfig
+
+    pool = {"cpu-pool": 0.01}
+    cfg = ServingConfig.model_validate(
+        {
+            "models": [{"id": "m", "num_cpus": 0.5, "scaling": {"resources": pool}}],
+            "ingress": {"num_cpus": 0.25, "resources": pool},
+            "retriever": {"resources": pool},
+        }
+    )
+    for scaling, cpus in ((cfg.ingress, 0.25), (cfg.retriever, 1.0)):
+        assert scaling.deployment_config()["ray_actor_options"] == {
+            "num_cpus": cpus,
+            "resources": pool,
+        }
+    spec: BaseModelSpec = cfg.models[0]
+    conf = llm_config(spec, tmp_path, settings, False, "models:/m/1")
+    options = LoraplexLLMServer.get_deployment_options(conf)
+    # one bundle: the replica actor's 0.5 CPU and the pool, with the CPU engine's 1 CPU
+    assert options["placement_group_bundles"][0] == {"cpu-pool": 0.01, "CPU": 1.5, "GPU": 0}

@@ -141,7 +141,10 @@ def llm_config(
         )
     engine.update(spec.engine_kwargs)
     deployment = spec.scaling.deployment_config()
-    deployment["ray_actor_options"] = {"num_cpus": spec.num_cpus}
+    deployment["ray_actor_options"] = {
+        **deployment.get("ray_actor_options", {}),
+        "num_cpus": spec.num_cpus,
+    }
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": spec.id, "model_source": str(base_dir)},
         "engine_kwargs": engine,
@@ -194,7 +197,7 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     app = build_fastapi_app(cfg, checked.key_digests)
     ingress_cls = make_fastapi_ingress(LoraplexIngress, endpoint_map=ENDPOINTS, app=app)
     options = cfg.ingress.deployment_config()
-    options.setdefault("ray_actor_options", {"num_cpus": 0.5})
+    options.setdefault("ray_actor_options", {}).setdefault("num_cpus", 0.5)
     return serve.deployment(ingress_cls, name="LoraplexIngress", **options).bind(
         llm_deployments=deployments,
         model_cards=cards,

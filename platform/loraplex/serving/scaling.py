@@ -1,7 +1,8 @@
 """Replicas and queues of one Ray Serve deployment: the one scaling model of loraplex.
 
 Owns: :class:`Scaling` (fixed replicas, or Ray Serve autoscaling when min/max are set;
-how many requests a replica runs at once and how many may wait for one) and turning it
+how many requests a replica runs at once and how many may wait for one; which nodes it
+may go to, by custom Ray resources) and turning it
 into Serve deployment options. Every deployment has a bounded queue: when
 ``max_queued_requests`` callers already wait, Serve refuses the next one at once
 (``BackPressureError``; the HTTP proxy answers 503) instead of piling requests up.
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loraplex.config import StrictModel
+
+# Ray's own resources, set through num_cpus (and the engine's bundles), never by name
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 class Scaling(StrictModel):
@@ -33,6 +37,27 @@ class Scaling(StrictModel):
         description="Callers allowed to wait for a replica; beyond, 503 at once (shed).",
     )
     num_cpus: float | None = Field(default=None, gt=0, description="CPUs reserved per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            'Custom Ray resources each replica needs, e.g. {"cpu-pool": 0.01} to keep it on '
+            "nodes started with --resources '{\"cpu-pool\": 1}' (a KubeRay group's "
+            "rayStartParams): where replicas may go."
+        ),
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in _BUILTIN_RESOURCES:
+                raise ValueError(
+                    f"{name!r} is not a custom resource: use num_cpus (CPU and GPU are "
+                    "set by loraplex)"
+                )
+            if not name or amount <= 0:
+                raise ValueError(f"resource {name!r} needs a name and an amount above 0")
+        return value
 
     @model_validator(mode="after")
     def _min_below_max(self) -> Scaling:
@@ -68,8 +93,13 @@ class Scaling(StrictModel):
             }
         else:
             cfg["num_replicas"] = self.num_replicas
+        actor: dict[str, Any] = {}
         if self.num_cpus is not None:
-            cfg["ray_actor_options"] = {"num_cpus": self.num_cpus}
+            actor["num_cpus"] = self.num_cpus
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        if actor:
+            cfg["ray_actor_options"] = actor
         return cfg
 
 
