@@ -243,3 +243,19 @@ def test_cli_generate_and_bad_input(tmp_path: Path):
     proc = run_cli("world", "generate", "--seed", "3", "--out", str(out), "--force", env=env)
     assert proc.returncode == 0 and (out / "corpus.jsonl").read_text() != before
     assert not list(tmp_path.glob(".w.*"))  # no staging folders left behind
+
+
+def test_question_prompt_layouts() -> None:
+    """The shipped layout: fenced sources, the instruction, then the question once; the
+    measured alternative (``question_first``) also states it before the sources."""
+    from loraplex.prompts import CITE_INSTRUCTION, SOURCES_HEADER, Source, question_prompt
+
+    sources = [Source("d1", "The Velmo X200 costs 12 dollars.")]
+    plain = question_prompt("Price of the Velmo X200?", sources)
+    assert plain.startswith(SOURCES_HEADER)
+    assert plain.count("Question: Price of the Velmo X200?") == 1
+    assert plain.index(CITE_INSTRUCTION) < plain.index("Question:")
+    first = question_prompt("Price of the Velmo X200?", sources, question_first=True)
+    assert first == "Question: Price of the Velmo X200?\n\n" + plain
+    # without sources there is nothing to put the question before
+    assert question_prompt("Hi?", question_first=True) == question_prompt("Hi?") == "Question: Hi?"

@@ -66,10 +66,19 @@ def render_sources(sources: Sequence[Source]) -> str:
 
 
 def question_prompt(
-    question: str, sources: Sequence[Source] = (), json_answer: bool = False
+    question: str,
+    sources: Sequence[Source] = (),
+    json_answer: bool = False,
+    question_first: bool = False,
 ) -> str:
-    """The user turn for a question, with sources (retrieval) and/or the JSON instruction."""
+    """The user turn for a question, with sources (retrieval) and/or the JSON instruction.
+
+    ``question_first`` also states the question before the sources (SmolLM2-135M read
+    three retrieved sources better so: benchmarks/RESULTS.md). Not the default: the tiny
+    model's pretraining, every adapter dataset and the server use the layout without it."""
     parts = []
+    if sources and question_first:
+        parts.append(f"Question: {question.strip()}")
     if sources:
         parts += [render_sources(sources), CITE_INSTRUCTION]
     if json_answer:
