@@ -44,7 +44,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
-from cluster import RAY, LocalCluster, can_run
+from cluster import HEAD_INGRESS, RAY, LocalCluster, can_run
 from helpers import (
     REPO,
     free_port,
@@ -205,11 +205,7 @@ def serve_config(ctx: dict, port: int, routes: list[dict]) -> Path:
         "routes": routes,
         "retriever": None,
         "auth": {"allow_anonymous": True},
-        # the front door on the head node (its `node:head` resource), as a KubeRay user
-        # keeps it off the model nodes: a model replica needs a whole 2-CPU worker node
-        # (replica and engine bundle), so an ingress placed on one by Serve's SPREAD left
-        # the second model replica unschedulable (CI, 2026-12-04)
-        "ingress": {"num_cpus": 0.5, "resources": {"node:head": 0.01}},
+        "ingress": HEAD_INGRESS,
     }
     config = {
         "proxy_location": "HeadOnly",

@@ -35,6 +35,11 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SERVE = str(Path(sys.executable).with_name("serve"))
 # what `ray start` says when its raylet did not register with the GCS within its fixed 30 s
 _STARTUP_TIMEOUT = "timed out during startup"
+# The serving application's ingress on the head node (every node carries a `node:NAME`
+# resource), as a KubeRay user keeps it off the model nodes: a model replica needs a
+# whole 2-CPU worker node (replica and engine bundle), so an ingress that Serve's SPREAD
+# placed on one left the second model replica unschedulable (CI, 2026-12-04).
+HEAD_INGRESS = {"num_cpus": 0.5, "resources": {"node:head": 0.01}}
 
 
 def can_run() -> str | None:

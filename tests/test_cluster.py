@@ -24,7 +24,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from cluster import RAY, LocalCluster, can_run
+from cluster import HEAD_INGRESS, RAY, LocalCluster, can_run
 from helpers import REPO, free_port, start_mlflow_server, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(can_run()), reason=str(can_run()))]
@@ -266,11 +266,7 @@ def _serve_config(cluster: dict, tmp_path: Path, port: int, routes: list[dict]) 
         "routes": routes,
         "retriever": None,
         "auth": {"allow_anonymous": True},
-        # the front door on the head node (its `node:head` resource), as a KubeRay user
-        # keeps it off the model nodes: a model replica needs a whole 2-CPU worker node
-        # (replica and engine bundle), so an ingress placed on one by Serve's SPREAD left
-        # the second model replica unschedulable (CI, 2026-12-04)
-        "ingress": {"num_cpus": 0.5, "resources": {"node:head": 0.01}},
+        "ingress": HEAD_INGRESS,
     }
     env = {
         "LORAPLEX_HOME": str(cluster["home"]),
