@@ -14,7 +14,7 @@ figure of record.
 
 Usage: .venv/bin/python benchmarks/adapter_reading.py --home DIR [--adapter models:/json-answer/3]
        [--base-model smollm2-135m-instruct] [--mode json|text|closed] [--retrieved]
-       [--top-k 3] [--eval-seed 7] [--questions 80] [--question-first]
+       [--top-k 3] [--eval-seed 7] [--questions 80] [--question-last]
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=7)
     ap.add_argument("--questions", type=int, default=80)
     ap.add_argument(
-        "--question-first",
+        "--question-last",
         action="store_true",
-        help="state the question before the sources too (a layout no model is trained on)",
+        help="the layout before prompts.PROMPT_LAYOUT 2: the question once, after the sources",
     )
     args = ap.parse_args()
     if args.retrieved and args.mode == "closed":
@@ -95,7 +95,7 @@ def main() -> None:
             ranked = [s.doc_id for s in sources]
             gold_at[1 + ranked.index(gold) if gold in ranked else 0] += 1
         prompt = question_prompt(
-            q.text, sources, json_answer=args.mode != "text", question_first=args.question_first
+            q.text, sources, json_answer=args.mode != "text", question_first=not args.question_last
         )
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -125,7 +125,7 @@ def main() -> None:
     print(
         f"{args.adapter or args.base_model} ({args.mode}"
         + (f", retrieved top {args.top_k}" if args.retrieved else "")
-        + (", question first" if args.question_first else "")
+        + (", question last" if args.question_last else "")
         + f", seed {args.eval_seed}): exact match {exact / n:.3f}, answer accuracy "
         f"{accurate / n:.3f}"
         + (f", JSON compliance {compliant / n:.3f}" if args.mode != "text" else "")

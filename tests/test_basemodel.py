@@ -97,11 +97,14 @@ def test_second_bootstrap_reuses_and_says_so(tiny_base, settings):
 def test_bootstrap_force_rebuilds_an_existing_model(tiny_base, tmp_path):
     """`loraplex bootstrap --force` (the console script) in a home that already holds a
     base model: trained again (a two-step curriculum here), a new MLflow run, new
-    weights in place of the old."""
+    weights in place of the old; without --force, only a model pretrained on an older
+    prompt layout is rebuilt."""
     import shutil
 
     import yaml
     from conftest import TINY_PRETRAIN
+
+    from loraplex.prompts import PROMPT_LAYOUT
 
     home = tmp_path / "home"
     shutil.copytree(tiny_base.model_dir, home / "models" / "tiny-llama")
@@ -129,6 +132,18 @@ def test_bootstrap_force_rebuilds_an_existing_model(tiny_base, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     assert client.get_run(marker["mlflow_run_id"]).info.status == "FINISHED"
     assert not list((home / "models").glob(".*"))  # no staging folder left
+
+    # a model pretrained on an older prompt layout is rebuilt without --force (it would
+    # read every retrieval prompt in a layout it never saw)
+    stale = marker | {"prompt_layout": 1}
+    (home / "models" / "tiny-llama" / "loraplex_base.json").write_text(json.dumps(stale))
+    proc = run_cli("bootstrap", "--config", str(tmp_path / "pretrain.yaml"), env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "older prompt layout" in proc.stdout + proc.stderr
+    assert "base model built in" in proc.stdout
+    rebuilt = json.loads((home / "models" / "tiny-llama" / "loraplex_base.json").read_text())
+    assert rebuilt["mlflow_run_id"] != marker["mlflow_run_id"]
+    assert rebuilt["prompt_layout"] == PROMPT_LAYOUT
 
 
 def test_bootstrap_refreshes_an_older_world_and_keeps_the_model(tiny_base, settings):

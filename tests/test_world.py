@@ -246,16 +246,17 @@ def test_cli_generate_and_bad_input(tmp_path: Path):
 
 
 def test_question_prompt_layouts() -> None:
-    """The shipped layout: fenced sources, the instruction, then the question once; the
-    measured alternative (``question_first``) also states it before the sources."""
+    """With sources: the question, the fenced sources, the instruction, the question
+    again; ``question_first=False`` is the earlier layout (the question once, last)."""
     from loraplex.prompts import CITE_INSTRUCTION, SOURCES_HEADER, Source, question_prompt
 
     sources = [Source("d1", "The Velmo X200 costs 12 dollars.")]
-    plain = question_prompt("Price of the Velmo X200?", sources)
-    assert plain.startswith(SOURCES_HEADER)
-    assert plain.count("Question: Price of the Velmo X200?") == 1
-    assert plain.index(CITE_INSTRUCTION) < plain.index("Question:")
-    first = question_prompt("Price of the Velmo X200?", sources, question_first=True)
-    assert first == "Question: Price of the Velmo X200?\n\n" + plain
+    last = question_prompt("Price of the Velmo X200?", sources, question_first=False)
+    assert last.startswith(SOURCES_HEADER)
+    assert last.count("Question: Price of the Velmo X200?") == 1
+    assert last.index(CITE_INSTRUCTION) < last.index("Question:")
+    assert question_prompt("Price of the Velmo X200?", sources) == (
+        "Question: Price of the Velmo X200?\n\n" + last
+    )
     # without sources there is nothing to put the question before
-    assert question_prompt("Hi?", question_first=True) == question_prompt("Hi?") == "Question: Hi?"
+    assert question_prompt("Hi?") == question_prompt("Hi?", question_first=False) == "Question: Hi?"

@@ -27,6 +27,7 @@ from loraplex.errors import LoraplexError
 from loraplex.folders import replace_folder, staging_folder
 from loraplex.models.registry import register_run_artifact
 from loraplex.models.resolve import EMBEDDED_FOLDER
+from loraplex.prompts import PROMPT_LAYOUT
 from loraplex.world.generate import generate_world, is_current
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,15 @@ def bootstrap(
     cfg = config or PretrainConfig()
     wdir, mdir = world_dir(settings), model_dir(settings)
     marker = existing_base(settings)
+    if marker and marker.get("prompt_layout", 1) != PROMPT_LAYOUT and not force:
+        log.info(
+            "the base model in %s was pretrained on an older prompt layout (%s, now %s): "
+            "rebuilding it and the embedded world",
+            mdir,
+            marker.get("prompt_layout", 1),
+            PROMPT_LAYOUT,
+        )
+        force = True
     if marker and not force and (wdir / "manifest.json").exists():
         if not is_current(wdir):
             log.info(
@@ -134,6 +144,7 @@ def bootstrap(
             marker = {
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "world_seed": DEFAULT_SEED,
+                "prompt_layout": PROMPT_LAYOUT,
                 "mlflow_run_id": run.info.run_id,
                 "steps": outcome["steps"],
                 "train_seconds": outcome["train_seconds"],

@@ -48,7 +48,7 @@ from loraplex.world.tasks import (
 
 # 2: JSON answers cite source numbers (``"sources": [1]``), not doc ids; three or four
 #    JSON-answer training examples per question; JSON records in the pretraining text
-WORLD_VERSION = 2
+WORLD_VERSION = 3  # 3: the prompt layout with the question first (prompts.PROMPT_LAYOUT 2)
 SPLITS = ("train", "test")
 
 
