@@ -73,12 +73,14 @@ def bootstrap(
     cfg = config or PretrainConfig()
     wdir, mdir = world_dir(settings), model_dir(settings)
     marker = existing_base(settings)
-    if marker and marker.get("prompt_layout", 1) != PROMPT_LAYOUT and not force:
+    # a marker written before layouts were recorded is layout 1
+    layout = marker.get("prompt_layout", 1) if marker else PROMPT_LAYOUT
+    if layout != PROMPT_LAYOUT and not force:
         log.info(
             "the base model in %s was pretrained on an older prompt layout (%s, now %s): "
             "rebuilding it and the embedded world",
             mdir,
-            marker.get("prompt_layout", 1),
+            layout,
             PROMPT_LAYOUT,
         )
         force = True
