@@ -31,7 +31,7 @@ help:
 	@echo "make demo    set up, then run the pipeline (SmolLM2-135M-Instruct, embedded defaults)"
 	@echo "make test    set up, then run the test suite"
 	@echo "make setup   create $(VENV) and install the locked stack (idempotent; EXTRA=gpu for CUDA)"
-	@echo "make lint    ruff check + format check"
+	@echo "make lint    ruff check + format check + the layer contracts (lint-imports)"
 	@echo "make lock    re-resolve the CPU stack and rewrite requirements/lock-cpu.txt"
 	@echo "make lock-gpu  re-resolve the GPU stack (linux x86_64) into requirements/lock-gpu.txt"
 
@@ -73,6 +73,7 @@ endif
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The whole pipeline on SmolLM2-135M-Instruct and the embedded defaults: health check,
@@ -85,6 +86,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplex.basemodel.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
 from loraplex.evaluation.scorers import exact_match
+from loraplex.models.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
 from loraplex.prompts import Source, question_prompt
 from loraplex.world.generate import generate_world
 

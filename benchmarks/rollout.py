@@ -107,10 +107,10 @@ def main() -> None:
 
     from loraplex import tracking
     from loraplex.config import load_settings
+    from loraplex.models.adapters import register_external
     from loraplex.models.resolve import resolve_base_model
     from loraplex.serving.builder import start
     from loraplex.serving.config import ServingConfig, hash_key
-    from loraplex.training.registry import register_external
 
     settings = load_settings(overrides=[f"home={args.home}"])
     model_dir, base_ref = resolve_base_model("embedded", settings)

@@ -272,11 +272,11 @@ def main() -> None:
 
     from loraplex import tracking
     from loraplex.config import load_settings
+    from loraplex.models.adapters import register_external
     from loraplex.models.resolve import resolve_base_model
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.builder import start
     from loraplex.serving.config import ServingConfig
-    from loraplex.training.registry import register_external
 
     settings = load_settings(overrides=[f"home={args.home}"])
     model_dir, _ = resolve_base_model(args.model, settings)

@@ -10,9 +10,9 @@ from helpers import clean_env, one_line_error, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex.basemodel.architecture import TinyLlamaSpec
-from loraplex.basemodel.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
 from loraplex.basemodel.pretrain import IGNORE, encode_record, pack
 from loraplex.basemodel.tokenizer import train_tokenizer
+from loraplex.models.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
 
 
 @pytest.fixture(scope="module")

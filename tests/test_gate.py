@@ -107,7 +107,7 @@ def test_a_gate_without_a_running_endpoint_starts_one_for_itself(
 
     from loraplex import tracking
     from loraplex.evaluation.gate import GateConfig, run_gate, temporary_endpoint
-    from loraplex.training.registry import register_external
+    from loraplex.models.adapters import register_external
 
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     experiment = tracking.setup(settings)

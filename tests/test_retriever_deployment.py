@@ -21,9 +21,9 @@ def retriever_app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     from ray import serve
 
     from loraplex.config import load_settings
-    from loraplex.retrieval.deployment import build_retriever
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.config import AuthConfig
+    from loraplex.serving.retriever import build_retriever
 
     home = tmp_path_factory.mktemp("serve_home")
     docs = tmp_path_factory.mktemp("serve_docs")
@@ -109,7 +109,7 @@ def test_python_api_through_a_handle(retriever_app) -> None:
 
 def test_lite_refuses_more_than_one_replica(tmp_path: Path) -> None:
     from loraplex.config import load_settings
-    from loraplex.retrieval.deployment import build_retriever, retriever_options
+    from loraplex.serving.retriever import build_retriever, retriever_options
     from loraplex.serving.scaling import RetrieverScaling
 
     settings = load_settings(overrides=[f"home={tmp_path}"])
@@ -131,8 +131,8 @@ def test_anonymous_app_refuses_to_start_when_serve_listens_beyond_loopback(
     from ray import serve
 
     from loraplex.config import load_settings
-    from loraplex.retrieval.deployment import build_retriever
     from loraplex.serving.config import AuthConfig
+    from loraplex.serving.retriever import build_retriever
 
     settings = load_settings(overrides=[f"home={tmp_path}"])
     with pytest.raises(InputError, match="refusing to serve the retriever openly"):

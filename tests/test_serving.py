@@ -160,10 +160,10 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
 
     from loraplex import tracking
     from loraplex.config import load_settings
+    from loraplex.models.adapters import register_external
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.builder import start
     from loraplex.serving.config import ServingConfig
-    from loraplex.training.registry import register_external
 
     settings = load_settings(
         overrides=[f"home={home}", f"milvus.uri=http://127.0.0.1:{milvus_port}"]
@@ -503,7 +503,7 @@ def test_promotion_reaches_new_requests_and_running_ones_finish_on_the_old_versi
 ) -> None:
     from mlflow import MlflowClient
 
-    from loraplex.training.registry import promote
+    from loraplex.models.adapters import promote
 
     registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
     c = served.client()
@@ -704,7 +704,7 @@ def test_a_gated_promotion_moves_the_alias_only_when_the_gate_holds(
     import yaml
     from mlflow import MlflowClient
 
-    from loraplex.training.registry import alias_log
+    from loraplex.models.adapters import alias_log
 
     registry = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
     registry.set_registered_model_alias("alpha", "gated", "1")

@@ -386,7 +386,7 @@ def test_registry_lists_every_page_and_undoes_a_version_without_its_alias(
     from mlflow import MlflowClient
 
     from loraplex.errors import LoraplexError
-    from loraplex.training.registry import list_adapters, log_and_register, promote
+    from loraplex.models.adapters import list_adapters, log_and_register, promote
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.create_run(client.create_experiment("x")).info.run_id
@@ -447,7 +447,7 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
         raise ConnectionError("the MLflow server went away")
 
     with monkeypatch.context() as m:
-        m.setattr("loraplex.training.registry.log_and_register", registry_down)
+        m.setattr("loraplex.models.adapters.log_and_register", registry_down)
         with pytest.raises(LoraplexError, match="--resume to register its finished adapter"):
             job.run_training(cfg, settings)
     store = JobStore(storage)

@@ -9,18 +9,17 @@ renders :class:`Report`) or starting any service; the checks only look.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig
+from loraplex.probes import tcp_reachable, writable_dir
 
 # distribution -> import name. Exactly one of the vLLM distributions must be present.
 REQUIRED: dict[str, str] = {
@@ -213,77 +212,15 @@ def _meminfo_gib(path: Path) -> float | None:
     return None
 
 
-def _writable_dir(path: Path) -> tuple[bool, str]:
-    """Whether ``path`` (a folder, existing or to be created) can be written."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            return False, f"no existing parent of {path}"
-        probe = probe.parent
-    if not probe.is_dir():
-        return False, f"{probe} is not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return False, f"{probe} is not writable"
-    return True, f"{path} ({'exists' if path.exists() else 'will be created'})"
-
-
-def _tcp_reachable(host: str, port: int, timeout: float) -> tuple[bool, str]:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True, f"{host}:{port} accepts connections"
-    except OSError as e:
-        return False, f"{host}:{port} does not answer ({e.strerror or e})"
-
-
 def check_mlflow(cfg: LoraplexConfig) -> Check:
-    uri = cfg.mlflow.tracking_uri or ""
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
-        ok, detail = _writable_dir(db.parent)
-        return Check(
-            "services",
-            "mlflow",
-            ok,
-            f"embedded sqlite: {db} - {detail}",
-            None if ok else "set LORAPLEX_HOME (or mlflow.tracking_uri) to a writable place",
-        )
-    if parsed.scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=cfg.mlflow.timeout_s) as r:
-                ok = r.status == 200
-                detail = f"{uri} answers /health ({r.status})"
-        except (urllib.error.URLError, OSError) as e:
-            ok, detail = False, f"{uri} does not answer: {getattr(e, 'reason', e)}"
-        return Check(
-            "services",
-            "mlflow",
-            ok,
-            detail,
-            None if ok else "start the MLflow server or fix mlflow.tracking_uri",
-        )
-    if parsed.scheme == "file":
-        ok, detail = _writable_dir(Path(parsed.path))
-        return Check("services", "mlflow", ok, f"file store: {detail}")
-    if parsed.hostname and parsed.port:  # a database backend
-        ok, detail = _tcp_reachable(parsed.hostname, parsed.port, cfg.mlflow.timeout_s)
-        return Check(
-            "services",
-            "mlflow",
-            ok,
-            f"database backend: {detail}",
-            None if ok else "start the database or fix mlflow.tracking_uri",
-        )
-    return Check(
-        "services", "mlflow", True, f"{parsed.scheme} backend (not probed)", required=False
-    )
+    probe = tracking.probe(cfg)
+    return Check("services", "mlflow", probe.ok, probe.detail, probe.fix, probe.required)
 
 
 def check_milvus(cfg: LoraplexConfig) -> Check:
     uri = cfg.milvus.uri or ""
     if cfg.milvus.is_lite:
-        ok, detail = _writable_dir(Path(uri).parent)
+        ok, detail = writable_dir(Path(uri).parent)
         return Check(
             "services",
             "milvus",
@@ -293,7 +230,7 @@ def check_milvus(cfg: LoraplexConfig) -> Check:
         )
     parsed = urlparse(uri)
     port = parsed.port or (443 if parsed.scheme == "https" else 19530)
-    ok, detail = _tcp_reachable(parsed.hostname or "", port, cfg.milvus.timeout_s)
+    ok, detail = tcp_reachable(parsed.hostname or "", port, cfg.milvus.timeout_s)
     if ok:
         try:
             from pymilvus import MilvusClient
@@ -345,7 +282,7 @@ def check_ray(cfg: LoraplexConfig) -> Check:
             )
         address = found
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    ok, detail = _tcp_reachable(host, int(port), 5.0)
+    ok, detail = tcp_reachable(host, int(port), 5.0)
     return Check(
         "services",
         "ray",
@@ -365,7 +302,7 @@ def check_adapter_storage(cfg: LoraplexConfig) -> Check:
             f"{uri} (object store; credentials are checked on first use)",
             required=False,
         )
-    ok, detail = _writable_dir(Path(uri.removeprefix("file://")))
+    ok, detail = writable_dir(Path(uri.removeprefix("file://")))
     return Check(
         "services",
         "adapter storage",

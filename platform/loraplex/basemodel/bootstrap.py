@@ -25,15 +25,16 @@ from loraplex.basemodel.tokenizer import train_tokenizer
 from loraplex.config import LoraplexConfig
 from loraplex.errors import LoraplexError
 from loraplex.folders import replace_folder, staging_folder
+from loraplex.models import tags
 from loraplex.models.registry import register_run_artifact
-from loraplex.models.resolve import EMBEDDED_FOLDER
+from loraplex.models.resolve import BOOTSTRAP_MARKER, EMBEDDED_FOLDER
 from loraplex.prompts import PROMPT_LAYOUT
 from loraplex.world.generate import generate_world, is_current
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 0
-MARKER = "loraplex_base.json"
+MARKER = BOOTSTRAP_MARKER
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -120,7 +121,7 @@ def bootstrap(
     run = mlflow.start_run(
         experiment_id=experiment_id,
         run_name="bootstrap-base-model",
-        tags={"loraplex.kind": "base-model", "loraplex.world_seed": "0"},
+        tags={tags.KIND: tags.KIND_BASE_MODEL, tags.WORLD_SEED: "0"},
     )
     try:
         mlflow.log_params(tracking.flatten_params(cfg.model_dump()))
@@ -160,18 +161,18 @@ def bootstrap(
             {"train_seconds": outcome["train_seconds"], "parameters": float(parameters)}
         )
         mlflow.log_artifacts(str(mdir), artifact_path="base_model")
-        mlflow.set_tag("loraplex.base_model_path", str(mdir))
+        mlflow.set_tag(tags.BASE_MODEL_PATH, str(mdir))
         # one base model among others: models:/tiny-llama@current reaches it from any node
         register_run_artifact(
             mlflow.MlflowClient(),
             run.info.run_id,
             EMBEDDED_FOLDER,
             {
-                "loraplex.source": "loraplex bootstrap",
-                "loraplex.parameters": str(parameters),
-                "loraplex.architecture": "LlamaForCausalLM",
-                "loraplex.license": "Apache-2.0",
-                "loraplex.world_seeds": str(DEFAULT_SEED),
+                tags.SOURCE: "loraplex bootstrap",
+                tags.PARAMETERS: str(parameters),
+                tags.ARCHITECTURE: "LlamaForCausalLM",
+                tags.LICENSE: "Apache-2.0",
+                tags.WORLD_SEEDS: str(DEFAULT_SEED),
             },
         )
         mlflow.end_run()

@@ -123,7 +123,7 @@ def list_(state: CliState, as_json: bool) -> None:
 
     Example: loraplex adapters list
     """
-    from loraplex.training.registry import list_adapters
+    from loraplex.models.adapters import list_adapters
 
     rows = list_adapters(_client(state))
     if as_json:
@@ -178,8 +178,8 @@ def promote(
       loraplex adapters promote json-answer 3 --alias production
       loraplex adapters promote json-answer 4 --gate jobs/configs/smollm2/gate.yaml
     """
-    from loraplex.training.registry import check_loads
-    from loraplex.training.registry import promote as do_promote
+    from loraplex.models.adapters import check_loads
+    from loraplex.models.adapters import promote as do_promote
 
     if not version.isdigit():
         raise InputError(f"version must be a number, not {version!r}")
@@ -203,8 +203,8 @@ def _gated_promote(
     state, name, version, alias, gate, url, api_key, out=None, serve_config=None
 ) -> None:
     from loraplex.evaluation.gate import temporary_endpoint
-    from loraplex.training.registry import check_loads
-    from loraplex.training.registry import promote as do_promote
+    from loraplex.models.adapters import check_loads
+    from loraplex.models.adapters import promote as do_promote
 
     _one_gate_endpoint(url, serve_config)
     client = _client(state)
@@ -259,7 +259,7 @@ def rollback(state: CliState, name: str, alias: str) -> None:
 
     Example: loraplex adapters rollback json-answer --alias production
     """
-    from loraplex.training.registry import rollback as do_rollback
+    from loraplex.models.adapters import rollback as do_rollback
 
     was, now = do_rollback(_client(state), name, alias)
     click.echo(f"{name}@{alias} -> version {now} (rolled back from version {was})")
@@ -279,8 +279,8 @@ def register(state: CliState, path: Path, name: str, base_model: str, alias: str
     Example: loraplex adapters register ./my-adapter --name support-tone
     """
     from loraplex import tracking
+    from loraplex.models.adapters import register_external
     from loraplex.models.resolve import resolve_base_model
-    from loraplex.training.registry import register_external
 
     _valid(name, alias)
     settings = state.settings()

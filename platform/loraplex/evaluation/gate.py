@@ -10,7 +10,7 @@ each difference with its paired interval; the decision, both versions, every met
 the report are one MLflow run; the alias moves only when every rule holds. A failing
 difference whose interval still reaches the tolerated bound is "within noise" and
 follows ``within_noise``. Does not own: the requests and scores (``endpoint``), the
-report (``report``) or the alias itself (``training.registry``).
+report (``report``) or the alias itself (``models.adapters``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from loraplex.config import LoraplexConfig, StrictModel, load_model
 from loraplex.errors import InputError, LoraplexError
 from loraplex.evaluation import endpoint, report
 from loraplex.evaluation.intervals import paired_difference
+from loraplex.models import tags
 
 Metric = Literal[endpoint.METRICS]  # type: ignore[valid-type]
 log = logging.getLogger(__name__)
@@ -289,12 +290,12 @@ def _log_gate(settings: LoraplexConfig, result: GateResult, folder: Path) -> str
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         mlflow.set_tags(
             {
-                "loraplex.kind": "promotion-gate",
-                "loraplex.adapter": result.name,
-                "loraplex.alias": result.alias,
-                "loraplex.candidate_version": result.candidate,
-                "loraplex.incumbent_version": result.incumbent or "",
-                "loraplex.decision": "passed" if result.passed else "refused",
+                tags.KIND: tags.KIND_PROMOTION_GATE,
+                tags.ADAPTER: result.name,
+                tags.ALIAS: result.alias,
+                tags.CANDIDATE_VERSION: result.candidate,
+                tags.INCUMBENT_VERSION: result.incumbent or "",
+                tags.DECISION: "passed" if result.passed else "refused",
             }
         )
         for config, s in result.summary.items():

@@ -1,54 +1,33 @@
 """Which world an adapter learned from, and the rule that an evaluation never scores it
 on that world.
 
-Owns: finding the world seed of a data or questions file (the ``manifest.json`` of the
-world folder it lies in), the tag a fine-tuning run carries (``loraplex.world_seeds``),
-reading it back for an adapter the endpoint serves (registry alias or version -> run ->
-tag), and :func:`check_unseen`, which refuses an evaluation whose questions come from a
-world an evaluated adapter was trained on. Does not own: running the evaluation.
+Owns: reading the world seeds a fine-tuning run was tagged with back for an adapter the
+endpoint serves (registry alias or version -> run -> ``world_seeds`` tag; the seeds of a
+file come from ``world.manifest``), and :func:`check_unseen`, which refuses an
+evaluation whose questions come from a world an evaluated adapter was trained on. Does
+not own: running the evaluation.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig
-from loraplex.errors import InputError
+from loraplex.errors import InputError, first_line
+from loraplex.models import tags
+from loraplex.models.adapters import parse_registry_ref
+from loraplex.world.manifest import world_seed
 
 log = logging.getLogger(__name__)
-SEEDS_TAG = "loraplex.world_seeds"
-
-
-def world_seed(path: Path) -> int | None:
-    """The seed of the generated world a file belongs to, or None (not a world's file)."""
-    for folder in Path(path).absolute().parents:
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            try:
-                seed = json.loads(manifest.read_text()).get("seed")
-            except (OSError, json.JSONDecodeError):
-                return None
-            return seed if isinstance(seed, int) else None
-    return None
-
-
-def seeds_tag(paths: Iterable[Path]) -> str:
-    """The ``loraplex.world_seeds`` value for a run trained on ``paths`` ("" if none)."""
-    seeds = {s for p in paths if (s := world_seed(p)) is not None}
-    return ",".join(str(s) for s in sorted(seeds))
 
 
 def adapter_seeds(settings: LoraplexConfig, registry_ref: str) -> set[int] | None:
     """The world seeds the version ``registry_ref`` (NAME@ALIAS or NAME/VERSION) points
     at now was trained on; None when the registry cannot say."""
-    import mlflow
-
-    from loraplex import tracking
-    from loraplex.serving.config import parse_registry_ref
+    import mlflow  # heavy (seconds): imported when an evaluation reads the registry
 
     try:
         name, alias, version = parse_registry_ref(registry_ref)
@@ -59,9 +38,9 @@ def adapter_seeds(settings: LoraplexConfig, registry_ref: str) -> set[int] | Non
             if alias
             else client.get_model_version(name, str(version))
         )
-        tag = client.get_run(mv.run_id).data.tags.get(SEEDS_TAG) if mv.run_id else None
+        tag = client.get_run(mv.run_id).data.tags.get(tags.WORLD_SEEDS) if mv.run_id else None
     except Exception as e:  # not in this registry, registry unreachable, no run
-        log.info("no training provenance for %s (%s)", registry_ref, str(e).splitlines()[0][:120])
+        log.info("no training provenance for %s (%s)", registry_ref, first_line(e, 120))
         return None
     if tag is None:
         return None

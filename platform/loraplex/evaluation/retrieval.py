@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loraplex.errors import InputError
+from loraplex.models import tags
 
 MODES = ("dense", "bm25", "hybrid")
 KS = (1, 3, 5, 10)
@@ -136,7 +137,7 @@ def log_to_mlflow(settings, data: BeirData, collection: str, results: dict) -> s
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"eval-retrieval-{data.root.name}"
     ) as run:
-        mlflow.set_tags({"loraplex.kind": "eval-retrieval", "loraplex.collection": collection})
+        mlflow.set_tags({tags.KIND: tags.KIND_EVAL_RETRIEVAL, tags.COLLECTION: collection})
         mlflow.log_params(
             {
                 "data": str(data.root.absolute()),

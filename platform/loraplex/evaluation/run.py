@@ -24,6 +24,8 @@ from pydantic import ConfigDict, Field
 from loraplex.config import LoraplexConfig, StrictModel
 from loraplex.errors import InputError
 from loraplex.evaluation import endpoint, provenance, report
+from loraplex.models import tags
+from loraplex.world.manifest import world_seed
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
@@ -96,7 +98,7 @@ def evaluate_endpoint(
         "date": dt.date.today().isoformat(),
         "max_tokens": opts.max_tokens,
         "concurrency": opts.concurrency,
-        "world_seed": provenance.world_seed(opts.questions),
+        "world_seed": world_seed(opts.questions),
         "adapters_trained_on_seeds": trained_on,
     }
     folder = report.write_report(out, summary, endpoint.records_as_dicts(records), meta, advice)
@@ -141,10 +143,10 @@ def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Pat
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{folder.name}") as run:
         mlflow.set_tags(
             {
-                "loraplex.kind": "evaluation",
-                "loraplex.endpoint": meta["url"],
-                "loraplex.collection": meta.get("collection") or "",
-                "loraplex.adapter_versions": ",".join(versions),
+                tags.KIND: tags.KIND_EVALUATION,
+                tags.ENDPOINT: meta["url"],
+                tags.COLLECTION: meta.get("collection") or "",
+                tags.ADAPTER_VERSIONS: ",".join(versions),
             }
         )
         mlflow.log_params(

@@ -6,7 +6,7 @@ heavy (magic, architecture, quantization: a truncated or foreign file is refused
 second), converting GGUF to a plain HF folder (transformers dequantizes it; the weights
 are copied into a model built without ``quantization_config``, because transformers
 refuses to save a GGUF-loaded model), the checks (loads in transformers as a causal
-LM; optionally greedy parity with vLLM, as ``basemodel.parity`` does), the provenance
+LM; optionally greedy parity with vLLM, as ``models.parity`` does), the provenance
 marker, and the order that leaves nothing half-written: everything happens in a
 staging folder, the registry version is created from it, and only then is it renamed
 into ``LORAPLEX_HOME/models/<name>``. Does not own: resolving references (``resolve``)
@@ -28,7 +28,9 @@ from typing import Any, Literal
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.folders import replace_folder, staging_folder
+from loraplex.models import tags
 from loraplex.models.builtin import BUILTIN, builtin_file
+from loraplex.models.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
 from loraplex.models.resolve import (
     EMBEDDED,
     MARKER,
@@ -208,8 +210,6 @@ def _check_transformers(folder: Path) -> tuple[int, str]:
 
 
 def _check_vllm(folder: Path, n_tokens: int = 8) -> float:
-    from loraplex.basemodel.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
-
     prompts = chat_prompts(folder, PARITY_PROMPTS)
     hf = hf_greedy(folder, prompts, n_tokens)
     try:
@@ -322,8 +322,8 @@ def _register(settings: LoraplexConfig, folder: Path, name: str, marker: dict[st
     from loraplex.models.registry import register_base_model
 
     experiment_id = tracking.setup(settings)
-    tags = {
-        f"loraplex.{k}": str(marker[k])
+    version_tags = {
+        f"{tags.PROVENANCE_PREFIX}{k}": str(marker[k])
         for k in (
             "source",
             "source_kind",
@@ -338,4 +338,4 @@ def _register(settings: LoraplexConfig, folder: Path, name: str, marker: dict[st
         if k in marker
     }
     log.info("registering %s in MLflow (%s)", name, settings.mlflow.tracking_uri)
-    return register_base_model(mlflow.MlflowClient(), experiment_id, folder, name, tags)
+    return register_base_model(mlflow.MlflowClient(), experiment_id, folder, name, version_tags)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.config import LoraplexConfig
-from loraplex.models.resolve import EMBEDDED_FOLDER, models_dir, read_marker
+from loraplex.models import tags
+from loraplex.models.resolve import BOOTSTRAP_MARKER, EMBEDDED_FOLDER, models_dir, read_marker
 
 
 @dataclass
@@ -45,12 +46,10 @@ def list_models(settings: LoraplexConfig) -> list[BaseModelRow]:
     for v in list_base_models(mlflow.MlflowClient()):
         aliases = f" ({', '.join(v.aliases)})" if v.aliases else ""
         versions.setdefault(v.name, []).append(f"v{v.version}{aliases}")
-        params = v.tags.get("loraplex.parameters")
+        params = v.tags.get(tags.PARAMETERS)
         count = int(params) if params and params.isdigit() else None
         if v.name not in rows:
-            rows[v.name] = BaseModelRow(
-                v.name, count, v.tags.get("loraplex.source", "?"), None, None
-            )
+            rows[v.name] = BaseModelRow(v.name, count, v.tags.get(tags.SOURCE, "?"), None, None)
         elif rows[v.name].parameters is None:
             rows[v.name].parameters = count
     for name, vs in versions.items():
@@ -59,10 +58,8 @@ def list_models(settings: LoraplexConfig) -> list[BaseModelRow]:
 
 
 def _bootstrap_marker(folder: Path) -> dict:
-    from loraplex.basemodel.bootstrap import MARKER
-
     try:
-        marker = json.loads((folder / MARKER).read_text())
+        marker = json.loads((folder / BOOTSTRAP_MARKER).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
     source = "loraplex bootstrap (embedded)" if folder.name == EMBEDDED_FOLDER else "bootstrap"

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.errors import InputError
-from loraplex.registry_search import all_registered_models, all_versions
+from loraplex.models import tags as mlflow_tags
+from loraplex.models.search import all_registered_models, all_versions
 
 ARTIFACT = "base_model"
-KIND_TAG = "loraplex.kind"
-KIND = "base-model"
+KIND_TAG = mlflow_tags.KIND
+KIND = mlflow_tags.KIND_BASE_MODEL
 ALIAS = "current"
 
 

@@ -8,7 +8,7 @@ checks the files against the base model, and hands the folder to vLLM). Each ver
 is its own multiplexed model id, ``<base>:<name>/<version>``, so requests already
 running on the old version finish on it while new ones load the new one; Serve's
 multiplexing keeps at most ``max_adapters_per_replica`` per replica (LRU).
-Does not own: registering or promoting adapters (``loraplex.training.registry``).
+Does not own: registering or promoting adapters (``loraplex.models.adapters``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ from typing import Any
 
 from loraplex.config import LoraplexConfig, load_settings
 from loraplex.errors import InputError, LoraplexError, first_line
+from loraplex.models.adapters import parse_registry_ref, validate_adapter
+from loraplex.models.resolve import on_this_node
 from loraplex.serving import metrics
-from loraplex.serving.config import parse_registry_ref
 from loraplex.serving.ray_llm import DiskMultiplexConfig, LLMServer, LoraModelLoader, get_lora_id
+
+# the base model's reference in a replica's environment: what a node without the driver's
+# folder downloads (set by ``builder``, read by :class:`LoraplexLLMServer`)
+BASE_MODEL_ENV = "LORAPLEX_BASE_MODEL"
 
 # A child of Ray Serve's logger: in a replica its lines go to the replica's log file
 # with the request id Serve attaches to every record.
@@ -222,7 +227,6 @@ class RegistryLoraLoader(LoraModelLoader):
         )
 
     def _fetch(self, lora_model_id: str, base_dir: Path) -> Path:
-        from loraplex.training.registry import validate_adapter
 
         lora = get_lora_id(lora_model_id)
         try:
@@ -283,9 +287,6 @@ class LoraplexLLMServer(LLMServer):
       (measured: 3 of 80 answers of an evaluation at concurrency 4)."""
 
     async def start(self) -> None:
-        from loraplex.models.resolve import on_this_node
-        from loraplex.serving.builder import BASE_MODEL_ENV
-
         loading = self._llm_config.model_loading_config
         ref = os.environ.get(BASE_MODEL_ENV) or str(loading.model_source)
         folder = await asyncio.to_thread(

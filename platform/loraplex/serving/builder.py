@@ -22,14 +22,12 @@ from pydantic import Field
 
 from loraplex.config import LoraplexConfig, StrictModel, load_model, load_settings
 from loraplex.errors import InputError
+from loraplex.models import tags
 from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_config
 
 log = logging.getLogger("loraplex.serving")
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = REPO / "serving" / "local.yaml"
-# the base model's reference in a replica's environment: what a node without the
-# driver's folder downloads (read by adapters.LoraplexLLMServer)
-BASE_MODEL_ENV = "LORAPLEX_BASE_MODEL"
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
 def _check_rollout(resolver, adapter: str, stable: str, other: str, what: str) -> None:
     """A canary's or shadow's version exists and was trained on the stable version's base
     model."""
-    base_tag = "loraplex.base_model"
+    base_tag = tags.BASE_MODEL
     on_stable, on_other = (resolver.tags(r).get(base_tag) for r in (stable, other))
     if on_stable != on_other:
         raise InputError(
@@ -117,6 +115,8 @@ def llm_config(
 ):
     """Ray Serve LLM's config for one base model. ``base_dir`` is the driver's folder; a
     replica on a node that does not see it downloads ``base_ref`` (``models:/...``)."""
+    # Ray Serve LLM and vLLM take seconds to import: only what builds an application pays
+    from loraplex.serving.adapters import BASE_MODEL_ENV
     from loraplex.serving.ray_llm import LLMConfig
 
     engine: dict[str, Any] = {
@@ -165,11 +165,11 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     """The Serve application (ingress bound to the LLM servers and the retriever)."""
     from ray import serve
 
-    from loraplex.retrieval.deployment import build_retriever
     from loraplex.serving.adapters import LoraplexLLMServer, RegistryLoraLoader
     from loraplex.serving.gate import build_fastapi_app
     from loraplex.serving.ingress import ENDPOINTS, LoraplexIngress
     from loraplex.serving.ray_llm import build_llm_deployment, make_fastapi_ingress
+    from loraplex.serving.retriever import build_retriever
 
     checked = checked or check(cfg, settings)
     with_lora = {a.base for a in cfg.adapters}

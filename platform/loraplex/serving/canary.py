@@ -25,9 +25,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.models import tags
 from loraplex.serving.config import CanarySpec, ShadowSpec
 
-HALT_TAG = "loraplex.canary_halted"  # on the canary's model version: JSON, why and when
+HALT_TAG = tags.CANARY_HALTED  # on the canary's model version: JSON, why and when
 STABLE, CANARY = "stable", "canary"
 USER_HEADER = "x-loraplex-user"
 

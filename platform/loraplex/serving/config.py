@@ -23,25 +23,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from loraplex.config import StrictModel, load_model
+from loraplex.models.adapters import parse_registry_ref
 from loraplex.retrieval.spec import COLLECTION, TENANT, RetrievalSpec
 from loraplex.serving.scaling import RetrieverScaling, Scaling
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 EMBEDDINGS = "embeddings"  # what a key lists in `models` to use /v1/embeddings
-REGISTRY_REF = re.compile(
-    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[1-9][0-9]{0,8}))$"
-)
-
-
-def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """``name@alias`` -> (name, alias, None); ``name/3`` -> (name, None, '3')."""
-    m = REGISTRY_REF.match(ref)
-    if not m:
-        raise ValueError(
-            f"{ref!r} is not a registry reference: use NAME@ALIAS (json-answer@production) "
-            "or NAME/VERSION (json-answer/3)"
-        )
-    return m["name"], m["alias"], m["version"]
 
 
 def _registry_ref(ref: str) -> str:

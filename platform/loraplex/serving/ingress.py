@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError
+from loraplex.models.adapters import parse_registry_ref
 from loraplex.serving import metrics, responses
 from loraplex.serving.adapters import (
     AdapterLoadError,
@@ -64,7 +65,6 @@ from loraplex.serving.config import (
     EMBEDDINGS,
     RouteRetrieval,
     ServingConfig,
-    parse_registry_ref,
 )
 from loraplex.serving.errors import ApiError, public_reason, shorten
 from loraplex.serving.gate import refuse_open_anonymous

@@ -23,11 +23,12 @@ from typing import Any
 
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError
-from loraplex.evaluation.provenance import SEEDS_TAG, seeds_tag
+from loraplex.models import tags
 from loraplex.models.resolve import check_base_model, resolve_base_model
 from loraplex.training import state
 from loraplex.training.config import REPO_ROOT, TrainConfig
 from loraplex.training.jobstore import JobStore
+from loraplex.world.manifest import seeds_tag
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,13 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
             experiment_id,
             run_name=entry["run_name"],
             tags={
-                "loraplex.kind": "finetune",
-                "loraplex.job": cfg.name,
-                "loraplex.base_model": base_ref,
-                "loraplex.git_commit": git_commit(),
+                tags.KIND: tags.KIND_FINETUNE,
+                tags.JOB: cfg.name,
+                tags.BASE_MODEL: base_ref,
+                tags.GIT_COMMIT: git_commit(),
                 "loraplex.dataset_sha256": examples.fingerprint["sha256"],
-                "loraplex.storage": store.location(f"{cfg.name}/{entry['run_name']}"),
-                SEEDS_TAG: seeds_tag(cfg.data.train),
+                tags.STORAGE: store.location(f"{cfg.name}/{entry['run_name']}"),
+                tags.WORLD_SEEDS: seeds_tag(cfg.data.train),
             },
         )
         run_id = run.info.run_id
@@ -224,7 +225,7 @@ def _run(plan: Plan) -> TrainResult:
     """Train (unless an earlier run of this plan finished training), then register."""
     import mlflow
 
-    from loraplex.training.registry import log_and_register
+    from loraplex.models.adapters import log_and_register
 
     cfg, store, name = plan.cfg, plan.store, plan.cfg.name
     client = mlflow.MlflowClient()

@@ -239,7 +239,7 @@ def build_retriever(
 
 
 class RetrieverAppArgs(StrictModel):
-    """Arguments of ``serve run loraplex.retrieval.deployment:build_app``."""
+    """Arguments of ``serve run loraplex.serving.retriever:build_app``."""
 
     settings_file: str | None = None
     settings: list[str] = Field(default_factory=list, description="KEY=VALUE overrides.")

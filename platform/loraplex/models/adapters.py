@@ -26,11 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InputError, LoraplexError
-from loraplex.registry_search import all_registered_models, all_versions
+from loraplex.models import tags
+from loraplex.models.search import all_registered_models, all_versions
 
 ARTIFACT = "adapter"
+REGISTRY_REF = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[1-9][0-9]{0,8}))$"
+)
 MAX_SERVING_RANK = 64
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``name@alias`` -> (name, alias, None); ``name/3`` -> (name, None, '3')."""
+    m = REGISTRY_REF.match(ref)
+    if not m:
+        raise ValueError(
+            f"{ref!r} is not a registry reference: use NAME@ALIAS (json-answer@production) "
+            "or NAME/VERSION (json-answer/3)"
+        )
+    return m["name"], m["alias"], m["version"]
 
 
 def _mlflow_error(e: Exception) -> str:
@@ -63,13 +78,13 @@ def log_and_register(
             raise
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri}/{ARTIFACT}"
-    tags = {
-        "loraplex.base_model": base_ref,
-        "loraplex.lora_rank": str(lora_rank),
-        "loraplex.run_id": run_id,
+    version_tags = {
+        tags.BASE_MODEL: base_ref,
+        tags.LORA_RANK: str(lora_rank),
+        tags.RUN_ID: run_id,
         **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()},
     }
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
     try:
         set_alias(client, name, alias, str(mv.version), f"registered by run {run_id}")
     except Exception as e:
@@ -107,19 +122,19 @@ def list_adapters(client, name: str | None = None) -> list[AdapterVersion]:
         for alias, version in (rm.aliases or {}).items():
             by_version.setdefault(str(version), []).append(alias)
         for mv in all_versions(client, rm.name):
-            tags = mv.tags or {}
-            if "loraplex.base_model" not in tags:
+            version_tags = mv.tags or {}
+            if tags.BASE_MODEL not in version_tags:
                 continue
             out.append(
                 AdapterVersion(
                     rm.name,
                     str(mv.version),
                     sorted(by_version.get(str(mv.version), [])),
-                    tags["loraplex.base_model"],
-                    tags.get("loraplex.lora_rank", "?"),
+                    version_tags[tags.BASE_MODEL],
+                    version_tags.get(tags.LORA_RANK, "?"),
                     {
                         k.removeprefix("metric."): v
-                        for k, v in tags.items()
+                        for k, v in version_tags.items()
                         if k.startswith("metric.")
                     },
                     mv.run_id or "",
@@ -129,15 +144,15 @@ def list_adapters(client, name: str | None = None) -> list[AdapterVersion]:
     return sorted(out, key=lambda a: (a.name, int(a.version)))
 
 
-HISTORY_TAG = "loraplex.alias_history.{alias}"  # on the registered model: JSON list
+HISTORY_TAG = tags.ALIAS_HISTORY  # on the registered model: JSON list
 HISTORY_KEEP = 20
-LOG_TAG = "loraplex.alias_log.{alias}"  # on the registered model: JSON list of moves
+LOG_TAG = tags.ALIAS_LOG  # on the registered model: JSON list of moves
 
 
 def _history(client, name: str, alias: str) -> list[str]:
-    tags = client.get_registered_model(name).tags or {}
+    model_tags = client.get_registered_model(name).tags or {}
     try:
-        return [str(v) for v in json.loads(tags.get(HISTORY_TAG.format(alias=alias), "[]"))]
+        return [str(v) for v in json.loads(model_tags.get(HISTORY_TAG.format(alias=alias), "[]"))]
     except (json.JSONDecodeError, TypeError):
         return []
 
@@ -164,9 +179,9 @@ def set_alias(client, name: str, alias: str, version: str, why: str = "") -> str
 def _log_move(client, name: str, alias: str, before: str | None, now: str, why: str) -> None:
     import getpass
 
-    tags = client.get_registered_model(name).tags or {}
+    model_tags = client.get_registered_model(name).tags or {}
     try:
-        log = json.loads(tags.get(LOG_TAG.format(alias=alias), "[]"))
+        log = json.loads(model_tags.get(LOG_TAG.format(alias=alias), "[]"))
     except (json.JSONDecodeError, TypeError):
         log = []
     try:
@@ -186,9 +201,9 @@ def _log_move(client, name: str, alias: str, before: str | None, now: str, why: 
 
 def alias_log(client, name: str, alias: str) -> list[dict[str, Any]]:
     """Who moved ``alias``, when and why (the last 20 moves)."""
-    tags = client.get_registered_model(name).tags or {}
+    model_tags = client.get_registered_model(name).tags or {}
     try:
-        return list(json.loads(tags.get(LOG_TAG.format(alias=alias), "[]")))
+        return list(json.loads(model_tags.get(LOG_TAG.format(alias=alias), "[]")))
     except (json.JSONDecodeError, TypeError):
         return []
 
@@ -356,7 +371,7 @@ def register_external(
     run = client.create_run(
         experiment_id,
         run_name=f"register-{name}",
-        tags={"loraplex.kind": "adapter-registration", "loraplex.base_model": base_ref},
+        tags={tags.KIND: tags.KIND_ADAPTER_REGISTRATION, tags.BASE_MODEL: base_ref},
     )
     client.log_param(run.info.run_id, "source_path", str(Path(path).absolute()))
     client.log_param(run.info.run_id, "lora.r", cfg.get("r"))

@@ -2,7 +2,7 @@
 
 Owns: running both engines in float32 on chat-formatted prompts and comparing their
 first N tokens. vLLM runs in a subprocess of its own (``python -m
-loraplex.basemodel.parity``): it spawns workers and sizes its KV cache against host
+loraplex.models.parity``): it spawns workers and sizes its KV cache against host
 memory, and neither should leak into the caller. Does not own: choosing prompts.
 """
 
@@ -73,7 +73,7 @@ def vllm_greedy(
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         }
         proc = subprocess.run(
-            [sys.executable, "-m", "loraplex.basemodel.parity", str(request), str(result)],
+            [sys.executable, "-m", "loraplex.models.parity", str(request), str(result)],
             capture_output=True,
             text=True,
             env=env,
