@@ -281,7 +281,8 @@ def main() -> None:
     from loraplex.models.resolve import resolve_base_model
     from loraplex.retrieval.retriever import Retriever
     from loraplex.serving.builder import start
-    from loraplex.serving.config import ServingConfig, hash_key
+    from loraplex.serving.config import ServingConfig
+    from loraplex.serving.keys import hash_key
 
     settings = load_settings(overrides=[f"home={args.home}"])
     model_dir, _ = resolve_base_model("embedded", settings)

@@ -110,7 +110,8 @@ def main() -> None:
     from loraplex.models.adapters import register_external
     from loraplex.models.resolve import resolve_base_model
     from loraplex.serving.builder import start
-    from loraplex.serving.config import ServingConfig, hash_key
+    from loraplex.serving.config import ServingConfig
+    from loraplex.serving.keys import hash_key
 
     settings = load_settings(overrides=[f"home={args.home}"])
     model_dir, base_ref = resolve_base_model("embedded", settings)

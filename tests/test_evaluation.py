@@ -151,3 +151,39 @@ def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(KeyboardInterrupt):
         report.write_report(tmp_path / "r2", summary, [], meta, advice)
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r2.partial").exists()
+
+
+def test_chart_shows_answer_accuracy_with_its_intervals(tmp_path: Path) -> None:
+    """base+rag answers in sentences: exact match 0, answer accuracy 0.80. The chart
+    plots answer accuracy (what the recommendation rests on), with error bars."""
+    summary = {
+        "base+rag": {
+            "accuracy": 0.0,
+            "answer_accuracy": 0.8,
+            "compliance": None,
+            "latency_p50_s": 1.8,
+            "intervals": {"answer_accuracy": [0.7, 0.87], "latency_p50_s": [1.6, 2.1]},
+        },
+        "adapter+rag": {
+            "accuracy": 0.82,
+            "answer_accuracy": 0.83,
+            "compliance": 1.0,
+            "citation_precision": 0.93,
+            "latency_p50_s": 3.0,
+            "intervals": {"answer_accuracy": [0.73, 0.9], "compliance": [0.95, 1.0]},
+        },
+    }
+    assert [m for m, _ in report.CHART_METRICS] == [
+        "answer_accuracy",
+        "compliance",
+        "citation_precision",
+    ]
+    values, (below, above) = report.chart_series(summary, "answer_accuracy")
+    assert values == [0.8, 0.83]
+    assert below == pytest.approx([0.1, 0.1]) and above == pytest.approx([0.07, 0.07])
+    values, (below, above) = report.chart_series(summary, "compliance")
+    assert values == [None, 1.0] and below == pytest.approx([0.0, 0.05]) and above == [0.0, 0.0]
+    values, (below, above) = report.chart_series(summary, "latency_p50_s")
+    assert below[0] == pytest.approx(0.2) and above[0] == pytest.approx(0.3) and below[1] == 0
+    report.chart(summary, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

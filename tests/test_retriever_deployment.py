@@ -22,7 +22,7 @@ def retriever_app(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
     from loraplex.config import load_settings
     from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.config import AuthConfig
+    from loraplex.serving.keys import AuthConfig
     from loraplex.serving.retriever import build_retriever
 
     home = tmp_path_factory.mktemp("serve_home")
@@ -131,7 +131,7 @@ def test_anonymous_app_refuses_to_start_when_serve_listens_beyond_loopback(
     from ray import serve
 
     from loraplex.config import load_settings
-    from loraplex.serving.config import AuthConfig
+    from loraplex.serving.keys import AuthConfig
     from loraplex.serving.retriever import build_retriever
 
     settings = load_settings(overrides=[f"home={tmp_path}"])

@@ -51,7 +51,7 @@ class Served:
 
 
 def serving_config(model_dir: Path) -> dict:
-    from loraplex.serving.config import hash_key
+    from loraplex.serving.keys import hash_key
 
     return {
         "name": "loraplex",
@@ -916,6 +916,32 @@ BAD_REQUESTS = [
         "closes a parenthesis it did not open",
     ),
     ("message not an object", {"messages": ["hi"]}, 400, "messages.0"),
+    (
+        "unknown role",
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages.0.role: 'wizard' is not a chat role",
+    ),
+    (
+        "schema nested too deeply",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": json.loads('{"items": ' * 100 + "{}" + "}" * 100),
+                },
+            }
+        },
+        400,
+        "nested deeper than",
+    ),
+    (
+        "adapter_version in other digits",
+        {"model": "tiny:alpha", "adapter_version": "\uff13"},
+        400,
+        "must be a version number",
+    ),
     ("stream_options not an object", {"stream_options": "x"}, 400, "stream_options"),
     ("retrieval not an object", {"retrieval": "kb"}, 400, "`retrieval` must be an object"),
     ("adapter_version on a base model", {"adapter_version": "1"}, 400, "serves no adapter"),

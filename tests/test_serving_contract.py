@@ -87,7 +87,8 @@ def test_bad_serving_configs_are_refused_with_the_reason(change: dict, reason: s
 
 
 def test_keys_are_kept_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from loraplex.serving.config import ServingConfig, hash_key
+    from loraplex.serving.config import ServingConfig
+    from loraplex.serving.keys import hash_key
 
     monkeypatch.setenv("TEAM_KEY", "sk-team")
     cfg = ServingConfig.model_validate(

@@ -34,7 +34,8 @@ def served(smollm2, ray_local) -> Iterator[Served]:
     from ray import serve
 
     from loraplex.serving.builder import build
-    from loraplex.serving.config import ServingConfig, hash_key, load_serving_config
+    from loraplex.serving.config import ServingConfig, load_serving_config
+    from loraplex.serving.keys import hash_key
     from loraplex.training.config import load_train_config
     from loraplex.training.job import run_training
     from loraplex.world.generate import generate_world

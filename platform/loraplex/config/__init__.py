@@ -4,7 +4,7 @@
 storage); ``loading`` layers YAML, ``LORAPLEX_*`` variables and flags for every config.
 """
 
-from loraplex.config.loading import StrictModel, load_model, read_yaml
+from loraplex.config.loading import NAME, StrictModel, load_model, read_yaml
 from loraplex.config.settings import LoraplexConfig, load_settings
 
-__all__ = ["LoraplexConfig", "StrictModel", "load_model", "load_settings", "read_yaml"]
+__all__ = ["NAME", "LoraplexConfig", "StrictModel", "load_model", "load_settings", "read_yaml"]

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from loraplex.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+# every name a config gives: base models, adapters, routes, keys
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class StrictModel(BaseModel):

@@ -2,8 +2,9 @@
 
 Owns: turning the per-configuration summary into ``report.md`` (table with 95%
 intervals, differences between configurations with theirs, targets met,
-recommendation), ``chart.png`` (matplotlib: accuracy, JSON compliance and citation
-precision per configuration, p50 latency beside them) and ``results.json`` (summary +
+recommendation), ``chart.png`` (matplotlib: answer accuracy, JSON compliance and
+citation precision per configuration with their 95% intervals as error bars, p50
+latency with its interval beside them) and ``results.json`` (summary +
 every answer), written into a ``.partial`` folder and renamed only when complete, so an
 interrupted evaluation never leaves a report that looks finished; and the
 recommendation, derived from the measured trade-off. Does not own: the measurements
@@ -238,33 +239,57 @@ def markdown(summary: dict[str, dict[str, Any]], meta: dict[str, Any], advice: s
     return "\n".join(lines)
 
 
+# What the chart shows: what the table's conclusion rests on (answer accuracy, not exact
+# match: base+rag answers in sentences, which exact match scores 0), each with its interval.
+CHART_METRICS = [
+    ("answer_accuracy", "answer accuracy"),
+    ("compliance", "JSON compliance"),
+    ("citation_precision", "citation precision"),
+]
+
+
+def chart_series(
+    summary: dict[str, dict[str, Any]], key: str
+) -> tuple[list[float | None], list[list[float]]]:
+    """One metric across the configurations: the values (None where not measured) and
+    the error bars below and above each (0 where no interval is known)."""
+    values, below, above = [], [], []
+    for s in summary.values():
+        v = s.get(key)
+        lo, hi = (s.get("intervals") or {}).get(key) or (v, v)
+        values.append(v)
+        below.append(max(0.0, v - lo) if v is not None and lo is not None else 0.0)
+        above.append(max(0.0, hi - v) if v is not None and hi is not None else 0.0)
+    return values, [below, above]
+
+
 def chart(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # heavy (a second): only writing a report needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
     names = list(summary)
-    metrics = [
-        ("accuracy", "accuracy"),
-        ("compliance", "JSON compliance"),
-        ("citation_precision", "citation precision"),
-    ]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     x = np.arange(len(names))
-    width = 0.8 / len(metrics)
-    for i, (key, label) in enumerate(metrics):
-        values = [summary[n].get(key) or 0 for n in names]
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
+    width = 0.8 / len(CHART_METRICS)
+    for i, (key, label) in enumerate(CHART_METRICS):
+        values, errors = chart_series(summary, key)
+        at = x + i * width - 0.4 + width / 2
+        bars = ax.bar(at, [v or 0 for v in values], width, yerr=errors, capsize=3, label=label)
+        for bar, v in zip(bars, values, strict=True):
+            if v is None:  # not measured (no JSON asked for, no sources): say so, not 0
+                ax.text(bar.get_x() + width / 2, 0.01, "n/a", ha="center", fontsize=6)
     ax.set_xticks(x, names, rotation=15)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("share of questions")
+    ax.set_ylabel("share of questions (95% interval)")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Quality per configuration")
-    ax2.bar(x, [summary[n].get("latency_p50_s") or 0 for n in names], color="gray")
+    values, errors = chart_series(summary, "latency_p50_s")
+    ax2.bar(x, [v or 0 for v in values], yerr=errors, capsize=3, color="gray")
     ax2.set_xticks(x, names, rotation=45, fontsize=8)
-    ax2.set_ylabel("p50 latency (s)")
+    ax2.set_ylabel("p50 latency (s, 95% interval)")
     ax2.set_title("Latency")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,6 +27,7 @@ import re
 import shutil
 from pathlib import Path
 
+from loraplex.config import NAME as NAME_PATTERN
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.folders import replace_folder, staging_folder
@@ -35,7 +36,7 @@ EMBEDDED = "embedded"  # the tiny base model `loraplex bootstrap` builds
 EMBEDDED_FOLDER = "tiny-llama"
 MARKER = "loraplex_model.json"  # written by `models import` (provenance, registry version)
 BOOTSTRAP_MARKER = "loraplex_base.json"  # written by `loraplex bootstrap` (the tiny model)
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME = re.compile(NAME_PATTERN)
 _MODELS_URI = re.compile(
     r"^models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@(?P<alias>[A-Za-z0-9_-]{1,64})|/(?P<version>[1-9][0-9]{0,8}))$"
 )

@@ -25,8 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from loraplex.serving.config import ServingConfig, hash_key
+from loraplex.serving.config import ServingConfig
 from loraplex.serving.errors import ApiError, error_body
+from loraplex.serving.keys import hash_key
 from loraplex.serving.limits import KeyLimiter
 
 log = logging.getLogger("ray.serve.loraplex")

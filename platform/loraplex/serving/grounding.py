@@ -32,7 +32,8 @@ from loraplex.errors import InputError, LoraplexError
 from loraplex.prompts import Source, question_prompt, ticket_prompt
 from loraplex.retrieval.spec import and_filters
 from loraplex.serving.config import RouteRetrieval
-from loraplex.serving.errors import ApiError, public_reason, shorten
+from loraplex.serving.errors import ApiError, public_reason
+from loraplex.serving.requests import check_messages
 
 log = logging.getLogger("ray.serve.loraplex")
 CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -152,30 +153,6 @@ def _json_sources(text: str) -> list[int | str]:
 
 
 # ------------------------------------------------------------------ the request's side
-
-
-def check_messages(messages: Any) -> list[dict[str, Any]]:
-    """``messages`` as a list of {role, content} objects; ApiError 400 naming the first
-    one that is not."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(
-            400, "`messages` is required: a non-empty list of {role, content}", "messages"
-        )
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(
-                400,
-                f"messages.{i}: expected an object with a string `role` (got {shorten(m)})",
-                f"messages.{i}",
-            )
-        content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise ApiError(
-                400,
-                f"messages.{i}.content: expected a string or a list of content parts",
-                f"messages.{i}.content",
-            )
-    return messages
 
 
 def narrow(

@@ -26,8 +26,8 @@ from ray import serve
 
 from loraplex.config import LoraplexConfig, StrictModel, load_settings
 from loraplex.errors import InputError, LoraplexError
-from loraplex.serving.config import AuthConfig
 from loraplex.serving.errors import error_body, public_reason
+from loraplex.serving.keys import AuthConfig
 from loraplex.serving.scaling import RetrieverScaling, Scaling
 
 log = logging.getLogger("loraplex.retriever")
