@@ -68,16 +68,9 @@ class PeakRss:
 
 def plain_hf(cfg, base_dir: Path, rows: list, eval_rows: list, steps: int) -> dict:
     """The same training, no Ray and no DeepSpeed: HF Trainer + PEFT in this process."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from loraplex.training.worker import PadCollator
+    from loraplex.training.worker import PadCollator, peft_model
 
     seen: list[tuple[int, float, float]] = []
 
@@ -88,18 +81,7 @@ def plain_hf(cfg, base_dir: Path, rows: list, eval_rows: list, steps: int) -> di
 
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = cfg.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = peft_model(base_dir, cfg.lora)  # the worker's own model set-up
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,

@@ -15,7 +15,7 @@ size and the key's limits are checked before any of this, by the ``gate`` middle
 Does not own: the engine (vLLM in ``LLMServer``), adapter downloads
 (``adapters.RegistryLoraLoader``) or search (the Retriever deployment).
 
-Response extensions (documented in the README):
+Response extensions (documented in docs/http-api.md):
 - non-streaming: top-level ``sources`` (list; ``id`` is the number the model cites),
   ``retrieval`` (route, collection, status: ``ok`` | ``unavailable`` | ``off``,
   latency) and per choice ``citations``;

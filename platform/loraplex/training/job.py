@@ -7,7 +7,7 @@ params, tags and dataset fingerprint), run (the Ray Train ``TorchTrainer``:
 s3://) and register (the adapter, the PEFT folder only, as a new version; the run ended
 with its final status). A failure after training keeps the finished adapter in the
 job's storage, so ``--resume`` registers it without training again. Does not own: the
-worker loop (``worker``), the registry conventions (``registry``), where the job's
+worker loop (``worker``), the registry conventions (``models.adapters``), where the job's
 state lives and its lock (``jobstore``), or what ``job.json`` says (``state``).
 """
 
@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraplex.config import LoraplexConfig
-from loraplex.errors import InputError, LoraplexError
+from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models import tags
 from loraplex.models.resolve import check_base_model, resolve_base_model
 from loraplex.training import state
@@ -163,11 +162,7 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
         client.log_dict(run_id, examples.fingerprint, "dataset_fingerprint.json")
         entry["mlflow_run_id"] = run_id
         entry.update(fingerprint)
-    job_state = state.read_state(store, cfg.name)
-    job_state["runs"] = [r for r in job_state["runs"] if r["run_name"] != entry["run_name"]] + [
-        {**entry, "status": "RUNNING", "started": time.time()}
-    ]
-    state.write_state(store, cfg.name, job_state)
+    state.start(store, cfg.name, entry)
     return Plan(
         cfg, settings, store, entry, resumed, base_dir, base_ref, train_rows, eval_rows, run_id
     )
@@ -180,32 +175,27 @@ def _trainer(plan: Plan) -> Any:
     from ray.train.torch import TorchTrainer
 
     from loraplex.ray_runtime import init_ray
-    from loraplex.training.worker import WorkerConfig, train_loop_per_worker
+    from loraplex.training.worker import Runtime, loop_config, train_loop_per_worker
 
     cfg, settings = plan.cfg, plan.settings
     init_ray(settings)
-    loop_config = WorkerConfig(
+    runtime = Runtime(
         base_dir=str(plan.base_dir),
         base_ref=plan.base_ref,
         home=str(settings.home),
         storage=plan.store.uri,
         storage_endpoint=plan.store.endpoint,
         job=f"{cfg.name}/{plan.run_name}",
-        lora=cfg.lora,
-        train=cfg.train,
-        deepspeed=cfg.deepspeed.as_dict(),
-        use_gpu=cfg.ray.use_gpu,
-        cpus_per_worker=cfg.ray.cpus_per_worker,
-        train_rows=plan.train_rows,
-        eval_rows=plan.eval_rows,
         run_id=plan.run_id,
         tracking_uri=mlflow.get_tracking_uri(),
         registry_uri=settings.mlflow.registry_uri,
-    ).model_dump(mode="json")
+        train_rows=plan.train_rows,
+        eval_rows=plan.eval_rows,
+    )
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.use_gpu else "cpu")
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, runtime),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -254,7 +244,7 @@ def _run(plan: Plan) -> TrainResult:
             )
     except Exception as e:
         client.set_terminated(plan.run_id, status="FAILED")
-        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        first = first_line(e)
         state.finish(store, name, plan.run_name, "FAILED")
         if isinstance(e, LoraplexError):
             raise

@@ -2,8 +2,9 @@
 
 Owns: what ``job.json`` says (every run of the job: its Ray run name, MLflow run,
 status, the config and dataset fingerprints it started with, whether its training
-finished), :func:`plan_run` (a new run ``<name>-<n>``, or ``--resume`` of an unfinished
-one) and :func:`check_resumable` (a resume refuses a changed config or dataset). Does
+finished) and every write of it (:func:`start`, :func:`mark_trained`, :func:`finish`),
+:func:`plan_run` (a new run ``<name>-<n>``, or ``--resume`` of an unfinished one) and
+:func:`check_resumable` (a resume refuses a changed config or dataset). Does
 not own: where the file lives, how it is written whole, or the job's lock
 (``jobstore``: a local folder or s3://), nor training or registering (``job``).
 """
@@ -65,6 +66,15 @@ def plan_run(store: JobStore, name: str, resume: bool) -> tuple[dict[str, Any], 
         return last, True
     run_name = name if not runs else f"{name}-{len(runs) + 1}"
     return {"run_name": run_name, "status": "NEW"}, False
+
+
+def start(store: JobStore, name: str, entry: dict[str, Any]) -> None:
+    """Record ``entry`` as the job's running run (replacing its earlier record if resumed)."""
+    state = read_state(store, name)
+    state["runs"] = [r for r in state["runs"] if r["run_name"] != entry["run_name"]] + [
+        {**entry, "status": "RUNNING", "started": time.time()}
+    ]
+    write_state(store, name, state)
 
 
 def mark_trained(store: JobStore, name: str, run_name: str, metrics: dict[str, float]) -> None:

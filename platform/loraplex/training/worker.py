@@ -1,6 +1,8 @@
 """What each Ray Train worker runs: HF ``Trainer`` + PEFT LoRA + DeepSpeed.
 
-Owns: :func:`train_loop_per_worker` (model and adapter set-up, ``TrainingArguments``
+Owns: :class:`Runtime` (what crosses the Ray boundary beside the :class:`TrainConfig`
+itself), :func:`peft_model` (the base model with the config's LoRA attached),
+:func:`train_loop_per_worker` (model and adapter set-up, ``TrainingArguments``
 with the DeepSpeed config, resuming from the checkpoint Ray hands back after a
 failure, the final evaluation, and reporting the finished adapter as the last Ray
 checkpoint), the MLflow callback that logs per-step metrics from rank 0 into the job's
@@ -21,16 +23,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from loraplex.training.config import Hyperparameters, LoraConfigModel
+from loraplex.config import LoraplexConfig
+from loraplex.models.resolve import on_this_node
+from loraplex.training.config import LoraConfigModel, TrainConfig
 from loraplex.training.dataset import IGNORE
 from loraplex.training.jobstore import JobStore
 
 ADAPTER_DIR = "adapter"
 
 
-class WorkerConfig(BaseModel):
-    """What ``job`` hands every worker, typed on both sides of the Ray boundary: the
-    driver sends ``model_dump()``, each worker validates it again."""
+class Runtime(BaseModel):
+    """What the driver decided for one run, beside its :class:`TrainConfig`: where the
+    base model, the job's storage and MLflow are, and the tokenized rows. The config and
+    this record are all that crosses the Ray boundary (``loop_config``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,22 +45,14 @@ class WorkerConfig(BaseModel):
     storage: str  # the job's storage (a folder every node mounts, or s3://)
     storage_endpoint: str | None = None  # the driver's S3-compatible endpoint, if any
     job: str  # <job>/<run> in it
-    lora: LoraConfigModel
-    train: Hyperparameters
-    deepspeed: dict[str, Any]
-    use_gpu: bool
-    cpus_per_worker: int
-    train_rows: list[dict[str, list[int]]]
-    eval_rows: list[dict[str, list[int]]]
     run_id: str | None = None
     tracking_uri: str
     registry_uri: str | None = None
+    train_rows: list[dict[str, list[int]]]
+    eval_rows: list[dict[str, list[int]]]
 
     def base_folder(self) -> Path:
         """The base model on the node this worker runs on."""
-        from loraplex.config import LoraplexConfig
-        from loraplex.models.resolve import on_this_node
-
         settings = LoraplexConfig.model_validate(
             {
                 "home": os.environ.get("LORAPLEX_HOME") or self.home,
@@ -63,6 +60,34 @@ class WorkerConfig(BaseModel):
             }
         )
         return on_this_node(self.base_dir, self.base_ref, settings)
+
+
+def loop_config(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    """What ``TorchTrainer`` hands every worker: the config as validated, and the run."""
+    return {"config": cfg.model_dump(mode="json"), "runtime": runtime.model_dump(mode="json")}
+
+
+def peft_model(base_dir: Path, lora: LoraConfigModel) -> Any:
+    """The base model (float32: bfloat16 is slower on CPUs without native support) with
+    the config's LoRA adapter attached: what every worker trains, and the baseline of the
+    training-overhead benchmark."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            bias=lora.bias,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 class PadCollator:
@@ -82,7 +107,7 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
-def _callbacks(cfg: WorkerConfig, rank: int):
+def _callbacks(runtime: Runtime, rank: int):
     from transformers import TrainerCallback
 
     class ProgressAndMlflow(TrainerCallback):
@@ -90,10 +115,10 @@ def _callbacks(cfg: WorkerConfig, rank: int):
 
         def __init__(self) -> None:
             self.client = None
-            if cfg.run_id:
+            if runtime.run_id:
                 from mlflow.tracking import MlflowClient
 
-                self.client = MlflowClient(cfg.tracking_uri)
+                self.client = MlflowClient(runtime.tracking_uri)
             self.last: tuple[float, int] | None = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -121,7 +146,7 @@ def _callbacks(cfg: WorkerConfig, rank: int):
                 from mlflow.entities import Metric
 
                 self.client.log_batch(
-                    cfg.run_id,
+                    runtime.run_id,
                     metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()],
                 )
 
@@ -133,41 +158,28 @@ def _callbacks(cfg: WorkerConfig, rank: int):
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray
     import ray.train
-    from peft import LoraConfig, get_peft_model
     from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    cfg = WorkerConfig.model_validate(config)
+    cfg = TrainConfig.model_validate(config["config"])
+    run = Runtime.model_validate(config["runtime"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.set_num_threads(cfg.ray.cpus_per_worker)
     # Where the worker process is, for operators (and the fault-tolerance tests).
-    store = JobStore(cfg.storage, cfg.storage_endpoint)
-    store.write_text(f"{cfg.job}/workers/rank-{rank}.pid", str(os.getpid()))
-    store.write_text(f"{cfg.job}/workers/rank-{rank}.node", ray.get_runtime_context().get_node_id())
+    store = JobStore(run.storage, run.storage_endpoint)
+    store.write_text(f"{run.job}/workers/rank-{rank}.pid", str(os.getpid()))
+    store.write_text(f"{run.job}/workers/rank-{rank}.node", ray.get_runtime_context().get_node_id())
 
-    base_dir = cfg.base_folder()
+    base_dir = run.base_folder()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = cfg.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            use_dora=lora.use_dora,
-            use_rslora=lora.use_rslora,
-            bias=lora.bias,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = peft_model(base_dir, cfg.lora)
     hp = cfg.train
+    use_gpu = cfg.ray.use_gpu
     work = Path(tempfile.mkdtemp(prefix=f"loraplex-train-rank{rank}-"))
-    has_eval = bool(cfg.eval_rows)
+    has_eval = bool(run.eval_rows)
     args = TrainingArguments(
         output_dir=str(work / "hf"),
         per_device_train_batch_size=hp.per_device_batch_size,
@@ -187,9 +199,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         save_total_limit=2,
         seed=hp.seed,
         report_to=[],
-        deepspeed=cfg.deepspeed,
-        use_cpu=not cfg.use_gpu,
-        ddp_backend=None if cfg.use_gpu else "gloo",
+        deepspeed=cfg.deepspeed.as_dict(),
+        use_cpu=not use_gpu,
+        ddp_backend=None if use_gpu else "gloo",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         include_num_input_tokens_seen="all",
@@ -199,10 +211,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=cfg.train_rows,
-        eval_dataset=cfg.eval_rows or None,
+        train_dataset=run.train_rows,
+        eval_dataset=run.eval_rows or None,
         data_collator=PadCollator(tokenizer.pad_token_id or 0),
-        callbacks=_callbacks(cfg, rank),
+        callbacks=_callbacks(run, rank),
     )
     # our progress line replaces the raw log dicts HF prints when tqdm is off
     from transformers.trainer_callback import PrinterCallback
