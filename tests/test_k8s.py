@@ -319,3 +319,18 @@ def test_plain_client_keys_reach_the_evaluation_job_only(rendered) -> None:
 
     holders = {d["metadata"]["name"] for d in docs if "loraplex-client" in secrets(d)}
     assert holders == {"loraplex-evaluate"}
+
+
+def test_render_turns_anonymous_serving_off() -> None:
+    """serving/local.yaml serves keyless to loopback clients; the RayService rendered
+    from it never does: without keys the cluster's application refuses to start."""
+    from loraplex import k8s
+    from loraplex.serving.config import ServingConfig, load_serving_config
+
+    assert load_serving_config(REPO / k8s.OVERLAYS["cpu-dev"]).auth.allow_anonymous is True
+    for overlay in k8s.OVERLAYS:
+        app = k8s.serve_config(overlay)["applications"][0]
+        inlined = ServingConfig.model_validate(app["args"]["config"])
+        assert inlined.auth.allow_anonymous is False, overlay
+        generated = yaml.safe_load(k8s.target(overlay).read_text())["applications"][0]
+        assert generated["args"]["config"].get("auth", {}).get("allow_anonymous") in (None, False)

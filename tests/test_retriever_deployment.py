@@ -137,8 +137,11 @@ def test_anonymous_app_refuses_to_start_when_serve_listens_beyond_loopback(
     settings = load_settings(overrides=[f"home={tmp_path}"])
     with pytest.raises(InputError, match="refusing to serve the retriever openly"):
         build_retriever(settings)
-    serve.shutdown()  # the module's Serve (on 127.0.0.1) is done with: start one on all
-    serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
+    # the module's Serve (on 127.0.0.1) is done with: start one on another address. The
+    # refusal takes any address but 127.0.0.1/localhost/::1 as open; 127.0.0.2 keeps the
+    # test on this machine's loopback (Linux routes all of 127.0.0.0/8 there)
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.2", "port": free_port()})
     try:
         with pytest.raises(Exception, match="Deploying application anonymous failed"):
             serve.run(
@@ -148,6 +151,6 @@ def test_anonymous_app_refuses_to_start_when_serve_listens_beyond_loopback(
             )
         status = serve.status().applications["anonymous"]
         why = status.message + " ".join(d.message for d in status.deployments.values())
-        assert "binds 127.0.0.1 only" in why and "listens on 0.0.0.0" in why, why
+        assert "binds 127.0.0.1 only" in why and "listens on 127.0.0.2" in why, why
     finally:
         serve.shutdown()

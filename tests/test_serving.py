@@ -33,6 +33,8 @@ from helpers import (
 KEY_ALL = "sk-test-all"
 KEY_KB = "sk-test-kb-only"  # route kb, collection kb, tenant "default"
 KEY_B = "sk-test-team-b"  # route kb, collection kb, tenant "team-b", 4 requests a minute
+# one key per limit, used by one test each: 3 requests a minute, 50 tokens a minute, 2 at once
+KEY_RPM, KEY_TPM, KEY_CONC = "sk-test-rpm", "sk-test-tpm", "sk-test-conc"
 VAULT = "The team B vault code is ZEBRA-4471."  # team-b's only document
 LAUNCH = "The launch code is OCELOT-9."  # collection "secrets" (default tenant)
 
@@ -133,6 +135,14 @@ def serving_config(model_dir: Path) -> dict:
                     "tenant": "team-b",
                     "limits": {"requests_per_minute": 4},
                 },
+                *(
+                    {"name": name, "sha256": hash_key(key), "models": ["tiny"], "limits": limits}
+                    for name, key, limits in (
+                        ("rpm", KEY_RPM, {"requests_per_minute": 3}),
+                        ("tpm", KEY_TPM, {"tokens_per_minute": 50}),
+                        ("conc", KEY_CONC, {"max_concurrent": 2}),
+                    )
+                ),
             ]
         },
         "http": {"cors_origins": ["http://app.example"]},
@@ -579,7 +589,10 @@ def test_canary_split_is_sticky_per_user_and_promotion_ends_it(served: Served) -
     assert {u: answer(u) for u in users[:6]} == {u: expected[u] for u in users[:6]}
     assert {u: answer(u, "body") for u in users[6:12]} == {u: expected[u] for u in users[6:12]}
     # without a user, the key's name decides: one side for every request of the key
-    keyed = {c.chat.completions.create(model="tiny:canaried", messages=msgs, max_tokens=2).model}
+    keyed = {
+        c.chat.completions.create(model="tiny:canaried", messages=msgs, max_tokens=2).model
+        for _ in range(6)
+    }
     assert len(keyed) == 1
 
     status = canary_status(served, "canaried")
@@ -855,6 +868,67 @@ def test_a_key_over_its_rate_gets_429_while_others_are_served(served: Served) ->
     error = refused.json()["error"]
     assert error["type"] == "rate_limit_error" and "4 requests per minute" in error["message"]
     assert "team-b" in error["message"] and KEY_B not in refused.text
+
+
+def test_each_limit_refuses_exactly_past_it(served: Served) -> None:
+    """3 requests a minute: the 4th is refused; 50 tokens a minute: a request that used
+    more leaves the key refused until it refills; 2 at once: the 3rd open stream is."""
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def status(key: str, **body) -> httpx.Response:
+        return httpx.post(
+            f"{served.url}/chat/completions",
+            json={"model": "tiny", "messages": msgs, "max_tokens": 1, **body},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+
+    # a fresh key's bucket holds 3: three admitted within seconds, then 429 (refill: 20 s)
+    codes = [status(KEY_RPM).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429], codes
+    # tokens are charged when the answer ends: 40 completion tokens + the prompt > 50
+    first = status(KEY_TPM, max_tokens=40, ignore_eos=True)
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 50
+    refused = status(KEY_TPM)
+    assert refused.status_code == 429, refused.text
+    assert "50 tokens per minute" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+
+    async def concurrency() -> tuple[int, int]:
+        client = openai.AsyncOpenAI(base_url=served.url, api_key=KEY_CONC, max_retries=0)
+        streams = []
+        try:
+            for _ in range(2):  # two streams held open: both admitted
+                stream = await client.chat.completions.create(
+                    model="tiny",
+                    messages=msgs,
+                    max_tokens=200,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                await stream.__anext__()
+                streams.append(stream)
+            async with httpx.AsyncClient(timeout=60) as http:
+                third = await http.post(
+                    f"{served.url}/chat/completions",
+                    json={"model": "tiny", "messages": msgs, "max_tokens": 1},
+                    headers={"authorization": f"Bearer {KEY_CONC}"},
+                )
+            for stream in streams:
+                await stream.close()
+            streams.clear()
+            deadline = time.monotonic() + 30  # the slots come back once the streams end
+            while (again := status(KEY_CONC).status_code) == 429:
+                assert time.monotonic() < deadline, "the closed streams kept their slots"
+                await asyncio.sleep(0.5)
+            return third.status_code, again
+        finally:
+            for stream in streams:
+                await stream.close()
+            await client.close()
+
+    third, again = asyncio.run(concurrency())
+    assert (third, again) == (429, 200)
 
 
 def test_body_size_and_cors(served: Served) -> None:
@@ -1341,6 +1415,15 @@ def test_serve_check_and_config_errors(tiny_base, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "ok (1 base model(s), 0 adapter(s), 2 route(s))" in proc.stdout
     assert "listening on 127.0.0.1 only" in proc.stderr
+    # without keys `--host` cannot open the server to other machines; with keys it may
+    proc = run_cli("serve", str(path), "--check", "--host", "0.0.0.0", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "would listen on http://127.0.0.1:" in proc.stdout
+    assert "listening on 127.0.0.1 only, not 0.0.0.0" in proc.stderr
+    keyed = run_cli(
+        "serve", str(path), "--check", "--host", "0.0.0.0", env={**env, "LORAPLEX_API_KEYS": "k"}
+    )
+    assert keyed.returncode == 0 and "would listen on http://0.0.0.0:" in keyed.stdout
 
     cases = [  # a bad config, flag or reference exits 2 (the documented code)
         (["--set", "routes.0.base=other"], "base 'other' is not one of ['tiny']", 2),
