@@ -20,6 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraplex.config import LoraplexConfig
+from loraplex.errors import InputError
+from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
+from loraplex.models.importer import import_model
+from loraplex.models.resolve import models_dir, resolve_base_model
+from loraplex.retrieval.retriever import Retriever
+from loraplex.serving.builder import check, start
+from loraplex.serving.config import AdapterSpec, load_serving_config
+from loraplex.training.config import load_train_config
+from loraplex.training.dataset import dataset_sha256
+from loraplex.training.job import run_training
+from loraplex.world.generate import generate_world, is_current
 
 if TYPE_CHECKING:
     from loraplex.training.config import TrainConfig
@@ -85,9 +96,6 @@ def reusable_version(settings: LoraplexConfig, cfg: TrainConfig) -> str | None:
     base model and on the current dataset files, else None (it must be trained)."""
     from mlflow import MlflowClient
 
-    from loraplex.models.resolve import resolve_base_model
-    from loraplex.training.dataset import dataset_sha256
-
     name = cfg.mlflow.registered_model
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
     base_dir = resolve_base_model(cfg.base_model, settings)[0]
@@ -109,8 +117,6 @@ def reusable_version(settings: LoraplexConfig, cfg: TrainConfig) -> str | None:
 def ensure_adapter(settings: LoraplexConfig, config: Path, overrides: list[str]) -> str:
     """A registered version of the adapter ``config`` trains, trained on the current base
     model and datasets: reused when one exists, trained otherwise."""
-    from loraplex.training.config import load_train_config
-    from loraplex.training.job import run_training
 
     cfg = load_train_config(config, tuple(overrides), settings.home)
     name = cfg.mlflow.registered_model
@@ -124,10 +130,9 @@ def ensure_adapter(settings: LoraplexConfig, config: Path, overrides: list[str])
 
 def prepare_base(settings: LoraplexConfig, model: str) -> None:
     """The embedded world (seed 0, the adapters' training data) and the base model."""
+    # here, not at the top: torch and transformers take seconds to import; only this
+    # step needs them
     from loraplex.basemodel.bootstrap import DEFAULT_SEED, bootstrap, world_dir
-    from loraplex.models.importer import import_model
-    from loraplex.models.resolve import models_dir
-    from loraplex.world.generate import generate_world, is_current
 
     if model == "tiny":
         bootstrap(settings)
@@ -147,13 +152,9 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     import ray
     from ray import serve
 
+    # here, not at the top: torch and transformers take seconds to import; only this
+    # step needs them
     from loraplex.basemodel.bootstrap import world_dir
-    from loraplex.errors import InputError
-    from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
-    from loraplex.retrieval.retriever import Retriever
-    from loraplex.serving.builder import check, start
-    from loraplex.serving.config import AdapterSpec, load_serving_config
-    from loraplex.world.generate import generate_world, is_current
 
     total = 6
     started = time.perf_counter()

@@ -19,7 +19,9 @@ from urllib.parse import urlparse
 
 from loraplex import tracking
 from loraplex.config import LoraplexConfig
+from loraplex.errors import LoraplexError
 from loraplex.probes import tcp_reachable, writable_dir
+from loraplex.training.jobstore import JobStore
 
 # distribution -> import name. Exactly one of the vLLM distributions must be present.
 REQUIRED: dict[str, str] = {
@@ -314,8 +316,6 @@ def check_adapter_storage(cfg: LoraplexConfig) -> Check:
 
 def check_job_storage(cfg: LoraplexConfig) -> Check:
     """``ray.storage_path`` takes a write (a folder or s3://), as ``loraplex train`` will."""
-    from loraplex.errors import LoraplexError
-    from loraplex.training.jobstore import JobStore
 
     where = cfg.ray.storage_path or str(cfg.home / "ray_results")
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from loraplex.errors import InputError
+from loraplex.serving.config import load_serving_config
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS: dict[str, str] = {"cpu-dev": "serving/local.yaml", "gpu": "serving/gpu.yaml"}
@@ -31,7 +32,6 @@ HEADER = (
 
 def serve_config(overlay: str, repo: Path = REPO) -> dict[str, Any]:
     """The Ray Serve config (a ServeDeploySchema document) the overlay's RayService runs."""
-    from loraplex.serving.config import load_serving_config
 
     if overlay not in OVERLAYS:
         raise InputError(f"unknown overlay {overlay!r}: one of {', '.join(OVERLAYS)}")

@@ -14,6 +14,9 @@ import os
 import sys
 import time
 
+from loraplex.errors import InputError
+from loraplex.models.builtin import BUILTIN, builtin_file
+
 MODULES = ("vllm", "ray.serve.llm", "deepspeed", "peft", "mlflow", "pymilvus", "gguf")
 
 
@@ -36,8 +39,6 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
-    from loraplex.errors import InputError
-    from loraplex.models.builtin import BUILTIN, builtin_file
 
     for model in BUILTIN.values():
         try:

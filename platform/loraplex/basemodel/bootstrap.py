@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex import tracking
 from loraplex.basemodel.pretrain import PretrainConfig, prepare_phase_data, train_loop_per_worker
 from loraplex.basemodel.tokenizer import train_tokenizer
 from loraplex.config import LoraplexConfig
@@ -29,6 +30,7 @@ from loraplex.models import tags
 from loraplex.models.registry import register_run_artifact
 from loraplex.models.resolve import BOOTSTRAP_MARKER, EMBEDDED_FOLDER
 from loraplex.prompts import PROMPT_LAYOUT
+from loraplex.ray_runtime import init_ray
 from loraplex.world.generate import generate_world, is_current
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,6 @@ def bootstrap(
 
     import mlflow
 
-    from loraplex import tracking
-
     experiment_id = tracking.setup(settings)
     run = mlflow.start_run(
         experiment_id=experiment_id,
@@ -194,8 +194,6 @@ def _fit(
 ) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from loraplex.ray_runtime import init_ray
 
     init_ray(settings)
     loop_config = {

@@ -11,6 +11,8 @@ import json
 import click
 
 from loraplex.cli.context import CliState, pass_state
+from loraplex.models.importer import import_model
+from loraplex.models.listing import list_models
 
 
 @click.group()
@@ -63,7 +65,6 @@ def import_(
       loraplex models import ./my-model.Q4_K_M.gguf --name my-model
       loraplex models import ./hf-folder --name support-base --no-check-vllm
     """
-    from loraplex.models.importer import import_model
 
     result = import_model(
         source,
@@ -96,7 +97,6 @@ def list_(state: CliState, as_json: bool) -> None:
 
     Example: loraplex models list
     """
-    from loraplex.models.listing import list_models
 
     rows = list_models(state.settings())
     if as_json:

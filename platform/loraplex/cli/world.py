@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from loraplex.world.generate import generate_world
+
 
 @click.group()
 def world() -> None:
@@ -38,7 +40,6 @@ def generate(seed: int, out: Path, force: bool) -> None:
 
     Example: loraplex world generate --seed 7 --out worlds/seed7
     """
-    from loraplex.world.generate import generate_world
 
     manifest = generate_world(seed, out, force=force)
     q, t = manifest["questions"], manifest["tickets"]

@@ -25,11 +25,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig, StrictModel, load_model
 from loraplex.errors import InputError, LoraplexError
 from loraplex.evaluation import endpoint, report
 from loraplex.evaluation.intervals import paired_difference
+from loraplex.evaluation.run import metric_key
 from loraplex.models import tags
+from loraplex.serving.builder import check, start
+from loraplex.serving.config import load_serving_config
 
 Metric = Literal[endpoint.METRICS]  # type: ignore[valid-type]
 log = logging.getLogger(__name__)
@@ -183,9 +187,6 @@ def temporary_endpoint(
 
     from ray import serve
 
-    from loraplex.serving.builder import check, start
-    from loraplex.serving.config import load_serving_config
-
     cfg = load_serving_config(serving, overrides)
     checked = check(cfg, settings)  # refused before anything starts
     with socket.socket() as s:
@@ -281,9 +282,6 @@ def run_gate(
 def _log_gate(settings: LoraplexConfig, result: GateResult, folder: Path) -> str:
     """One MLflow run: the decision, both versions, every metric and check, the report."""
     import mlflow
-
-    from loraplex import tracking
-    from loraplex.evaluation.run import metric_key
 
     experiment_id = tracking.setup(settings)
     run_name = f"gate-{result.name}-v{result.candidate}"

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from loraplex.errors import InputError
 from loraplex.models import tags
+from loraplex.tracking import setup
 
 MODES = ("dense", "bm25", "hybrid")
 KS = (1, 3, 5, 10)
@@ -130,8 +131,6 @@ def evaluate_retrieval(
 def log_to_mlflow(settings, data: BeirData, collection: str, results: dict) -> str:
     """One MLflow run with every mode's metrics; returns the run id."""
     import mlflow
-
-    from loraplex.tracking import setup
 
     experiment_id = setup(settings)
     with mlflow.start_run(

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig, StrictModel
 from loraplex.errors import InputError
 from loraplex.evaluation import endpoint, provenance, report
@@ -135,8 +136,6 @@ def metric_key(config: str, metric: str) -> str:
 
 def _log_mlflow(settings: LoraplexConfig, summary: dict, meta: dict, folder: Path) -> str:
     import mlflow
-
-    from loraplex import tracking
 
     experiment_id = tracking.setup(settings)
     versions = sorted({v for s in summary.values() for v in s.get("served_versions", [])})

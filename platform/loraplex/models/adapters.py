@@ -27,6 +27,7 @@ from typing import Any
 
 from loraplex.errors import InputError, LoraplexError
 from loraplex.models import tags
+from loraplex.models.resolve import meta_model, resolve_base_model
 from loraplex.models.search import all_registered_models, all_versions
 
 ARTIFACT = "adapter"
@@ -268,8 +269,6 @@ def check_loads(settings) -> Callable[[AdapterVersion], None]:
 
         import mlflow
 
-        from loraplex.models.resolve import resolve_base_model
-
         base_dir, _ = resolve_base_model(v.base_model, settings)
         # an adapter is a few MB: no progress bar, so a refusal stays one line
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -300,8 +299,6 @@ def validate_adapter(
 ) -> dict[str, Any]:
     """The adapter's config when it fits the base; InputError with the reason otherwise."""
     from safetensors import safe_open
-
-    from loraplex.models.resolve import meta_model
 
     path = Path(path)
     if not path.is_dir():

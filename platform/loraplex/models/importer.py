@@ -25,16 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.folders import replace_folder, staging_folder
 from loraplex.models import tags
 from loraplex.models.builtin import BUILTIN, builtin_file
 from loraplex.models.parity import agreement, chat_prompts, hf_greedy, vllm_greedy
+from loraplex.models.registry import register_base_model
 from loraplex.models.resolve import (
     EMBEDDED,
     MARKER,
     NAME,
+    _from_hub,
     meta_model,
     models_dir,
     plain_config,
@@ -289,8 +292,6 @@ def _build(src: Source, staging: Path, dtype: Dtype, check_vllm: bool) -> dict[s
         assert src.path is not None
         _copy_folder(src.path, staging)
     else:
-        from loraplex.models.resolve import _from_hub
-
         _copy_folder(_from_hub(src.ref)[0], staging)
     log.info("checking the folder loads in transformers and generates")
     parameters, reply = _check_transformers(staging)
@@ -317,9 +318,6 @@ def _build(src: Source, staging: Path, dtype: Dtype, check_vllm: bool) -> dict[s
 
 def _register(settings: LoraplexConfig, folder: Path, name: str, marker: dict[str, Any]) -> str:
     import mlflow
-
-    from loraplex import tracking
-    from loraplex.models.registry import register_base_model
 
     experiment_id = tracking.setup(settings)
     version_tags = {

@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig
 from loraplex.models import tags
+from loraplex.models.registry import list_base_models
 from loraplex.models.resolve import BOOTSTRAP_MARKER, EMBEDDED_FOLDER, models_dir, read_marker
 
 
@@ -27,9 +29,6 @@ class BaseModelRow:
 
 def list_models(settings: LoraplexConfig) -> list[BaseModelRow]:
     import mlflow
-
-    from loraplex import tracking
-    from loraplex.models.registry import list_base_models
 
     rows: dict[str, BaseModelRow] = {}
     root = models_dir(settings)

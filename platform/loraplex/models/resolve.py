@@ -27,10 +27,12 @@ import re
 import shutil
 from pathlib import Path
 
+from loraplex import tracking
 from loraplex.config import NAME as NAME_PATTERN
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.folders import replace_folder, staging_folder
+from loraplex.models.builtin import BUILTIN
 
 EMBEDDED = "embedded"  # the tiny base model `loraplex bootstrap` builds
 EMBEDDED_FOLDER = "tiny-llama"
@@ -56,7 +58,6 @@ def read_marker(folder: Path) -> dict | None:
 def resolve_base_model(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
     """(local folder, canonical reference) for a base-model reference; InputError with
     what to do when it cannot be had."""
-    from loraplex.models.builtin import BUILTIN
 
     if ref == EMBEDDED or ref.startswith(f"{EMBEDDED}:"):
         # "embedded:<folder>" is the canonical form tags record: this home's tiny model
@@ -127,8 +128,6 @@ def _from_mlflow(ref: str, settings: LoraplexConfig) -> tuple[Path, str]:
     """Download once per node into the cache, keyed by the registry version an alias
     points at now (a moved alias downloads the new version)."""
     import mlflow
-
-    from loraplex import tracking
 
     tracking.setup(settings)
     canonical = ref

@@ -27,6 +27,7 @@ from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models.adapters import parse_registry_ref, validate_adapter
 from loraplex.models.resolve import on_this_node
 from loraplex.serving import metrics
+from loraplex.serving.canary import HALT_TAG, halt_reason
 from loraplex.serving.ray_llm import DiskMultiplexConfig, LLMServer, LoraModelLoader, get_lora_id
 
 # the base model's reference in a replica's environment: what a node without the driver's
@@ -141,7 +142,6 @@ class AliasResolver:
     async def halted(self, name: str, version: str) -> str | None:
         """The canary halt recorded on a model version (``canary.HALT_TAG``), re-read every
         ``alias_refresh_s``; while the registry cannot be asked, the last answer stands."""
-        from loraplex.serving.canary import halt_reason
 
         ref = f"{name}/{version}#halt"
         now = time.monotonic()
@@ -165,7 +165,6 @@ class AliasResolver:
 
     def record_halt(self, name: str, version: str, record: str) -> None:
         """Write a canary halt on its model version (blocking; run it in a thread)."""
-        from loraplex.serving.canary import HALT_TAG
 
         if self._client is None:
             self._client = _mlflow_client(self.settings)

@@ -23,6 +23,8 @@ from pydantic import Field
 from loraplex.config import LoraplexConfig, StrictModel, load_model, load_settings
 from loraplex.errors import InputError
 from loraplex.models import tags
+from loraplex.models.resolve import resolve_base_model
+from loraplex.ray_runtime import init_ray
 from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_config
 
 log = logging.getLogger("loraplex.serving")
@@ -43,7 +45,8 @@ class Checked:
 
 def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     """Fail fast, with the reason, on anything the application could not serve."""
-    from loraplex.models.resolve import resolve_base_model
+    # here, not at the top: Ray Serve LLM and vLLM take about 15 s to import; only what
+    # builds or checks an application needs them
     from loraplex.serving.adapters import AliasResolver
 
     resolved = {m.id: resolve_base_model(m.source, settings) for m in cfg.models}
@@ -165,6 +168,8 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
     """The Serve application (ingress bound to the LLM servers and the retriever)."""
     from ray import serve
 
+    # here, not at the top: Ray Serve LLM and vLLM take about 15 s to import; only what
+    # builds or checks an application needs them
     from loraplex.serving.adapters import LoraplexLLMServer, RegistryLoraLoader
     from loraplex.serving.gate import build_fastapi_app
     from loraplex.serving.ingress import ENDPOINTS, LoraplexIngress
@@ -220,8 +225,6 @@ def start(
     the OpenAI base URL. ``loraplex serve``, the demo, the benchmarks and the tests all
     start it here."""
     from ray import serve
-
-    from loraplex.ray_runtime import init_ray
 
     checked = checked or check(cfg, settings)  # refused before Ray starts anything
     # Ray first, the way the settings say: Ray Serve LLM's deployment builder starts a

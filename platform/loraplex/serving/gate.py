@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from loraplex.errors import ConfigError
 from loraplex.serving.config import ServingConfig
 from loraplex.serving.errors import ApiError, error_body
 from loraplex.serving.keys import hash_key
@@ -53,8 +54,6 @@ def refuse_open_anonymous() -> None:
     Serve's HTTP proxies listen on anything else (``serve run --host 0.0.0.0``, a
     RayService)."""
     from ray.serve.context import _get_global_client
-
-    from loraplex.errors import ConfigError
 
     host = _get_global_client().http_config.host
     if host not in LOOPBACK_NAMES:

@@ -26,7 +26,10 @@ from ray import serve
 
 from loraplex.config import LoraplexConfig, StrictModel, load_settings
 from loraplex.errors import InputError, LoraplexError
-from loraplex.serving.errors import error_body, public_reason
+from loraplex.retrieval.retriever import Retriever, SearchRequest
+from loraplex.serving.errors import ApiError, error_body, public_reason
+from loraplex.serving.gate import Gate, refuse_open_anonymous
+from loraplex.serving.grounding import narrow
 from loraplex.serving.keys import AuthConfig
 from loraplex.serving.scaling import RetrieverScaling, Scaling
 
@@ -67,7 +70,6 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
 
 class RetrieverDeployment:
     def __init__(self, settings: dict[str, Any]) -> None:
-        from loraplex.retrieval.retriever import Retriever
 
         self.settings = LoraplexConfig.model_validate(settings)
         self.retriever = Retriever(self.settings)
@@ -81,7 +83,6 @@ class RetrieverDeployment:
 
     def search(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         """Hits as dicts, best first; raises InputError/LoraplexError with a reason."""
-        from loraplex.retrieval.retriever import SearchRequest
 
         try:
             req = SearchRequest.model_validate(request)
@@ -149,8 +150,6 @@ def http_deployment(auth: AuthConfig, max_body_bytes: int = 1_048_576, share: fl
     """The deployment with its own HTTP routes, behind the same gate as serving: the
     keys of ``auth`` (or loopback clients only with ``allow_anonymous``), their
     collections and tenant confining ``/v1/retrieve``, their limits."""
-    from loraplex.serving.gate import Gate, refuse_open_anonymous
-    from loraplex.serving.grounding import narrow
 
     keys = auth.key_digests()
     if not keys and not auth.allow_anonymous:
@@ -191,7 +190,6 @@ def http_deployment(auth: AuthConfig, max_body_bytes: int = 1_048_576, share: fl
 
         @app.post("/v1/retrieve")
         def retrieve(self, body: dict[str, Any], request: Request) -> Any:
-            from loraplex.serving.errors import ApiError
 
             query = body.get("query")
             try:

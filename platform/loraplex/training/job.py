@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex import tracking
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models import tags
+from loraplex.models.adapters import log_and_register
 from loraplex.models.resolve import check_base_model, resolve_base_model
+from loraplex.ray_runtime import init_ray
 from loraplex.training import state
 from loraplex.training.config import REPO_ROOT, TrainConfig
+from loraplex.training.dataset import load_examples, tokenize
 from loraplex.training.jobstore import JobStore
 from loraplex.world.manifest import seeds_tag
 
@@ -103,9 +107,6 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
     import mlflow
     from transformers import AutoTokenizer
 
-    from loraplex import tracking
-    from loraplex.training.dataset import load_examples, tokenize
-
     entry, resumed = state.plan_run(store, cfg.name, resume)
 
     base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
@@ -174,7 +175,7 @@ def _trainer(plan: Plan) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from loraplex.ray_runtime import init_ray
+    # here, not at the top: torch takes seconds to import; only running a job needs it
     from loraplex.training.worker import Runtime, loop_config, train_loop_per_worker
 
     cfg, settings = plan.cfg, plan.settings
@@ -214,8 +215,6 @@ def _trainer(plan: Plan) -> Any:
 def _run(plan: Plan) -> TrainResult:
     """Train (unless an earlier run of this plan finished training), then register."""
     import mlflow
-
-    from loraplex.models.adapters import log_and_register
 
     cfg, store, name = plan.cfg, plan.store, plan.cfg.name
     client = mlflow.MlflowClient()
@@ -276,6 +275,7 @@ def _run(plan: Plan) -> TrainResult:
 def _fit(trainer: Any, plan: Plan) -> dict[str, float]:
     """Train; the final adapter is copied whole into the job's storage before anything
     is registered, so a failure after this point resumes without training again."""
+    # here, not at the top: torch takes seconds to import; only running a job needs it
     from loraplex.training.worker import ADAPTER_DIR
 
     result = trainer.fit()

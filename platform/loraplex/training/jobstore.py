@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InputError, first_line
+from loraplex.folders import replace_folder, staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ class JobStore:
         import pyarrow.fs as pafs
 
         if not self.remote:
-            from loraplex.folders import replace_folder, staging_folder
-
             target = self.local_path(rel)
             staging = staging_folder(target)
             shutil.copytree(local, staging, dirs_exist_ok=True)
