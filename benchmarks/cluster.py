@@ -51,6 +51,7 @@ from helpers import (
     start_mlflow_server,
     start_s3_server,
     stop,
+    tiny_model_spec,
 )
 
 BASE = "tiny-cluster"
@@ -191,16 +192,12 @@ def serve_config(ctx: dict, port: int, routes: list[dict]) -> Path:
     serving = {
         "name": "cluster",
         "models": [
-            {
-                "id": "tiny",
-                "source": f"models:/{BASE}@current",
-                "accelerator": "cpu",
-                "max_model_len": 512,
-                "dtype": "float32",
-                "kv_cache_gib": 1,
-                "num_cpus": 1,
-                "scaling": {"num_replicas": 2},
-            }
+            tiny_model_spec(
+                f"models:/{BASE}@current",
+                accelerator="cpu",
+                num_cpus=1,
+                scaling={"num_replicas": 2},
+            )
         ],
         "routes": routes,
         "retriever": None,

@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from helpers import tiny_model_spec
 
 KEY_A = "sk-load-team-a"
 KEY_B = "sk-load-team-b"
@@ -305,17 +306,13 @@ def main() -> None:
     cfg = ServingConfig.model_validate(
         {
             "models": [
-                {
-                    "id": "tiny",
-                    "source": str(model_dir),
-                    "max_model_len": 512,
-                    "dtype": "float32",
-                    "kv_cache_gib": 1,
-                    "scaling": {
+                tiny_model_spec(
+                    model_dir,
+                    scaling={
                         "max_ongoing_requests": ongoing,
                         "max_queued_requests": max(1, ongoing // 4),
                     },
-                }
+                )
             ],
             "routes": [
                 {

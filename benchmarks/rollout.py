@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from helpers import tiny_model_spec
 
 KEY = "sk-rollout"
 MSGS = [{"role": "user", "content": "Tell me about the kettle."}]
@@ -134,16 +135,7 @@ def main() -> None:
 
     cfg = ServingConfig.model_validate(
         {
-            "models": [
-                {
-                    "id": "tiny",
-                    "source": str(model_dir),
-                    "max_model_len": 512,
-                    "dtype": "float32",
-                    "kv_cache_gib": 1,
-                    "max_adapters_per_replica": 4,
-                }
-            ],
+            "models": [tiny_model_spec(model_dir, max_adapters_per_replica=4)],
             "adapters": [
                 {
                     "name": "steady",

@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from helpers import tiny_model_spec
 
 PROMPTS = [
     "What is the price of the Urven E100?",
@@ -315,15 +316,14 @@ def main() -> None:
     cfg = ServingConfig.model_validate(
         {
             "models": [
-                {
-                    "id": SERVED,
-                    "source": str(model_dir),
-                    "max_model_len": 1024,
-                    "dtype": args.dtype,
-                    "kv_cache_gib": 1,
-                    "max_adapters_per_replica": 8,
-                    "scaling": {"max_ongoing_requests": 256},
-                }
+                tiny_model_spec(
+                    model_dir,
+                    id=SERVED,
+                    max_model_len=1024,
+                    dtype=args.dtype,
+                    max_adapters_per_replica=8,
+                    scaling={"max_ongoing_requests": 256},
+                )
             ],
             "adapters": []
             if base_only

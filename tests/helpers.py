@@ -13,6 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
 
 
+def tiny_model_spec(source: Path | str, **extra: object) -> dict[str, object]:
+    """The serving config's entry for the tiny base model as the tests and benchmarks
+    serve it (float32, a 512-token context, a 1 GiB KV cache); ``extra`` overrides."""
+    return {
+        "id": "tiny",
+        "source": str(source),
+        "max_model_len": 512,
+        "dtype": "float32",
+        "kv_cache_gib": 1,
+        **extra,
+    }
+
+
 def clean_env(**overrides: str) -> dict[str, str]:
     """The test environment without LORAPLEX_* variables, plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}

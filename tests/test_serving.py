@@ -28,6 +28,7 @@ from helpers import (
     one_line_error,
     run_cli,
     start_milvus_server,
+    tiny_model_spec,
 )
 
 KEY_ALL = "sk-test-all"
@@ -57,17 +58,7 @@ def serving_config(model_dir: Path) -> dict:
 
     return {
         "name": "loraplex",
-        "models": [
-            {
-                "id": "tiny",
-                "source": str(model_dir),
-                "max_model_len": 512,
-                "dtype": "float32",
-                "kv_cache_gib": 1,
-                "max_adapters_per_replica": 2,
-                "max_n": 4,
-            }
-        ],
+        "models": [tiny_model_spec(model_dir, max_adapters_per_replica=2, max_n=4)],
         "adapters": [
             {"name": "alpha", "base": "tiny", "registry": "alpha@live"},
             {"name": "beta", "base": "tiny", "registry": "beta/1"},

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from loraplex import tracking
 from loraplex.config import LoraplexConfig
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, first_line
 from loraplex.probes import tcp_reachable, writable_dir
 from loraplex.training.jobstore import JobStore
 
@@ -200,7 +200,7 @@ def hardware() -> dict[str, Any]:
     except Exception as e:  # torch missing or broken: reported by the stack checks
         info["torch_cuda"] = None
         info["gpus"] = []
-        info["torch_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        info["torch_error"] = first_line(e)
     return info
 
 
@@ -249,7 +249,7 @@ def check_milvus(cfg: LoraplexConfig) -> Check:
         except Exception as e:
             ok, detail = (
                 False,
-                f"{uri}: port open but Milvus refused: {str(e).splitlines()[0][:200]}",
+                f"{uri}: port open but Milvus refused: {first_line(e, 200)}",
             )
     return Check(
         "services",

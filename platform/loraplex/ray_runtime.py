@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from loraplex.config import LoraplexConfig
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def init_ray(cfg: LoraplexConfig, **kwargs: Any) -> dict[str, float]:
             log.info("connecting to the Ray cluster at %s", address)
             ray.init(address=address, **kwargs)
     except (ConnectionError, TimeoutError, RuntimeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LoraplexError(f"cannot start or reach Ray ({address or 'local'}): {first}") from None
+        raise LoraplexError(
+            f"cannot start or reach Ray ({address or 'local'}): {first_line(e)}"
+        ) from None
     return ray.cluster_resources()
 
 

@@ -26,7 +26,7 @@ from loraplex.cli.retrieval import ingest, search
 from loraplex.cli.serving import chat, serve
 from loraplex.cli.training import adapters, train
 from loraplex.cli.world import world
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, first_line
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else ""
         click.echo(
-            f"loraplex: internal error: {type(e).__name__}: {first} "
+            f"loraplex: internal error: {type(e).__name__}: {first_line(e)} "
             "(re-run with --debug for the traceback)",
             err=True,
         )

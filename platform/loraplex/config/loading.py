@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from loraplex.errors import ConfigError
+from loraplex.errors import ConfigError, first_line
 
 M = TypeVar("M", bound=BaseModel)
 # every name a config gives: base models, adapters, routes, keys
@@ -73,7 +73,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}

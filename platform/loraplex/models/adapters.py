@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import InputError, LoraplexError
+from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models import tags
 from loraplex.models.resolve import meta_model, resolve_base_model
 from loraplex.models.search import all_registered_models, all_versions
@@ -47,10 +47,6 @@ def parse_registry_ref(ref: str) -> tuple[str, str | None, str | None]:
             "or NAME/VERSION (json-answer/3)"
         )
     return m["name"], m["alias"], m["version"]
-
-
-def _mlflow_error(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def log_and_register(
@@ -97,7 +93,7 @@ def log_and_register(
             undone = f"version {mv.version} is left without the alias"
         raise LoraplexError(
             f"registered {name} version {mv.version} but could not set alias {alias!r} "
-            f"({_mlflow_error(e)}); {undone}"
+            f"({first_line(e, 200)}); {undone}"
         ) from None
     return str(mv.version)
 
@@ -279,7 +275,7 @@ def check_loads(settings) -> Callable[[AdapterVersion], None]:
                 )
             except Exception as e:
                 raise InputError(
-                    f"{v.name} version {v.version} cannot be downloaded ({_mlflow_error(e)}); "
+                    f"{v.name} version {v.version} cannot be downloaded ({first_line(e, 200)}); "
                     "alias not moved"
                 ) from None
             try:
@@ -324,7 +320,9 @@ def validate_adapter(
         with safe_open(str(weights), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:
-        raise InputError(f"{weights}: cannot be read as safetensors ({_mlflow_error(e)})") from None
+        raise InputError(
+            f"{weights}: cannot be read as safetensors ({first_line(e, 200)})"
+        ) from None
     if not shapes:
         raise InputError(f"{weights}: holds no tensors")
     modules = dict(meta_model(base_dir).named_modules())

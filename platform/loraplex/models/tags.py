@@ -28,6 +28,7 @@ CANARY_HALTED = "loraplex.canary_halted"
 
 # On fine-tuning runs.
 JOB = "loraplex.job"
+DATASET_SHA256 = "loraplex.dataset_sha256"  # the training data's fingerprint
 GIT_COMMIT = "loraplex.git_commit"
 STORAGE = "loraplex.storage"
 WORLD_SEEDS = "loraplex.world_seeds"  # comma-separated seeds of the worlds trained on

@@ -267,9 +267,8 @@ class RegistryLoraLoader(LoraModelLoader):
                 f"adapter {name} version {version}: cannot download ({e})"
             ) from None
         except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise AdapterLoadError(
-                f"adapter {name} version {version}: cannot download ({first})"
+                f"adapter {name} version {version}: cannot download ({first_line(e)})"
             ) from None
 
 

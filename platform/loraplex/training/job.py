@@ -149,7 +149,7 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
                 tags.JOB: cfg.name,
                 tags.BASE_MODEL: base_ref,
                 tags.GIT_COMMIT: git_commit(),
-                "loraplex.dataset_sha256": examples.fingerprint["sha256"],
+                tags.DATASET_SHA256: examples.fingerprint["sha256"],
                 tags.STORAGE: store.location(f"{cfg.name}/{entry['run_name']}"),
                 tags.WORLD_SEEDS: seeds_tag(cfg.data.train),
             },
