@@ -145,6 +145,27 @@ def test_a_gate_without_a_running_endpoint_starts_one_for_itself(
         result = run_gate(
             settings, gate, "gated-local", "2", "production", "1", url, None, out, progress=False
         )
+        # the same endpoint, a rule no CPU answer meets: the gate refuses, naming the rule
+        strict = GateConfig.model_validate(
+            {
+                **gate.model_dump(),
+                "metrics": {"accuracy": {"max_drop": 1.0}, "latency_p95_s": {"max": 0.001}},
+            }
+        )
+        refused = run_gate(
+            settings,
+            strict,
+            "gated-local",
+            "2",
+            "production",
+            "1",
+            url,
+            None,
+            tmp_path / "strict",
+            progress=False,
+        )
+    assert not refused.passed
+    assert [c.metric for c in refused.failing()] == ["latency_p95_s"]
     assert result.passed and result.mlflow_run_id
     answers = json.loads((out / "results.json").read_text())["answers"]
     assert {a["model"] for a in answers} == {"tiny:gated-local/1", "tiny:gated-local/2"}

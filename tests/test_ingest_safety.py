@@ -11,10 +11,11 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, clean_env, free_port, start_milvus_server, stop
+from helpers import LORAPLEX, REPO, clean_env, free_port, start_milvus_server, stop
 
 CHUNK = "retrieval.chunk_size=200"
 
@@ -48,7 +49,7 @@ from loraplex.retrieval.locks import IngestLock
 from loraplex.retrieval.store import KnowledgeStore
 settings = load_settings(overrides=[f"home={sys.argv[1]}", sys.argv[2]])
 with KnowledgeStore.open(settings.milvus, settings.retrieval) as store:
-    with IngestLock(store, "kb", settle_s=0.2) as lock:
+    with IngestLock(store, "kb", ttl_s=float(sys.argv[3]), settle_s=0.2) as lock:
         print(lock.holder, flush=True)
         sys.stdin.read()
 """
@@ -248,7 +249,7 @@ def test_two_ingests_of_one_collection_on_a_milvus_server_exclude_each_other(
         # another machine's ingest of "kb" holds the lease: a process that holds it until
         # its stdin closes
         other = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(home), uri],
+            [sys.executable, "-c", HOLDER, str(home), uri, "3"],  # a 3 s lease, renewed
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -268,22 +269,40 @@ def test_two_ingests_of_one_collection_on_a_milvus_server_exclude_each_other(
             code, _, err = cli(capsys, home, "-s", uri, "ingest", "--delete", "lamp", "-c", "kb")
             assert code == 2 and "is being ingested by" in err
             assert rows(home, "kb", uri) == before  # refused: nothing written
-            # a second ingest that may wait gets in once the first is done
-            other.stdin.close()
-            code, out, err = cli(
-                capsys,
-                home,
-                "-s",
-                uri,
-                "-s",
-                "retrieval.ingest_lock_wait_s=60",
-                "ingest",
-                str(docs),
-                "-c",
-                "kb",
-                "--json",
+            # the holder renews its 3 s lease while it holds it (every third of the lease)
+            with KnowledgeStore.open(settings.milvus, settings.retrieval) as store:
+
+                def expires() -> int:
+                    got = store.client.query(
+                        LOCKS, filter='id == "kb"', output_fields=["expires_ms"]
+                    )
+                    return got[0]["expires_ms"]
+
+                first = expires()
+                time.sleep(4)  # past the first lease: still held, and later
+                assert expires() > first
+            # an ingest that may wait waits (neither failing nor writing) and gets in once
+            # the holder is done
+            waiter = subprocess.Popen(
+                [
+                    *(LORAPLEX, "--home", str(home), "-s", CHUNK, "-s", uri),
+                    *("-s", "retrieval.ingest_lock_wait_s=60"),
+                    *("ingest", str(docs), "-c", "kb", "--json"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=clean_env(),
             )
-            assert code == 0, err
+            try:
+                time.sleep(8)
+                assert waiter.poll() is None, waiter.communicate()
+                assert rows(home, "kb", uri) == before
+                other.stdin.close()
+                out, err = waiter.communicate(timeout=180)
+            finally:
+                stop(waiter)
+            assert waiter.returncode == 0, err
             assert json.loads(out)["added"] > 0 and rows(home, "kb", uri) != before
         finally:
             stop(other)
