@@ -114,3 +114,26 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("smollm2_home")
     settings = load_settings(env={"LORAPLEX_HOME": str(home)})
     return settings, import_model("smollm2-135m-instruct", settings)
+
+
+# What a test starts, as markers (`pytest -m "not vllm and not ray_train"` runs the
+# quick part): by the fixtures it uses, directly or through others, and by explicit
+# marks on the tests that start an engine themselves. A session or module fixture is
+# built once; the marker says the test needs it, the first such test pays for it.
+STARTED_BY_FIXTURE = {
+    "tiny_base": ("ray_train",),  # the tiny model's pretraining on Ray Train
+    "smollm2": ("vllm",),  # the SmolLM2 import checks parity against vLLM
+    "served": ("vllm", "servers"),  # a served application (vLLM, Milvus/MLflow servers)
+    "cluster": ("cluster", "servers"),  # a multi-node Ray cluster, MLflow and S3 servers
+    "s3": ("servers",),
+    "mlflow_server": ("servers",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for marker in STARTED_BY_FIXTURE.get(fixture, ()):
+                item.add_marker(marker)
+        if item.get_closest_marker("vllm") or item.get_closest_marker("ray_train"):
+            item.add_marker("slow")

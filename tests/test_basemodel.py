@@ -182,6 +182,7 @@ def test_bootstrap_bad_settings_fail_before_ray(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.vllm
 def test_vllm_loads_the_model_and_generates(tiny_base):
     questions = [
         "Question: What is the price of the Velmo X200?",

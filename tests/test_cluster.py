@@ -32,6 +32,8 @@ from helpers import REPO, free_port, start_mlflow_server, stop
 # `.ci/run` sets it): there a cluster test that cannot run fails, naming why.
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.ray_train,
+    pytest.mark.vllm,
     pytest.mark.skipif(bool(can_run()) and not os.environ.get("CI"), reason=str(can_run())),
 ]
 

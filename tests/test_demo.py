@@ -14,6 +14,8 @@ import pytest
 from helpers import free_port
 
 
+@pytest.mark.vllm
+@pytest.mark.ray_train
 def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
     tiny_base,
     settings,

@@ -95,6 +95,7 @@ def test_bad_gate_files_are_refused_before_anything_runs(tmp_path: Path) -> None
     assert not (tmp_path / "home" / "jobs").exists()
 
 
+@pytest.mark.vllm
 def test_a_gate_without_a_running_endpoint_starts_one_for_itself(
     tiny_base, settings, tmp_path: Path
 ) -> None:

@@ -16,6 +16,9 @@ import openai
 import pytest
 from helpers import REPO, free_port
 
+# the module's application serves an adapter trained here (a short LoRA run)
+pytestmark = pytest.mark.ray_train
+
 KEY = "sk-smollm2-test"
 
 

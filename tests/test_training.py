@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import free_port, one_line_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_train]
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
