@@ -981,6 +981,12 @@ BAD_REQUESTS = [
         "closes a parenthesis it did not open",
     ),
     ("message not an object", {"messages": ["hi"]}, 400, "messages.0"),
+    ("echo", {"echo": True}, 400, "`echo` is not accepted here: it would return"),
+    ("prompt logprobs", {"prompt_logprobs": 1}, 400, "`prompt_logprobs` is not accepted"),
+    ("prompt text", {"return_prompt_text": True}, 400, "`return_prompt_text` is not accepted"),
+    ("token ids", {"return_token_ids": True}, 400, "`return_token_ids` is not accepted"),
+    ("a template of its own", {"chat_template": "{{ messages }}"}, 400, "`chat_template`"),
+    ("unknown field", {"temprature": 0.2}, 400, "unknown field `temprature`"),
     (
         "unknown role",
         {"messages": [{"role": "wizard", "content": "hi"}]},

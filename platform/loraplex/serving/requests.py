@@ -1,7 +1,10 @@
 """A request body read and checked before any engine work.
 
-Owns: reading the body as a JSON object (:func:`json_body`), the loraplex fields that
-ride in it (``task``, ``retrieval``, ``adapter_version``) taken out of it, and the
+Owns: reading the body as a JSON object (:func:`json_body`), the fields each endpoint
+accepts (an allow-list: OpenAI's, vLLM's sampling extras and loraplex's ``task``,
+``retrieval``, ``adapter_version``; the engine's fields that would hand back the prompt
+the server built, with a route's system prompt and other retrieved text in it, or change
+how it is built, are refused), the loraplex fields taken out of the body, and the
 checks that turn a bad request into a 400 naming the field: ``messages`` (objects with a
 known ``role`` and string or list ``content``), ``prompt``, ``max_tokens``, ``n``,
 ``stream_options`` and a ``json_schema`` response format; the result is one typed
@@ -27,6 +30,40 @@ TASKS = ("chat", "json_answer", "classify_ticket")
 # reach the model's chat template, which may render it as text or fail after seconds.
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_SCHEMA_DEPTH = 32
+
+# What a client may send. Everything else is refused with 400 before any engine work:
+# an unknown field is more likely a mistake than a wish, and some of vLLM's own fields
+# (``echo``, ``prompt_logprobs``, ``return_token_ids``, ``return_prompt_text``, chat
+# template overrides) would return or reshape the prompt the server built around the
+# client's text: a route's system prompt, other documents' retrieved passages.
+SAMPLING = frozenset(
+    {
+        "model", "stream", "stream_options", "max_tokens", "n", "temperature", "top_p",
+        "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty",
+        "length_penalty", "seed", "stop", "stop_token_ids", "include_stop_str_in_output",
+        "ignore_eos", "min_tokens", "logprobs", "logit_bias", "bad_words", "allowed_token_ids",
+        "skip_special_tokens", "spaces_between_special_tokens", "response_format",
+        "structured_outputs", "user", "use_beam_search",
+    }
+)  # fmt: skip
+LORAPLEX = frozenset({"retrieval", "task", "adapter_version"})
+ACCEPTED = {
+    "chat": SAMPLING
+    | LORAPLEX
+    | {
+        "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+        "parallel_tool_calls", "reasoning_effort", "include_reasoning",
+    },
+    "completions": SAMPLING | LORAPLEX | {"prompt", "suffix"},
+}  # fmt: skip
+REVEALING = frozenset(
+    {
+        "echo", "prompt_logprobs", "return_token_ids", "return_prompt_text",
+        "return_tokens_as_token_ids", "return_token_offsets", "return_assistant_tokens_mask",
+        "chat_template", "chat_template_kwargs", "add_generation_prompt",
+        "continue_final_message", "documents", "add_special_tokens", "prompt_embeds",
+    }
+)  # fmt: skip
 
 
 @dataclass
@@ -58,6 +95,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 def parse(call: str, body: dict[str, Any], spec: BaseModelSpec) -> Asked:
     """Check ``body`` for ``call`` ("chat" or "completions") on the base model ``spec``;
     the loraplex fields come out of it."""
+    check_fields(call, body)
     retrieval = body.pop("retrieval", None)
     task = body.pop("task", None)
     if task is not None and task not in TASKS:
@@ -83,6 +121,30 @@ def parse(call: str, body: dict[str, Any], spec: BaseModelSpec) -> Asked:
         client_usage=bool(stream_options.get("include_usage")),
         structured=isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"),
     )
+
+
+def check_fields(call: str, body: dict[str, Any]) -> None:
+    """Only the fields ``call`` accepts; a field that would reveal the server's prompt is
+    refused with that reason."""
+    for name in body:
+        if name in REVEALING:
+            raise ApiError(
+                400,
+                f"`{name}` is not accepted here: it would return or change the prompt the "
+                "server builds (a route's system prompt, retrieved passages)",
+                name,
+            )
+    unknown = sorted(set(body) - ACCEPTED[call])
+    if unknown:
+        raise ApiError(
+            400,
+            f"unknown field `{shorten(unknown[0], 60)}`: /v1/{_PATHS[call]} takes OpenAI's "
+            "fields, vLLM's sampling extras and retrieval, task, adapter_version",
+            shorten(unknown[0], 60),
+        )
+
+
+_PATHS = {"chat": "chat/completions", "completions": "completions"}
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
