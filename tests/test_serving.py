@@ -877,8 +877,8 @@ def test_each_limit_refuses_exactly_past_it(served: Served) -> None:
     # a fresh key's bucket holds 3: three admitted within seconds, then 429 (refill: 20 s)
     codes = [status(KEY_RPM).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429], codes
-    # tokens are charged when the answer ends: 40 completion tokens + the prompt > 50
-    first = status(KEY_TPM, max_tokens=40, ignore_eos=True)
+    # tokens are charged when the answer ends: 60 completion tokens + the prompt > 50
+    first = status(KEY_TPM, max_tokens=60, ignore_eos=True)
     assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 50
     refused = status(KEY_TPM)
     assert refused.status_code == 429, refused.text
