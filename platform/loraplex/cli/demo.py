@@ -9,7 +9,6 @@ from __future__ import annotations
 import click
 
 from loraplex.cli.context import CliState, pass_state
-from loraplex.demo import DemoOptions, run_demo
 
 
 @click.command()
@@ -69,6 +68,7 @@ def demo(
       loraplex demo --model tiny          # the tiny model bootstrap pretrains
       loraplex demo --no-serve --questions 50
     """
+    from loraplex.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
         eval_seed=eval_seed,

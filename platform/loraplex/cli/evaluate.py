@@ -16,9 +16,6 @@ import click
 from loraplex.cli.context import CliState, pass_state
 from loraplex.cli.retrieval import collection_name
 from loraplex.errors import InputError
-from loraplex.evaluation.retrieval import MODES, evaluate_retrieval, load_beir, log_to_mlflow
-from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
-from loraplex.retrieval.retriever import Retriever
 
 
 @click.group(name="eval", invoke_without_command=True)
@@ -62,6 +59,7 @@ def evaluate(ctx: click.Context, questions: Path | None, **options) -> None:
         return
     if questions is None:
         raise click.UsageError("give --questions FILE (or a subcommand: eval retrieval)")
+    from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
 
     state = ctx.find_object(CliState) or CliState()
     opts = EvalOptions(questions=questions, **options)
@@ -112,6 +110,8 @@ def retrieval(
 
     Example: loraplex eval retrieval --data .loraplex/worlds/seed-0 --data my-beir-folder
     """
+    from loraplex.evaluation.retrieval import evaluate_retrieval, load_beir, log_to_mlflow
+    from loraplex.retrieval.retriever import Retriever
 
     if collection and len(data) > 1:
         raise InputError("--collection names the collection of one --data folder only")
@@ -141,6 +141,8 @@ def retrieval(
 def _print_retrieval_table(folder: Path, split: str, name: str, results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from loraplex.evaluation.retrieval import MODES
 
     keys = [k for k in results[MODES[0]] if k != "queries"]
     queries = int(results[MODES[0]]["queries"])

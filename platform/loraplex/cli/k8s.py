@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from loraplex import k8s as manifests
 from loraplex.errors import InputError, LoraplexError
 
 
@@ -34,6 +33,7 @@ def render(check: bool, repo: Path | None) -> None:
     \b
     Then: kubectl apply -k k8s/overlays/cpu-dev   (or gpu)
     """
+    from loraplex import k8s as manifests
 
     repo = (repo or manifests.REPO).absolute()
     if not (repo / "k8s" / "overlays").is_dir() or not (repo / "serving").is_dir():

@@ -11,8 +11,6 @@ import json
 import click
 
 from loraplex.cli.context import CliState, pass_state
-from loraplex.models.importer import import_model
-from loraplex.models.listing import list_models
 
 
 @click.group()
@@ -65,6 +63,7 @@ def import_(
       loraplex models import ./my-model.Q4_K_M.gguf --name my-model
       loraplex models import ./hf-folder --name support-base --no-check-vllm
     """
+    from loraplex.models.importer import import_model
 
     result = import_model(
         source,
@@ -97,6 +96,7 @@ def list_(state: CliState, as_json: bool) -> None:
 
     Example: loraplex models list
     """
+    from loraplex.models.listing import list_models
 
     rows = list_models(state.settings())
     if as_json:

@@ -15,7 +15,6 @@ import click
 
 from loraplex.cli.context import CliState, pass_state
 from loraplex.errors import InputError
-from loraplex.retrieval.retriever import Retriever, SearchRequest
 
 _COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
@@ -30,6 +29,7 @@ def collection_name(value: str | None) -> str | None:
 
 
 def _open(state: CliState):
+    from loraplex.retrieval.retriever import Retriever
 
     return Retriever(state.settings())
 
@@ -119,6 +119,7 @@ def search(
       loraplex search "warranty of the Fenpra M300" -k 3
       loraplex search "battery life" --mode bm25 --filter 'doc_id like "fenpra%"'
     """
+    from loraplex.retrieval.retriever import SearchRequest
 
     settings = state.settings().retrieval
     if not query.strip():

@@ -20,9 +20,6 @@ import click
 
 from loraplex.cli.context import CliState, pass_state
 from loraplex.errors import InputError, LoraplexError
-from loraplex.ray_runtime import init_ray
-from loraplex.serving.builder import DEFAULT_CONFIG, check, start
-from loraplex.serving.config import load_serving_config
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
@@ -51,6 +48,8 @@ def serve(
       loraplex serve serving/local.yaml --port 8100
       loraplex serve --set models.0.scaling.num_replicas=2
     """
+    from loraplex.serving.builder import DEFAULT_CONFIG, check
+    from loraplex.serving.config import load_serving_config
 
     path = config or DEFAULT_CONFIG
     if not path.exists():
@@ -94,6 +93,9 @@ def _run(cfg, settings, checked, host: str) -> None:
     import ray
     from ray import serve as ray_serve
     from rich.console import Console
+
+    from loraplex.ray_runtime import init_ray
+    from loraplex.serving.builder import start
 
     console = Console(stderr=True)
     stop = threading.Event()

@@ -12,17 +12,9 @@ from pathlib import Path
 
 import click
 
-from loraplex import tracking
 from loraplex.cli.context import CliState, pass_state
-from loraplex.cli.serving import DEFAULT_URL
-from loraplex.errors import InputError, LoraplexError
-from loraplex.evaluation.gate import load_gate, run_gate, temporary_endpoint
-from loraplex.models.adapters import check_loads, list_adapters, register_external
-from loraplex.models.adapters import promote as do_promote
-from loraplex.models.adapters import rollback as do_rollback
-from loraplex.models.resolve import resolve_base_model
-from loraplex.training.config import TrackingConfig, load_train_config
-from loraplex.training.job import run_training
+from loraplex.errors import InputError
+from loraplex.training.config import load_train_config
 
 
 def gate_endpoint_options(command):
@@ -88,6 +80,8 @@ def train(
       loraplex train jobs/configs/json_answer.yaml --resume
       loraplex train jobs/configs/smollm2/json_answer.yaml --gate jobs/configs/smollm2/gate.yaml
     """
+    from loraplex.evaluation.gate import load_gate
+    from loraplex.training.job import run_training
 
     if gate is not None:
         load_gate(gate, state.settings().home)  # a bad gate file fails before training
@@ -115,6 +109,8 @@ def adapters() -> None:
 def _client(state: CliState):
     import mlflow
 
+    from loraplex import tracking
+
     tracking.setup(state.settings())
     return mlflow.MlflowClient()
 
@@ -127,6 +123,7 @@ def list_(state: CliState, as_json: bool) -> None:
 
     Example: loraplex adapters list
     """
+    from loraplex.models.adapters import list_adapters
 
     rows = list_adapters(_client(state))
     if as_json:
@@ -181,6 +178,8 @@ def promote(
       loraplex adapters promote json-answer 3 --alias production
       loraplex adapters promote json-answer 4 --gate jobs/configs/smollm2/gate.yaml
     """
+    from loraplex.models.adapters import check_loads
+    from loraplex.models.adapters import promote as do_promote
 
     if not version.isdigit():
         raise InputError(f"version must be a number, not {version!r}")
@@ -203,6 +202,9 @@ def _one_gate_endpoint(url: str | None, serve_config: Path | None) -> None:
 def _gated_promote(
     state, name, version, alias, gate, url, api_key, out=None, serve_config=None
 ) -> None:
+    from loraplex.evaluation.gate import temporary_endpoint
+    from loraplex.models.adapters import check_loads
+    from loraplex.models.adapters import promote as do_promote
 
     _one_gate_endpoint(url, serve_config)
     client = _client(state)
@@ -219,6 +221,10 @@ def _gated_promote(
 def _gate(state, client, name, version, alias, gate, url, api_key, out) -> str:
     """Run the gate; the reason for the alias log when it passes, GateRefused otherwise."""
     import os
+
+    from loraplex.cli.serving import DEFAULT_URL
+    from loraplex.errors import LoraplexError
+    from loraplex.evaluation.gate import load_gate, run_gate
 
     cfg = load_gate(gate, state.settings().home)
     try:
@@ -253,6 +259,7 @@ def rollback(state: CliState, name: str, alias: str) -> None:
 
     Example: loraplex adapters rollback json-answer --alias production
     """
+    from loraplex.models.adapters import rollback as do_rollback
 
     was, now = do_rollback(_client(state), name, alias)
     click.echo(f"{name}@{alias} -> version {now} (rolled back from version {was})")
@@ -271,6 +278,9 @@ def register(state: CliState, path: Path, name: str, base_model: str, alias: str
 
     Example: loraplex adapters register ./my-adapter --name support-tone
     """
+    from loraplex import tracking
+    from loraplex.models.adapters import register_external
+    from loraplex.models.resolve import resolve_base_model
 
     _valid(name, alias)
     settings = state.settings()
@@ -284,6 +294,8 @@ def register(state: CliState, path: Path, name: str, base_model: str, alias: str
 
 def _valid(name: str, alias: str) -> bool:
     from pydantic import ValidationError
+
+    from loraplex.training.config import TrackingConfig
 
     try:
         TrackingConfig(registered_model=name, alias=alias)
@@ -312,6 +324,9 @@ def canary(name: str, url: str | None, api_key: str | None, as_json: bool) -> No
     import os
 
     import httpx
+
+    from loraplex.cli.serving import DEFAULT_URL
+    from loraplex.errors import LoraplexError
 
     base = (url or os.environ.get("LORAPLEX_URL") or DEFAULT_URL).rstrip("/")
     try:

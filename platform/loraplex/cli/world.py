@@ -10,8 +10,6 @@ from pathlib import Path
 
 import click
 
-from loraplex.world.generate import generate_world
-
 
 @click.group()
 def world() -> None:
@@ -40,6 +38,7 @@ def generate(seed: int, out: Path, force: bool) -> None:
 
     Example: loraplex world generate --seed 7 --out worlds/seed7
     """
+    from loraplex.world.generate import generate_world
 
     manifest = generate_world(seed, out, force=force)
     q, t = manifest["questions"], manifest["tickets"]
