@@ -138,9 +138,9 @@ def check_fields(call: str, body: dict[str, Any]) -> None:
     if unknown:
         raise ApiError(
             400,
-            f"unknown field `{shorten(unknown[0], 60)}`: /v1/{_PATHS[call]} takes OpenAI's "
+            f"unknown field `{unknown[0][:60]}`: /v1/{_PATHS[call]} takes OpenAI's "
             "fields, vLLM's sampling extras and retrieval, task, adapter_version",
-            shorten(unknown[0], 60),
+            unknown[0][:60],
         )
 
 
