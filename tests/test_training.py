@@ -447,7 +447,7 @@ def test_resume_after_a_failure_past_fit_registers_without_training_again(
         raise ConnectionError("the MLflow server went away")
 
     with monkeypatch.context() as m:
-        m.setattr("loraplex.models.adapters.log_and_register", registry_down)
+        m.setattr(job, "log_and_register", registry_down)
         with pytest.raises(LoraplexError, match="--resume to register its finished adapter"):
             job.run_training(cfg, settings)
     store = JobStore(storage)
