@@ -96,9 +96,8 @@ def test_second_bootstrap_reuses_and_says_so(tiny_base, settings):
 
 def test_bootstrap_force_rebuilds_an_existing_model(tiny_base, tmp_path):
     """`loraplex bootstrap --force` (the console script) in a home that already holds a
-    base model: trained again (a two-step curriculum here), a new MLflow run, new
-    weights in place of the old; without --force, only a model pretrained on an older
-    prompt layout is rebuilt."""
+    base model: reused without --force; with it trained again (a two-step curriculum
+    here), a new MLflow run, new weights in place of the old, the current prompt layout."""
     import shutil
 
     import yaml
@@ -128,22 +127,52 @@ def test_bootstrap_force_rebuilds_an_existing_model(tiny_base, tmp_path):
     assert "base model built in" in proc.stdout
     marker = json.loads((home / "models" / "tiny-llama" / "loraplex_base.json").read_text())
     assert marker["mlflow_run_id"] != old_run["mlflow_run_id"] and marker["steps"] == 2
+    assert marker["prompt_layout"] == PROMPT_LAYOUT
     assert (home / "models" / "tiny-llama" / "model.safetensors").read_bytes() != old_weights
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     assert client.get_run(marker["mlflow_run_id"]).info.status == "FINISHED"
     assert not list((home / "models").glob(".*"))  # no staging folder left
 
-    # a model pretrained on an older prompt layout is rebuilt without --force (it would
-    # read every retrieval prompt in a layout it never saw)
+
+def test_a_model_on_an_older_prompt_layout_is_rebuilt_without_force(
+    tiny_base, tmp_path, monkeypatch, caplog
+):
+    """A model pretrained on an older prompt layout would read every retrieval prompt in a
+    layout it never saw: `bootstrap` without --force takes the rebuild path (the one
+    `--force` takes, run in full by the test above). Its training is stopped where it
+    would start (the tokenizer, its first step); the old model is untouched by that failure."""
+    import logging
+    import shutil
+
+    from loraplex.basemodel import bootstrap as bootstrap_module
+    from loraplex.config import load_settings
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_base.model_dir, home / "models" / "tiny-llama")
+    shutil.copytree(tiny_base.world_dir, home / "worlds" / "seed-0")
+    settings = load_settings(env={"LORAPLEX_HOME": str(home)})
+    marker_file = home / "models" / "tiny-llama" / "loraplex_base.json"
+    marker = json.loads(marker_file.read_text())
+    weights = (home / "models" / "tiny-llama" / "model.safetensors").read_bytes()
+
+    class Rebuilding(Exception):
+        pass
+
+    def train_tokenizer(*_: object, **__: object) -> None:
+        raise Rebuilding
+
+    monkeypatch.setattr(bootstrap_module, "train_tokenizer", train_tokenizer)
+    # the current layout: reused, no training
+    assert bootstrap_module.bootstrap(settings).reused
     stale = marker | {"prompt_layout": 1}
-    (home / "models" / "tiny-llama" / "loraplex_base.json").write_text(json.dumps(stale))
-    proc = run_cli("bootstrap", "--config", str(tmp_path / "pretrain.yaml"), env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "older prompt layout" in proc.stdout + proc.stderr
-    assert "base model built in" in proc.stdout
-    rebuilt = json.loads((home / "models" / "tiny-llama" / "loraplex_base.json").read_text())
-    assert rebuilt["mlflow_run_id"] != marker["mlflow_run_id"]
-    assert rebuilt["prompt_layout"] == PROMPT_LAYOUT
+    marker_file.write_text(json.dumps(stale))
+    caplog.set_level(logging.INFO, logger="loraplex.basemodel.bootstrap")
+    with pytest.raises(Rebuilding):
+        bootstrap_module.bootstrap(settings)
+    assert "older prompt layout (1, now" in caplog.text
+    assert json.loads(marker_file.read_text()) == stale
+    assert (home / "models" / "tiny-llama" / "model.safetensors").read_bytes() == weights
+    assert not list((home / "models").glob(".*"))  # no staging folder left
 
 
 def test_bootstrap_refreshes_an_older_world_and_keeps_the_model(tiny_base, settings):

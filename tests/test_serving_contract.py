@@ -174,7 +174,7 @@ def test_alias_resolution_survives_a_registry_outage(tmp_path) -> None:
 
     from loraplex.config import load_settings
     from loraplex.errors import InputError
-    from loraplex.serving.adapters import (
+    from loraplex.serving.aliases import (
         AliasResolver,
         RegistryUnavailable,
         short_registry_timeouts,

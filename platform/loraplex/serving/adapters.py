@@ -1,14 +1,13 @@
-"""Adapters from the MLflow registry into vLLM: alias resolution and the downloader.
+"""Adapters from the MLflow registry into vLLM: the replica's downloader and server.
 
-Owns: :class:`AliasResolver` (ingress side: ``json-answer@production`` -> version ``3``,
-re-read every ``alias_refresh_s`` so a promotion reaches new requests within that
-time) and :class:`RegistryLoraLoader` (replica side: Ray Serve LLM's
+Owns: :class:`RegistryLoraLoader` (replica side: Ray Serve LLM's
 ``model_downloader``; it downloads ``models:/name/version`` into the adapter cache,
 checks the files against the base model, and hands the folder to vLLM). Each version
 is its own multiplexed model id, ``<base>:<name>/<version>``, so requests already
 running on the old version finish on it while new ones load the new one; Serve's
 multiplexing keeps at most ``max_adapters_per_replica`` per replica (LRU).
-Does not own: registering or promoting adapters (``loraplex.models.adapters``).
+Does not own: resolving aliases to versions (``serving.aliases``), registering or
+promoting adapters (``loraplex.models.adapters``).
 """
 
 from __future__ import annotations
@@ -22,13 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraplex.config import LoraplexConfig, load_settings
+from loraplex.config import load_settings
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models.adapters import parse_registry_ref, validate_adapter
 from loraplex.models.resolve import on_this_node
 from loraplex.serving import metrics
-from loraplex.serving.canary import HALT_TAG, halt_reason
-from loraplex.serving.ray_llm import DiskMultiplexConfig, LLMServer, LoraModelLoader, get_lora_id
+from loraplex.serving.aliases import mlflow_client
+from loraplex.serving.ray_llm import (
+    CallbackBase,
+    DiskMultiplexConfig,
+    LLMServer,
+    LoraModelLoader,
+    get_lora_id,
+)
 
 # the base model's reference in a replica's environment: what a node without the driver's
 # folder downloads (set by ``builder``, read by :class:`LoraplexLLMServer`)
@@ -41,145 +46,6 @@ log = logging.getLogger("ray.serve.loraplex")
 
 class AdapterLoadError(LoraplexError):
     """An adapter version that cannot be served (missing, corrupted, wrong base)."""
-
-
-def multiplexed_id(base: str, name: str, version: str) -> str:
-    return f"{base}:{name}/{version}"
-
-
-def _mlflow_client(settings: LoraplexConfig):
-    from mlflow import MlflowClient
-
-    if str(settings.mlflow.tracking_uri).startswith("sqlite:///"):
-        settings.home.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(
-        tracking_uri=settings.mlflow.tracking_uri, registry_uri=settings.mlflow.registry_uri
-    )
-
-
-class RegistryUnavailable(LoraplexError):
-    """The MLflow registry did not answer (as opposed to: it has no such adapter)."""
-
-
-# MLflow's answers that mean "no such model, version or alias"; anything else (a
-# connection refused, a timeout, a 5xx) means the registry cannot be asked right now.
-NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
-
-
-def short_registry_timeouts(timeout_s: float) -> None:
-    """Serving asks the registry with a short timeout and one retry (MLflow's defaults,
-    120 s and 7 retries, would hold a request for minutes while the registry is down)."""
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_s)))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
-
-
-class AliasResolver:
-    """``name@alias`` / ``name/version`` -> version, with a short cache per alias.
-
-    While the registry cannot be reached, an alias keeps the last version it resolved
-    to (logged and counted in ``loraplex_registry_stale``); one never resolved before
-    raises :class:`RegistryUnavailable`. Only "no such adapter" is an InputError."""
-
-    def __init__(self, settings: LoraplexConfig, refresh_s: float, timeout_s: float = 5) -> None:
-        self.settings = settings
-        self.refresh_s = refresh_s
-        self.timeout_s = timeout_s
-        self._cache: dict[str, tuple[float, str]] = {}
-        self._halts: dict[str, tuple[float, str | None]] = {}
-        self._client: Any = None
-
-    def _lookup(self, name: str, alias: str | None, version: str | None) -> str:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            if self._client is None:
-                self._client = _mlflow_client(self.settings)
-            if alias is not None:
-                return str(self._client.get_model_version_by_alias(name, alias).version)
-            return str(self._client.get_model_version(name, version).version)
-        except MlflowException as e:
-            first = first_line(e, 200)
-            if e.error_code in NOT_FOUND_CODES:
-                raise InputError(
-                    f"adapter {name}@{alias or version} is not in the registry: {first}"
-                ) from None
-            raise RegistryUnavailable(f"the MLflow registry cannot be reached: {first}") from None
-        except Exception as e:  # connection refused, timeouts, a broken store
-            raise RegistryUnavailable(
-                f"the MLflow registry cannot be reached: {first_line(e, 200)}"
-            ) from None
-
-    async def resolve(self, ref: str) -> tuple[str, str]:
-        """(registered name, version); InputError when the registry has no such version,
-        RegistryUnavailable when it cannot be asked and nothing was resolved before."""
-        name, alias, version = parse_registry_ref(ref)
-        if version is not None:
-            return name, version
-        now = time.monotonic()
-        cached = self._cache.get(ref)
-        if cached and now - cached[0] < self.refresh_s:
-            return name, cached[1]
-        try:
-            async with asyncio.timeout(self.timeout_s * 3):
-                got = await asyncio.to_thread(self._lookup, name, alias, None)
-        except (RegistryUnavailable, TimeoutError) as e:
-            if cached is None:
-                if isinstance(e, TimeoutError):
-                    raise RegistryUnavailable(
-                        f"the MLflow registry did not answer within {self.timeout_s * 3:g} s"
-                    ) from None
-                raise
-            metrics.registry_stale.inc(tags={"adapter": ref})
-            log.warning("registry unreachable; %s keeps serving version %s (%s)", ref, cached[1], e)
-            self._cache[ref] = (now, cached[1])  # ask again after refresh_s, not every request
-            return name, cached[1]
-        if cached and cached[1] != got:
-            log.info("adapter %s now resolves to version %s (was %s)", ref, got, cached[1])
-        self._cache[ref] = (now, got)
-        return name, got
-
-    async def halted(self, name: str, version: str) -> str | None:
-        """The canary halt recorded on a model version (``canary.HALT_TAG``), re-read every
-        ``alias_refresh_s``; while the registry cannot be asked, the last answer stands."""
-
-        ref = f"{name}/{version}#halt"
-        now = time.monotonic()
-        cached = self._halts.get(ref)
-        if cached and now - cached[0] < self.refresh_s:
-            return cached[1]
-
-        def read() -> str | None:
-            if self._client is None:
-                self._client = _mlflow_client(self.settings)
-            return halt_reason(self._client.get_model_version(name, version).tags)
-
-        try:
-            async with asyncio.timeout(self.timeout_s * 3):
-                reason = await asyncio.to_thread(read)
-        except Exception as e:  # unreachable: keep what was known
-            log.warning("cannot read the canary record of %s/%s: %s", name, version, e)
-            reason = cached[1] if cached else None
-        self._halts[ref] = (now, reason)
-        return reason
-
-    def record_halt(self, name: str, version: str, record: str) -> None:
-        """Write a canary halt on its model version (blocking; run it in a thread)."""
-
-        if self._client is None:
-            self._client = _mlflow_client(self.settings)
-        self._client.set_model_version_tag(name, version, HALT_TAG, record)
-
-    def tags(self, ref: str) -> dict[str, str]:
-        """The model version's tags (blocking; start-up checks)."""
-        name, alias, version = parse_registry_ref(ref)
-        resolved = self._lookup(name, alias, version)
-        return dict(self._client.get_model_version(name, resolved).tags or {})
-
-    def check(self, ref: str) -> str:
-        """Blocking variant for start-up checks."""
-        name, alias, version = parse_registry_ref(ref)
-        return self._lookup(name, alias, version)
 
 
 class LoadedAdapter(DiskMultiplexConfig):
@@ -249,7 +115,7 @@ class RegistryLoraLoader(LoraModelLoader):
     def _download(self, name: str, version: str, target: Path) -> None:
         import mlflow
 
-        client = _mlflow_client(self.settings)
+        client = mlflow_client(self.settings)
         try:
             source = client.get_model_version(name, version).source
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +170,20 @@ class LoraplexLLMServer(LLMServer):
         locks: dict[str, asyncio.Lock] = self.__dict__.setdefault("_loraplex_locks", {})
         async with locks.setdefault(model_id, asyncio.Lock()):
             await super()._maybe_resolve_lora_from_multiplex()
+
+
+class BaseModelOnThisNode(CallbackBase):
+    """Ray Serve LLM's node-initialisation hook, told there is nothing to download.
+
+    Before vLLM starts, Ray Serve LLM runs a task on every node of the replica's placement
+    group that imports vLLM and "downloads" the model source (hub ids and object-store
+    mirrors; for a folder it does nothing): about 14 s of a replica's start on this
+    machine, a fourth process importing vLLM. :meth:`LoraplexLLMServer.start` has already
+    put the base model on this node (the driver's folder, else the registry version), so
+    the task is skipped."""
+
+    async def on_before_node_init(self) -> None:
+        self.ctx.run_init_node = False
 
 
 _int_ids = iter(range(1, 1 << 30))

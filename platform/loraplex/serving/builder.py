@@ -25,6 +25,7 @@ from loraplex.errors import InputError
 from loraplex.models import tags
 from loraplex.models.resolve import resolve_base_model
 from loraplex.ray_runtime import init_ray
+from loraplex.serving.aliases import AliasResolver
 from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_config
 
 log = logging.getLogger("loraplex.serving")
@@ -45,10 +46,6 @@ class Checked:
 
 def check(cfg: ServingConfig, settings: LoraplexConfig) -> Checked:
     """Fail fast, with the reason, on anything the application could not serve."""
-    # here, not at the top: Ray Serve LLM and vLLM take about 15 s to import; only what
-    # builds or checks an application needs them
-    from loraplex.serving.adapters import AliasResolver
-
     resolved = {m.id: resolve_base_model(m.source, settings) for m in cfg.models}
     base_dirs = {k: v[0] for k, v in resolved.items()}
     resolver = AliasResolver(settings, cfg.alias_refresh_s, cfg.timeouts.registry_s)
@@ -154,6 +151,8 @@ def llm_config(
         "deployment_config": deployment,
         "runtime_env": {"env_vars": env},
         "log_engine_metrics": True,
+        # the base model is on the replica's node before vLLM starts (LoraplexLLMServer)
+        "callback_config": {"callback_class": "loraplex.serving.adapters.BaseModelOnThisNode"},
     }
     if spec.accelerator == "cpu":
         kwargs["accelerator_config"] = {"kind": "cpu"}

@@ -11,7 +11,7 @@ canary's model version: every other replica, and every restart, reads it and kee
 canary halted), and :class:`ShadowWatch` (a shadow version answering a share of the
 requests unseen: how many run at once, agreement with the served answers,
 structured-output failures and latency over a window). Does not own: resolving aliases
-(``adapters.AliasResolver``) or the request path (``ingress``).
+(``aliases.AliasResolver``) or the request path (``ingress``).
 """
 
 from __future__ import annotations

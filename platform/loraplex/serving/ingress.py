@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from loraplex.config import LoraplexConfig
 from loraplex.serving import metrics, requests, responses
 from loraplex.serving.accounting import AccountingMixin
-from loraplex.serving.adapters import AliasResolver, short_registry_timeouts
+from loraplex.serving.aliases import AliasResolver, short_registry_timeouts
 from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id
 from loraplex.serving.catalog import CatalogMixin, allowed, key_of
 from loraplex.serving.config import EMBEDDINGS, ServingConfig

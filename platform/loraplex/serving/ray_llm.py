@@ -1,7 +1,7 @@
 """Every name loraplex takes from Ray Serve LLM, public or ``ray.llm._internal``.
 
 Owns: the imports of the extension points serving builds on (``LLMConfig``,
-``build_llm_deployment``, ``OpenAiIngress``, ``make_fastapi_ingress``,
+``build_llm_deployment``, ``CallbackBase``, ``OpenAiIngress``, ``make_fastapi_ingress``,
 ``LoraModelLoader``, ``DiskMultiplexConfig``, the OpenAI request models,
 ``RawRequestInfo``, the SSE formatter, ``get_lora_id``), so that a Ray upgrade that moves one of
 them breaks here, in one place, and ``tests/test_serving_contract.py`` says which.
@@ -18,6 +18,7 @@ import logging
 _root = logging.getLogger()
 _kept = list(_root.handlers)
 
+from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.common.utils.lora_utils import get_lora_id
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.core.configs.openai_api_models import (
@@ -37,6 +38,7 @@ if _kept:
     _root.handlers = _kept
 
 __all__ = [
+    "CallbackBase",
     "ChatCompletionRequest",
     "CompletionRequest",
     "DiskMultiplexConfig",

@@ -8,7 +8,7 @@ adapter's alias resolved to a registry version (404 for an unknown one, 503 with
 background, each finished request observed into the canary's window (a halt counted,
 logged and recorded in MLflow), and ``GET /v1/canaries``. Does not own: the windows,
 the split and the halt rule (``canary``) or alias resolution itself
-(``adapters.AliasResolver``).
+(``aliases.AliasResolver``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from loraplex.errors import InputError
 from loraplex.models.adapters import parse_registry_ref
 from loraplex.serving import metrics
-from loraplex.serving.adapters import AliasResolver, RegistryUnavailable, multiplexed_id
+from loraplex.serving.aliases import AliasResolver, RegistryUnavailable, multiplexed_id
 from loraplex.serving.canary import (
     CANARY,
     STABLE,
