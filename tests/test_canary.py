@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.serving.canary import CANARY, STABLE, CanaryWatch, Outcome, draw, format_ok
+from loraplex.serving.canary import (
+    CANARY,
+    STABLE,
+    CanaryWatch,
+    Outcome,
+    canary_secret,
+    draw,
+    format_ok,
+    sticky_id,
+)
 from loraplex.serving.config import CanarySpec
 
 
@@ -32,6 +41,31 @@ def test_the_split_holds_its_share_and_is_sticky() -> None:
     # another adapter's split is drawn independently
     other = [draw("tiny:b", 10, f"user:{i}") for i in range(5000)]
     assert other != drawn
+    # keyed: under another secret the same ids fall elsewhere (a client cannot compute it)
+    secret = canary_secret(["a" * 64, "b" * 64])
+    keyed = [draw("tiny:a", 10, f"user:{i}", secret) for i in range(5000)]
+    assert keyed != drawn and 0.08 < sum(keyed) / len(keyed) < 0.12
+    assert canary_secret(["b" * 64, "a" * 64]) == secret != canary_secret(["a" * 64])
+    assert canary_secret([], "set by the operator") != canary_secret([])
+
+
+def test_a_users_id_counts_only_for_keys_allowed_to_name_users() -> None:
+    app = {"name": "app", "may_assert_users": True}
+    client = {"name": "client"}
+    headers = {"x-loraplex-user": "u1"}
+    assert sticky_id(headers, {}, app) == "user:app:u1"
+    assert sticky_id({}, {"user": "u2"}, app) == "user:app:u2"
+    assert sticky_id(headers, {"user": "u2"}, client) == "key:client"
+
+
+def test_an_answer_cut_by_its_own_max_tokens_is_not_a_format_failure() -> None:
+    def answer(text: str, finish: str) -> dict:
+        return {"choices": [{"message": {"content": text}, "finish_reason": finish}]}
+
+    assert format_ok(answer('{"answer": "x"', "length"), True) is None
+    assert format_ok(answer('{"answer": "x"', "stop"), True) is False
+    assert format_ok(answer('{"answer": "x"}', "stop"), True) is True
+    assert format_ok(answer("anything", "stop"), False) is None
 
 
 def test_errors_halt_only_past_the_bound_and_after_min_requests() -> None:

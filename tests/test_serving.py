@@ -36,6 +36,8 @@ KEY_KB = "sk-test-kb-only"  # route kb, collection kb, tenant "default"
 KEY_B = "sk-test-team-b"  # route kb, collection kb, tenant "team-b", 4 requests a minute
 # one key per limit, used by one test each: 3 requests a minute, 50 tokens a minute, 2 at once
 KEY_RPM, KEY_TPM, KEY_CONC = "sk-test-rpm", "sk-test-tpm", "sk-test-conc"
+KEY_PLAIN = "sk-test-plain"  # a few models, nothing else said: scoped by default
+EVERY_KEY = (KEY_ALL, KEY_KB, KEY_B, KEY_PLAIN, KEY_RPM, KEY_TPM, KEY_CONC)
 VAULT = "The team B vault code is ZEBRA-4471."  # team-b's only document
 LAUNCH = "The launch code is OCELOT-9."  # collection "secrets" (default tenant)
 
@@ -110,7 +112,15 @@ def serving_config(model_dir: Path) -> dict:
         "auth": {
             "keys": [
                 # the 100-stream test runs 100 at once: above the default 64
-                {"name": "ops", "sha256": hash_key(KEY_ALL), "limits": {"max_concurrent": 256}},
+                {
+                    "name": "ops",
+                    "sha256": hash_key(KEY_ALL),
+                    "collections": ["*"],
+                    "tenant": "*",
+                    "may_pin_versions": True,
+                    "may_assert_users": True,
+                    "limits": {"max_concurrent": 256},
+                },
                 {
                     "name": "kb-team",
                     "sha256": hash_key(KEY_KB),
@@ -125,6 +135,11 @@ def serving_config(model_dir: Path) -> dict:
                     "collections": ["kb"],
                     "tenant": "team-b",
                     "limits": {"requests_per_minute": 4},
+                },
+                {
+                    "name": "plain",
+                    "sha256": hash_key(KEY_PLAIN),
+                    "models": ["tiny", "kb", "tiny:canaried", "tiny:broken"],
                 },
                 *(
                     {"name": name, "sha256": hash_key(key), "models": ["tiny"], "limits": limits}
@@ -460,6 +475,12 @@ def test_a_document_cannot_end_its_source_fence() -> None:
     assert 'doc="x&quot; evil=&quot;1"' in user
 
 
+def test_a_passage_never_tokenizes_to_a_control_token_of_the_tiny_model(tiny_base) -> None:
+    from helpers import assert_passages_stay_text
+
+    assert_passages_stay_text(tiny_base.model_dir)
+
+
 # ---------------------------------------------------------------------- adapters
 
 
@@ -557,10 +578,14 @@ def canary_status(served: Served, adapter: str) -> dict:
 def test_canary_split_is_sticky_per_user_and_promotion_ends_it(served: Served) -> None:
     from mlflow import MlflowClient
 
-    from loraplex.serving.canary import draw
+    from loraplex.serving.canary import canary_secret, draw
+    from loraplex.serving.keys import hash_key
 
     c = served.client()
     msgs = [{"role": "user", "content": "hi"}]
+    # the split's hash is keyed with a secret derived from every key's digest: the
+    # operator (this test) can predict it, a client holding one key cannot
+    secret = canary_secret([hash_key(k) for k in EVERY_KEY])
 
     def answer(user: str, how: str = "header") -> str:
         extra = {"extra_headers": {"x-loraplex-user": user}}
@@ -571,7 +596,7 @@ def test_canary_split_is_sticky_per_user_and_promotion_ends_it(served: Served) -
 
     users = [f"user-{i}" for i in range(20)]
     expected = {
-        u: "tiny:alpha/2" if draw("tiny:canaried", 30, f"user:{u}") else "tiny:alpha/1"
+        u: "tiny:alpha/2" if draw("tiny:canaried", 30, f"user:ops:{u}", secret) else "tiny:alpha/1"
         for u in users
     }
     assert set(expected.values()) == {"tiny:alpha/1", "tiny:alpha/2"}  # both sides drawn
@@ -585,6 +610,26 @@ def test_canary_split_is_sticky_per_user_and_promotion_ends_it(served: Served) -
         for _ in range(6)
     }
     assert len(keyed) == 1
+    # a key not allowed to name its users is one user, whatever ids it sends
+    plain = served.client(KEY_PLAIN)
+    sides = set()
+    for u in users[:8]:
+        sides.add(
+            plain.chat.completions.create(
+                model="tiny:canaried",
+                messages=msgs,
+                max_tokens=2,
+                user=u,
+                extra_headers={"x-loraplex-user": u},
+            ).model
+        )
+    side = "tiny:alpha/2" if draw("tiny:canaried", 30, "key:plain", secret) else "tiny:alpha/1"
+    assert sides == {side}
+    with pytest.raises(openai.PermissionDeniedError) as e:  # nor pin a version
+        plain.chat.completions.create(
+            model="tiny:canaried", messages=msgs, max_tokens=2, extra_body={"adapter_version": 2}
+        )
+    assert "may not pin adapter versions" in e.value.message
 
     status = canary_status(served, "canaried")
     assert status["state"] == "active" and status["canary"]["version"] == "2"
@@ -645,6 +690,12 @@ def test_a_failing_canary_is_halted_recorded_and_stops_receiving_traffic(served:
         time.sleep(0.5)
     record = json.loads(registry.get_model_version("broken", "1").tags[HALT_TAG])
     assert record["adapter"] == "tiny:risky" and record["window"]["canary"]["server_errors"] == 3
+    # and no key, even one allowed to pin versions, can ask for the halted version
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        c.chat.completions.create(
+            model="tiny:broken", messages=msgs, max_tokens=2, extra_body={"adapter_version": 1}
+        )
+    assert "version 1 of broken was halted as a canary" in e.value.message
 
 
 def test_shadow_traffic_is_compared_and_never_returned(served: Served) -> None:
@@ -835,7 +886,24 @@ def test_a_key_reads_only_its_tenant_and_collections(served: Served) -> None:
     assert [s["doc_id"] for s in found] == ["vault"]
     assert found[0]["chunk_id"].startswith("/team-b/vault#") and VAULT in found[0]["text"]
     assert found[0]["source"] == "team-b/vault.md"  # relative to what was ingested
-    # an unconfined key may point retrieval at another collection of a base model
+    # a key that says nothing of collections and tenants: its route's collection, the
+    # default tenant, and no collection a request names (the default one included)
+    found = _sources(served, KEY_PLAIN, "kb", question)
+    assert found and all(VAULT not in s["text"] for s in found)
+    for model, retrieval, reason in [
+        ("kb", {"tenant": "team-b"}, "search tenant 'default' only"),
+        ("tiny", {"collection": "secrets"}, "may not search collection 'secrets'"),
+        ("tiny", {}, "may not search collection"),
+    ]:
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            served.client(KEY_PLAIN).chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "What is the launch code?"}],
+                max_tokens=2,
+                extra_body={"retrieval": retrieval},
+            )
+        assert reason in e.value.message, (model, retrieval)
+    # a key given every collection and tenant ("*") may point retrieval anywhere
     found = _sources(served, KEY_ALL, "tiny", "What is the launch code?", collection="secrets")
     assert LAUNCH in found[0]["text"]
     for s in _sources(served, KEY_ALL, "kb", question, top_k=2):
@@ -1060,6 +1128,16 @@ def test_bad_requests_get_openai_shaped_errors(served: Served, case, body, statu
     error = r.json()["error"]
     assert reason in error["message"] and error["type"]
     assert "Traceback" not in r.text
+
+
+def test_a_route_with_a_system_prompt_refuses_plain_completions(served: Served) -> None:
+    """A completion has no roles: on a route with a system prompt the prompt would be
+    dropped (or mixed into the client's text), so /v1/completions is refused there."""
+    c = served.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="kb-alpha", prompt="Price?", max_tokens=2)
+    assert "this route has a system prompt: use /v1/chat/completions" in e.value.message
+    assert c.completions.create(model="kb", prompt="Price?", max_tokens=2).choices
 
 
 def test_cancelled_streams_leave_no_engine_state(served: Served) -> None:

@@ -8,6 +8,7 @@ serving configs are validated by loraplex's model and by Ray Serve's own schema.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 
 import pytest
@@ -86,7 +87,11 @@ def test_bad_serving_configs_are_refused_with_the_reason(change: dict, reason: s
     assert reason in str(e.value)
 
 
-def test_keys_are_kept_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_are_kept_hashed_and_scoped_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key reaches no collection a request names and only the default tenant unless it
+    says otherwise, from the config or from the environment (a cluster's Secret); a
+    partial limits block keeps the default's other limits; a secret or a name given
+    twice, an unknown field or model, is refused at start without showing the secret."""
     from loraplex.serving.config import ServingConfig
     from loraplex.serving.keys import hash_key
 
@@ -94,25 +99,49 @@ def test_keys_are_kept_hashed(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ServingConfig.model_validate(
         {
             "models": [{"id": "m"}],
-            "auth": {"keys": [{"name": "team", "env": "TEAM_KEY", "models": ["m"]}]},
+            "auth": {
+                "keys": [
+                    {"name": "team", "env": "TEAM_KEY", "models": ["m"]},
+                    {"name": "ops", "sha256": hash_key("sk-ops"), "collections": ["*"]}
+                    | {"tenant": "*", "limits": {"requests_per_minute": 5}},
+                ]
+            },
         }
     )
-    digests = cfg.key_digests({"LORAPLEX_API_KEYS": "sk-a, sk-b"})
-    team = digests[hash_key("sk-team")]
-    assert (team["name"], team["models"], team["collections"], team["tenant"]) == (
-        "team",
-        ["m"],
-        ["*"],
-        None,
+    digests = cfg.key_digests(
+        {"LORAPLEX_API_KEYS": "sk-a, b=sk-b;models=m;collections=kb|docs;tenant=t1;rpm=7"}
     )
+    team = digests[hash_key("sk-team")]
+    scope = ("name", "models", "collections", "tenant")
+    assert [team[k] for k in scope] == ["team", ["m"], [], None]
     assert team["limits"] == cfg.auth.default_limits.model_dump()
-    assert digests[hash_key("sk-b")]["models"] == ["*"]
+    ops = digests[hash_key("sk-ops")]
+    assert [ops[k] for k in scope[2:]] == [["*"], "*"]
+    assert ops["limits"] == cfg.auth.default_limits.model_dump() | {"requests_per_minute": 5}
+    plain = digests[hash_key("sk-a")]
+    assert [plain[k] for k in scope] == ["loraplex-api-keys-1", ["*"], [], None]
+    b = digests[hash_key("sk-b")]
+    assert [b[k] for k in scope] == ["b", ["m"], ["kb", "docs"], "t1"]
+    assert b["limits"]["requests_per_minute"] == 7 and b["limits"]["max_concurrent"] == 64
     assert "sk-team" not in repr(digests) and "sk-a" not in repr(digests)
-    # a cluster's Secret carries only hashes: NAME=SHA256
-    hashed = cfg.key_digests({"LORAPLEX_API_KEY_HASHES": f"ci={hash_key('sk-ci')}"})
-    assert hashed[hash_key("sk-ci")]["name"] == "ci"
-    with pytest.raises(ValueError, match="expected NAME=SHA256"):
-        cfg.key_digests({"LORAPLEX_API_KEY_HASHES": "ci=sk-plain-key"})
+    # a cluster's Secret carries only hashes: NAME=SHA256, with the same fields
+    hashed = cfg.key_digests(
+        {"LORAPLEX_API_KEY_HASHES": f"ci={hash_key('sk-ci')};tenant=ci;concurrent=2"}
+    )
+    ci = hashed[hash_key("sk-ci")]
+    assert (ci["name"], ci["tenant"], ci["limits"]["max_concurrent"]) == ("ci", "ci", 2)
+    for env, reason in [
+        ({"LORAPLEX_API_KEY_HASHES": "ci=sk-plain-key"}, "expected NAME=SHA256"),
+        ({"LORAPLEX_API_KEYS": "sk-ops"}, "keys ops and loraplex-api-keys-1 are the same secret"),
+        ({"LORAPLEX_API_KEYS": "team=sk-x"}, "two keys are named team"),
+        ({"LORAPLEX_API_KEYS": "sk-x;models=nope"}, "unknown models ['nope']"),
+        ({"LORAPLEX_API_KEYS": "sk-x;colour=red"}, "item 1: unknown field 'colour'"),
+        ({"LORAPLEX_API_KEYS": "sk-x,sk-y;tenant=a/b"}, "item 2: tenant"),
+        ({"LORAPLEX_API_KEYS": "sk-x;rpm=0"}, "item 1: limits.requests_per_minute"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(reason)) as e:
+            cfg.key_digests(env)
+        assert "sk-plain-key" not in str(e.value) and "sk-x" not in str(e.value)
 
 
 def test_serve_run_builder_takes_a_path_or_an_inline_config(tiny_base, ray_local, tmp_path):

@@ -144,6 +144,15 @@ def test_the_shipped_smollm2_configs_validate(smollm2) -> None:
         assert train.mlflow.registered_model == f"smollm2-{name.replace('_', '-')}"
 
 
+def test_a_passage_never_tokenizes_to_a_control_token_of_smollm2(smollm2) -> None:
+    """SmolLM2's tokenizer has 17 control tokens (``<filename>``, ``<|im_end|>``, ...):
+    none can come out of a retrieved passage."""
+    from helpers import assert_passages_stay_text
+
+    _, result = smollm2
+    assert_passages_stay_text(result.folder)
+
+
 def test_an_adapter_is_never_scored_on_the_world_it_learned_from(smollm2, served: Served) -> None:
     from helpers import clean_env, one_line_error, run_cli
 

@@ -45,13 +45,26 @@ class Source:
     text: str
 
 
-_FENCE = re.compile(r"<(/?)(source)", re.IGNORECASE)
+# `<source`, `</source`, `< /source`, `</ source`, in any case: a fence opened or closed
+_FENCE = re.compile(r"<(\s*/?\s*source)", re.IGNORECASE)
+# `<|im_end|>`, `<|eot_id|>` and kin: the shape of most chat models' control tokens
+_CONTROL = re.compile(r"<(?=\s*\|)")
 
 
-def fence_text(text: str) -> str:
-    """A source's text as data inside its fence: a ``<source`` or ``</source`` in it
-    (a document that tries to end its fence and speak as the prompt) is escaped."""
-    return _FENCE.sub(r"&lt;\1\2", text)
+def _entity(char: str) -> str:
+    return "&lt;" if char == "<" else f"&#{ord(char)};"
+
+
+def fence_text(text: str, special_tokens: Sequence[str] = ()) -> str:
+    """A source's text as data inside its fence. Escaped: anything that opens or closes
+    a fence (a document that tries to end its fence and speak as the prompt), anything
+    shaped like a chat control token, and each of ``special_tokens`` (the served model's
+    own control tokens, whatever their shape), so that no retrieved text tokenizes to a
+    control token."""
+    for token in special_tokens:
+        if token and token in text:
+            text = text.replace(token, _entity(token[0]) + token[1:])
+    return _CONTROL.sub("&lt;", _FENCE.sub(r"&lt;\1", text))
 
 
 def fence_attribute(value: str) -> str:
@@ -59,11 +72,11 @@ def fence_attribute(value: str) -> str:
     return html.escape(" ".join(value.split()), quote=True)
 
 
-def render_sources(sources: Sequence[Source]) -> str:
+def render_sources(sources: Sequence[Source], special_tokens: Sequence[str] = ()) -> str:
     """Number and fence each source; the numbers are what a model cites."""
     blocks = [
         f'<source id="{i}" doc="{fence_attribute(s.doc_id)}">\n'
-        f"{fence_text(s.text.strip())}\n</source>"
+        f"{fence_text(s.text.strip(), special_tokens)}\n</source>"
         for i, s in enumerate(sources, start=1)
     ]
     return "\n".join([SOURCES_HEADER, *blocks])
@@ -74,18 +87,20 @@ def question_prompt(
     sources: Sequence[Source] = (),
     json_answer: bool = False,
     question_first: bool = True,
+    special_tokens: Sequence[str] = (),
 ) -> str:
     """The user turn for a question, with sources (retrieval) and/or the JSON instruction.
 
     With sources the question comes first and again last: a small model then reads the
     source about the product it was asked about instead of a sibling's (SmolLM2-135M's
     base+rag 0.650 -> 0.787, benchmarks/RESULTS.md). ``question_first=False`` is the
-    layout before :data:`PROMPT_LAYOUT` 2, kept for that comparison."""
+    layout before :data:`PROMPT_LAYOUT` 2, kept for that comparison. ``special_tokens``:
+    the served model's control tokens, escaped in the sources (:func:`fence_text`)."""
     parts = []
     if sources and question_first:
         parts.append(f"Question: {question.strip()}")
     if sources:
-        parts += [render_sources(sources), CITE_INSTRUCTION]
+        parts += [render_sources(sources, special_tokens), CITE_INSTRUCTION]
     if json_answer:
         parts.append(JSON_INSTRUCTION)
     parts.append(f"Question: {question.strip()}")

@@ -63,7 +63,12 @@ def serve(
     checked = check(cfg, settings)
     bind = _bind_host(host or cfg.http.host, bool(checked.key_digests))
     if check_only:
+        from loraplex.serving.keys import describe
+
         click.echo(f"{path}: ok ({_summary(cfg)}); would listen on http://{bind}:{cfg.http.port}")
+        records = list(checked.key_digests.values()) or [cfg.anonymous_record()]
+        for record in records:  # what each key may reach, as the replicas will enforce it
+            click.echo(f"  key {describe(record)}")
         return
     _run(cfg, settings, checked, bind)
 

@@ -40,8 +40,8 @@ from loraplex.retrieval.readers import (
     find_files,
     read_file,
 )
-from loraplex.retrieval.spec import TENANT
-from loraplex.retrieval.store import DEFAULT_TENANT, MAX_TEXT, KnowledgeStore
+from loraplex.retrieval.spec import DEFAULT_TENANT, TENANT
+from loraplex.retrieval.store import MAX_TEXT, KnowledgeStore
 
 MAX_DOC_ID = 400
 BATCH_CHUNKS = 4096  # chunks compared, embedded and written together (about 10 MB)

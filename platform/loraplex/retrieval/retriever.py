@@ -19,8 +19,8 @@ from loraplex.config import LoraplexConfig
 from loraplex.prompts import Source
 from loraplex.retrieval.embeddings import Embedder, default_embedder
 from loraplex.retrieval.ingest import IngestSummary, ingest
-from loraplex.retrieval.spec import RetrievalSpec
-from loraplex.retrieval.store import DEFAULT_TENANT, Hit, KnowledgeStore
+from loraplex.retrieval.spec import DEFAULT_TENANT, RetrievalSpec
+from loraplex.retrieval.store import Hit, KnowledgeStore
 
 QUERY_CACHE = 2048
 

@@ -18,6 +18,8 @@ from loraplex.config import StrictModel
 # No "/": a chunk id is "/<tenant>/<doc id>#..." for tenants other than the default,
 # and doc ids never start with "/", so two tenants' chunk ids cannot collide.
 TENANT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# the tenant of documents ingested without one, and of searches by keys without one
+DEFAULT_TENANT = "default"
 COLLECTION = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"
 MAX_TOP_K = 50
 

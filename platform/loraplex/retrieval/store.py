@@ -47,6 +47,7 @@ from loraplex.config.settings import MilvusSettings, RetrievalSettings
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.retrieval.analysis import LEGACY, analysis_for, analyze
 from loraplex.retrieval.locks import LOCKS, IngestLock
+from loraplex.retrieval.spec import DEFAULT_TENANT
 
 SCHEMA_VERSION = "2"  # 2: the `lexical` field (analysed text) feeds BM25
 PROP_SCHEMA = "loraplex.schema"
@@ -54,7 +55,6 @@ PROP_ANALYSIS = "loraplex.analysis"
 PROP_MODEL = "loraplex.embedding_model"
 PROP_DIM = "loraplex.embedding_dim"
 OUTPUT_FIELDS = ["doc_id", "position", "text", "title", "heading", "source", "start", "end"]
-DEFAULT_TENANT = "default"
 MAX_TEXT = 65535
 WRITE_BATCH = 256
 _QUERY_BATCH = 100

@@ -13,7 +13,9 @@ application. Does not own: request handling (``ingress``) or running until stopp
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from loraplex.models import tags
 from loraplex.models.resolve import resolve_base_model
 from loraplex.ray_runtime import init_ray
 from loraplex.serving.aliases import AliasResolver
+from loraplex.serving.canary import CANARY_SECRET_ENV, canary_secret
 from loraplex.serving.config import BaseModelSpec, ServingConfig, load_serving_config
 
 log = logging.getLogger("loraplex.serving")
@@ -209,7 +212,28 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
         settings=settings.model_dump(mode="json"),
         retriever=retriever,
         anonymous=not checked.key_digests,
+        special_tokens={k: special_tokens(v) for k, v in checked.base_dirs.items()},
+        canary_secret=canary_secret(checked.key_digests, os.environ.get(CANARY_SECRET_ENV)),
     )
+
+
+def special_tokens(folder: Path) -> list[str]:
+    """The control tokens of a base model's tokenizer (every added token marked special),
+    longest first: text in a retrieved passage that would tokenize to one is escaped
+    (``prompts.fence_text``). Read from the folder's JSON, without transformers."""
+    found: set[str] = set()
+    tokenizer = folder / "tokenizer.json"
+    if tokenizer.exists():
+        added = json.loads(tokenizer.read_text(encoding="utf-8")).get("added_tokens") or []
+        found |= {t["content"] for t in added if t.get("special") and t.get("content")}
+    config = folder / "tokenizer_config.json"
+    if config.exists():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        decoder = data.get("added_tokens_decoder") or {}
+        found |= {t["content"] for t in decoder.values() if t.get("special") and t.get("content")}
+        for extra in data.get("additional_special_tokens") or []:
+            found.add(extra if isinstance(extra, str) else extra.get("content", ""))
+    return sorted(filter(None, found), key=lambda t: (-len(t), t))
 
 
 def start(

@@ -17,6 +17,7 @@ structured-output failures and latency over a window). Does not own: resolving a
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import random
@@ -31,21 +32,39 @@ from loraplex.serving.config import CanarySpec, ShadowSpec
 HALT_TAG = tags.CANARY_HALTED  # on the canary's model version: JSON, why and when
 STABLE, CANARY = "stable", "canary"
 USER_HEADER = "x-loraplex-user"
+CANARY_SECRET_ENV = "LORAPLEX_CANARY_SECRET"
 
 
-def sticky_id(headers: Any, body: dict[str, Any], key_name: str) -> str:
-    """Who the end user is, for a sticky split: the header, else OpenAI's ``user``, else
-    the API key's name."""
-    user = headers.get(USER_HEADER) or body.get("user")
-    return f"user:{user}" if isinstance(user, str) and user else f"key:{key_name}"
+def sticky_id(headers: Any, body: dict[str, Any], key: dict[str, Any]) -> str:
+    """Who the end user is, for a sticky split. A key allowed to assert its users
+    (``may_assert_users``: an application serving many people) names them in the header or
+    OpenAI's ``user``; any other request is its API key's: a client cannot choose its side
+    of a canary by making up user ids."""
+    if key.get("may_assert_users"):
+        user = headers.get(USER_HEADER) or body.get("user")
+        if isinstance(user, str) and user:
+            return f"user:{key['name']}:{user}"
+    return f"key:{key['name']}"
 
 
-def draw(adapter: str, percent: float, sticky: str | None) -> bool:
-    """True when this request goes to the canary. With a sticky id the answer is a
-    hash of (adapter, id), so one end user stays on one side while the split holds."""
+def canary_secret(key_digests: Any, configured: str | None = None) -> bytes:
+    """The key of the split's hash: ``configured`` (``$LORAPLEX_CANARY_SECRET``) when set,
+    else one derived from every API key's digest, which no single client knows. The
+    same for every ingress replica of a deployment, so a user stays on one side."""
+    if configured:
+        return hashlib.sha256(b"loraplex-canary\0" + configured.encode()).digest()
+    return hashlib.sha256(
+        b"loraplex-canary\0" + "\0".join(sorted(key_digests or ())).encode()
+    ).digest()
+
+
+def draw(adapter: str, percent: float, sticky: str | None, secret: bytes = b"") -> bool:
+    """True when this request goes to the canary. With a sticky id the answer is a keyed
+    hash (HMAC-SHA256 with ``secret``) of (adapter, id): one end user stays on one side
+    while the split holds, and a client cannot compute which side an id falls on."""
     if sticky is None:
         return random.random() * 100 < percent
-    digest = hashlib.sha256(f"{adapter}\0{sticky}".encode()).digest()
+    digest = hmac.new(secret, f"{adapter}\0{sticky}".encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 * 100 < percent
 
 
@@ -98,8 +117,9 @@ class CanaryWatch:
     over. A halted canary stays halted for that version (here, and through
     :data:`HALT_TAG`, everywhere)."""
 
-    def __init__(self, adapter: str, spec: CanarySpec) -> None:
+    def __init__(self, adapter: str, spec: CanarySpec, secret: bytes = b"") -> None:
         self.adapter = adapter
+        self.secret = secret
         self.spec = spec
         self.version: str | None = None
         self.halted: str | None = None  # the reason
@@ -116,7 +136,7 @@ class CanaryWatch:
     def goes_to_canary(self, sticky: str | None) -> bool:
         if self.halted is not None:
             return False
-        return draw(self.adapter, self.spec.percent, sticky)
+        return draw(self.adapter, self.spec.percent, sticky, self.secret)
 
     def record(self, outcome: Outcome) -> str | None:
         """Add one finished request; the reason when this one halts the canary."""
@@ -286,13 +306,19 @@ def texts(answer: Any) -> list[str]:
 
 
 def format_ok(answer: Any, structured: bool) -> bool | None:
-    """Whether every choice of a non-streaming answer is JSON, when JSON was asked for."""
+    """Whether every choice of a non-streaming answer is JSON, when JSON was asked for.
+    A choice cut by the request's own ``max_tokens`` (``finish_reason: length``) is not
+    judged: a client could otherwise manufacture format failures on a canary (asking
+    for one token) and halt it. None: nothing to judge."""
     if not structured:
         return None
-    choices = texts(answer)
+    data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
+    choices = (data.get("choices") if isinstance(data, dict) else None) or []
+    if any(c.get("finish_reason") == "length" for c in choices):
+        return None
     if not choices:
         return False
-    for text in choices:
+    for text in texts(answer):
         try:
             json.loads(text)
         except ValueError:

@@ -23,7 +23,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from loraplex.config import NAME, StrictModel, load_model
 from loraplex.models.adapters import parse_registry_ref
 from loraplex.retrieval.spec import COLLECTION, RetrievalSpec
-from loraplex.serving.keys import AuthConfig
+from loraplex.serving.keys import ApiKey, AuthConfig
 from loraplex.serving.scaling import RetrieverScaling, Scaling
 
 EMBEDDINGS = "embeddings"  # what a key lists in `models` to use /v1/embeddings
@@ -276,23 +276,31 @@ class ServingConfig(StrictModel):
                     )
             if r.retrieval is not None and self.retriever is None:
                 raise ValueError(f"route {r.name}: has retrieval but `retriever` is null")
+        for k in self.auth.keys:
+            self._check_key(k)
+        return self
+
+    def _check_key(self, k: ApiKey) -> None:
         known = (
-            set(bases)
+            {m.id for m in self.models}
             | {r.name for r in self.routes}
             | {f"{a.base}:{a.name}" for a in self.adapters}
             | ({EMBEDDINGS} if self.retriever is not None else set())
         )
-        for k in self.auth.keys:
-            unknown = [m for m in k.models if m != "*" and m not in known]
-            if unknown:
-                raise ValueError(f"key {k.name}: unknown models {unknown}")
-            bad = [c for c in k.collections if c != "*" and not re.match(COLLECTION, c)]
-            if bad:
-                raise ValueError(f"key {k.name}: not collection names: {bad}")
-        return self
+        unknown = [m for m in k.models if m != "*" and m not in known]
+        if unknown:
+            raise ValueError(f"key {k.name}: unknown models {unknown}")
+        bad = [c for c in k.collections if c != "*" and not re.match(COLLECTION, c)]
+        if bad:
+            raise ValueError(f"key {k.name}: not collection names: {bad}")
 
     def key_digests(self, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-        return self.auth.key_digests(env)
+        """Every key's digest -> scope (the config's and the environment's, each checked
+        against this config's models); ValueError on a bad or repeated key."""
+        keys = self.auth.all_keys(env)
+        for key, _ in keys:
+            self._check_key(key)
+        return {digest: self.auth.record(key) for key, digest in keys}
 
     def anonymous_record(self) -> dict[str, Any]:
         return self.auth.anonymous_record()

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from loraplex.errors import InputError, LoraplexError
 from loraplex.prompts import Source, question_prompt, ticket_prompt
-from loraplex.retrieval.spec import and_filters
+from loraplex.retrieval.spec import DEFAULT_TENANT, and_filters
 from loraplex.serving.config import RouteRetrieval
 from loraplex.serving.errors import ApiError, public_reason
 from loraplex.serving.requests import check_messages
@@ -69,26 +69,35 @@ def build_messages(
     *,
     system_prompt: str | None = None,
     task: str = "chat",
+    special_tokens: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """A copy of ``messages`` with the last user turn carrying the sources/instruction
     and the route's system prompt first (a client's system messages follow it)."""
     out = [dict(m) for m in messages]
     i = last_user_index(out)
     if i is not None:
-        out[i]["content"] = user_turn(message_text(out[i]["content"]), hits, task)
+        out[i]["content"] = user_turn(message_text(out[i]["content"]), hits, task, special_tokens)
     if system_prompt:
         out.insert(0, {"role": "system", "content": system_prompt})
     return out
 
 
-def user_turn(text: str, hits: Sequence[dict[str, Any]], task: str = "chat") -> str:
-    """The text of the user turn for a route's task, with the numbered sources."""
+def user_turn(
+    text: str,
+    hits: Sequence[dict[str, Any]],
+    task: str = "chat",
+    special_tokens: Sequence[str] = (),
+) -> str:
+    """The text of the user turn for a route's task, with the numbered sources (the
+    served model's ``special_tokens`` escaped in them)."""
     if task == "classify_ticket":
         return ticket_prompt(text)
     if not hits and task == "chat":
         return text
     sources = [Source(h["doc_id"], h["text"]) for h in hits]
-    return question_prompt(text, sources, json_answer=task == "json_answer")
+    return question_prompt(
+        text, sources, json_answer=task == "json_answer", special_tokens=special_tokens
+    )
 
 
 def public_sources(hits: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,8 +211,11 @@ def narrow(
             )
         spec.collection = request.collection
     collection = spec.collection or default_collection
-    allowed = key.get("collections") or ["*"]
-    if "*" not in allowed and collection not in allowed:
+    allowed = key.get("collections") or []
+    # a route's own retrieval comes with the route (unless the key lists collections and
+    # this is not one); a collection the request picks must be the key's
+    by_route = route is not None and not allowed
+    if not by_route and "*" not in allowed and collection not in allowed:
         raise ApiError(
             403,
             f"this API key may not search collection {collection!r}",
@@ -211,11 +223,20 @@ def narrow(
             "permission_denied",
         )
     spec.collection = collection
-    fixed = key.get("tenant") or (route.tenant if route else None)
+    # the key's own tenant, else the route's; a key without one reads the default tenant
+    # and only a key with tenant "*" may pick (or search across) tenants
+    key_tenant = key.get("tenant")
+    if key_tenant not in (None, "*"):
+        fixed = key_tenant
+    elif route is not None and route.tenant is not None:
+        fixed = route.tenant
+    else:
+        fixed = None if key_tenant == "*" else DEFAULT_TENANT
     if "tenant" in given and fixed is not None and request.tenant != fixed:
         raise ApiError(
             403,
-            "retrieval.tenant: this key and route search one tenant; a request cannot change it",
+            f"retrieval.tenant: this key and route search tenant {fixed!r} only; a request "
+            "cannot change it",
             "retrieval.tenant",
             "permission_denied",
         )
@@ -256,6 +277,7 @@ class Grounder:
         key: dict[str, Any],
         override: Any,
         rid: str,
+        special_tokens: Sequence[str] = (),
     ) -> Grounded:
         if call == "chat":
             messages = check_messages(body.get("messages"))
@@ -265,20 +287,30 @@ class Grounder:
             if prompt is None:
                 raise ApiError(400, "`prompt` is required", "prompt")
             query = prompt if isinstance(prompt, str) else ""
+            if system_prompt:  # a completion has no roles to keep the route's prompt apart
+                raise ApiError(
+                    400,
+                    "this route has a system prompt: use /v1/chat/completions",
+                    "model",
+                )
         spec = narrow(route, key, override, self.default_collection)
         out = Grounded()
         if spec is not None:
             out.hits, out.info = await self._search(spec, query, rid)
         if call == "chat":
             out.messages = build_messages(
-                messages, out.hits, system_prompt=system_prompt, task=task
+                messages,
+                out.hits,
+                system_prompt=system_prompt,
+                task=task,
+                special_tokens=special_tokens,
             )
         elif out.hits or task != "chat":
             if not isinstance(body["prompt"], str):
                 raise ApiError(
                     400, "routes with retrieval or a task need `prompt` to be a string", "prompt"
                 )
-            out.prompt = user_turn(body["prompt"], out.hits, task)
+            out.prompt = user_turn(body["prompt"], out.hits, task, special_tokens)
         else:
             out.prompt = body["prompt"]
         return out

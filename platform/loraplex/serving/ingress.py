@@ -69,6 +69,8 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         settings: dict[str, Any],
         retriever: Any = None,
         anonymous: bool = False,
+        special_tokens: dict[str, list[str]] | None = None,
+        canary_secret: bytes = b"",
     ) -> None:
         if anonymous:
             refuse_open_anonymous()
@@ -83,12 +85,16 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
             retriever, self.settings.retrieval.collection, self.config.timeouts.retrieval_s
         )
         self.retriever = retriever
+        # each base model's control tokens, escaped in the passages its prompts carry
+        self.special_tokens = special_tokens or {}
         self.bases = {m.id: m for m in self.config.models}
         self.adapters = {f"{a.base}:{a.name}": a for a in self.config.adapters}
         self.routes = {r.name: r for r in self.config.routes}
         self.known_versions = set()  # pinned versions seen to exist
         self.canaries = {
-            name: CanaryWatch(name, a.canary) for name, a in self.adapters.items() if a.canary
+            name: CanaryWatch(name, a.canary, canary_secret)
+            for name, a in self.adapters.items()
+            if a.canary
         }
         self.shadows = {
             name: ShadowWatch(name, a.shadow) for name, a in self.adapters.items() if a.shadow
@@ -176,9 +182,14 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
             )
         asked = requests.parse(call, body, self.bases[t.base])
         t.task = asked.task or t.task
-        pick = await self._engine_model(
-            t, sticky_id(request.headers, body, key["name"]), asked.pinned
-        )
+        if asked.pinned is not None and not key.get("may_pin_versions"):
+            raise ApiError(
+                403,
+                "this API key may not pin adapter versions (its may_pin_versions is off)",
+                "adapter_version",
+                "permission_denied",
+            )
+        pick = await self._engine_model(t, sticky_id(request.headers, body, key), asked.pinned)
         tags["adapter"] = pick.label
         pick.structured = t.task == "json_answer" or asked.structured
         picked.append(pick)
@@ -191,6 +202,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
             key=key,
             override=asked.retrieval,
             rid=rid,
+            special_tokens=self.special_tokens.get(t.base, ()),
         )
         if self.config.log_prompts:  # off by default: prompts may hold personal data
             log.info("[%s] %s grounded request: %s", rid, t.name, shorten(body, 500))

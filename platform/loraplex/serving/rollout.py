@@ -119,6 +119,13 @@ class RolloutMixin:
                 ) from None
             except RegistryUnavailable as e:
                 raise registry_unavailable(e) from None
+            if await self.resolver.halted(name, pinned):  # a halted canary stays halted
+                raise ApiError(
+                    403,
+                    f"`adapter_version`: version {pinned} of {name} was halted as a canary",
+                    "adapter_version",
+                    "permission_denied",
+                )
             return Pick(multiplexed_id(t.base, name, pinned), f"{name}/{pinned}")
         name, version = await self._resolve(t.registry)
         pick = Pick(multiplexed_id(t.base, name, version), f"{name}/{version}")
