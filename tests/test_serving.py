@@ -37,7 +37,8 @@ KEY_B = "sk-test-team-b"  # route kb, collection kb, tenant "team-b", 4 requests
 # one key per limit, used by one test each: 3 requests a minute, 50 tokens a minute, 2 at once
 KEY_RPM, KEY_TPM, KEY_CONC = "sk-test-rpm", "sk-test-tpm", "sk-test-conc"
 KEY_PLAIN = "sk-test-plain"  # a few models, nothing else said: scoped by default
-EVERY_KEY = (KEY_ALL, KEY_KB, KEY_B, KEY_PLAIN, KEY_RPM, KEY_TPM, KEY_CONC)
+KEY_CUT, KEY_EMB = "sk-test-cut", "sk-test-emb"  # 60 tokens a minute, chat / embeddings
+EVERY_KEY = (KEY_ALL, KEY_KB, KEY_B, KEY_PLAIN, KEY_RPM, KEY_TPM, KEY_CONC, KEY_CUT, KEY_EMB)
 VAULT = "The team B vault code is ZEBRA-4471."  # team-b's only document
 LAUNCH = "The launch code is OCELOT-9."  # collection "secrets" (default tenant)
 
@@ -147,11 +148,18 @@ def serving_config(model_dir: Path) -> dict:
                         ("rpm", KEY_RPM, {"requests_per_minute": 3}),
                         ("tpm", KEY_TPM, {"tokens_per_minute": 50}),
                         ("conc", KEY_CONC, {"max_concurrent": 2}),
+                        ("cut", KEY_CUT, {"tokens_per_minute": 60}),
                     )
                 ),
+                {
+                    "name": "emb",
+                    "sha256": hash_key(KEY_EMB),
+                    "models": ["embeddings"],
+                    "limits": {"tokens_per_minute": 60},
+                },
             ]
         },
-        "http": {"cors_origins": ["http://app.example"]},
+        "http": {"cors_origins": ["http://app.example"], "body_read_s": 5},
         "timeouts": {"retrieval_s": 3},
         "alias_refresh_s": 1,
     }
@@ -988,6 +996,90 @@ def test_each_limit_refuses_exactly_past_it(served: Served) -> None:
 
     third, again = asyncio.run(concurrency())
     assert (third, again) == (429, 200)
+
+
+def test_a_cut_stream_and_embeddings_are_charged_for_their_tokens(served: Served) -> None:
+    """60 tokens a minute: a stream the client closes after two chunks is charged for
+    its prompt (about 80 tokens) and what it was sent, so the key's next request is
+    refused; an embeddings call over 60 input tokens likewise."""
+
+    def refused_soon(call) -> openai.RateLimitError:
+        deadline = time.monotonic() + 10  # the charge lands when the server sees the end
+        while True:
+            try:
+                call()
+            except openai.RateLimitError as e:
+                return e
+            assert time.monotonic() < deadline, "the tokens were not charged"
+            time.sleep(0.3)
+
+    cut = served.client(KEY_CUT)
+    stream = cut.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "kettle lamp " * 40}],
+        max_tokens=400,  # still generating when the client leaves
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for _, _ in zip(range(2), stream, strict=False):
+        pass
+    stream.close()
+    e = refused_soon(
+        lambda: cut.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+    )
+    assert "60 tokens per minute" in e.message
+
+    emb = served.client(KEY_EMB)
+    long_text = "kettle lamp " * 40
+    e = refused_soon(lambda: emb.embeddings.create(model="all-MiniLM-L6-v2", input=long_text))
+    assert "60 tokens per minute" in e.message
+
+
+def test_a_slow_body_holds_its_own_keys_slot_only_and_gets_408(served: Served) -> None:
+    """A client that sends its body a byte now and then is admitted before the body is
+    read: it holds one of its own key's slots (the key's next request is refused 429,
+    other keys are served), until http.body_read_s (5 s here) answers it 408 and the
+    slot comes back."""
+    import socket
+    from urllib.parse import urlparse
+
+    port = urlparse(served.url).port
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def post(key: str) -> httpx.Response:
+        return httpx.post(
+            f"{served.url}/chat/completions",
+            json={"model": "tiny", "messages": msgs, "max_tokens": 1},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+
+    def slow_body() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {KEY_CONC}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 300\r\n\r\n{"
+        )
+        return conn
+
+    held = [slow_body(), slow_body()]  # the key's 2 slots
+    try:
+        deadline = time.monotonic() + 4
+        while (refused := post(KEY_CONC)).status_code != 429:
+            assert time.monotonic() < deadline, "slow bodies did not hold their key's slots"
+            time.sleep(0.2)
+        assert "2 requests at once" in refused.json()["error"]["message"], refused.text
+        assert post(KEY_ALL).status_code == 200  # another key is served meanwhile
+        for conn in held:
+            status_line = conn.recv(4096).split(b"\r\n", 1)[0]
+            assert b" 408" in status_line, status_line
+    finally:
+        for conn in held:
+            conn.close()
+    assert post(KEY_CONC).status_code == 200  # the slots came back
 
 
 def test_body_size_and_cors(served: Served) -> None:

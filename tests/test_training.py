@@ -162,12 +162,21 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     row = next(r for r in json.loads(out) if r["name"] == "json-tiny")
     assert row["aliases"] == ["candidate"] and row["rank"] == "4" and "eval_loss" in row["metrics"]
     code, out, err = cli(capsys, "adapters", "promote", "json-tiny", "1", "--alias", "production")
+    line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+    assert code == 2 and "without --gate would move @production unmeasured" in line, line
+    code, out, err = cli(
+        capsys, "adapters", "promote", "json-tiny", "1", "--alias", "production", "--force"
+    )
     assert code == 0, err
     assert str(client.get_model_version_by_alias("json-tiny", "production").version) == "1"
+    moves = json.loads(
+        client.get_registered_model("json-tiny").tags["loraplex.alias_log.production"]
+    )
+    assert moves[-1]["to"] == "1" and moves[-1]["why"] == "promote --force"
     for args, expected in [
-        (("adapters", "promote", "json-tiny", "7"), "has no version 7"),
-        (("adapters", "promote", "nope", "1"), "no adapter named 'nope'"),
-        (("adapters", "promote", "json-tiny", "1", "--alias", "bad alias"), "alias"),
+        (("adapters", "promote", "json-tiny", "7", "--force"), "has no version 7"),
+        (("adapters", "promote", "nope", "1", "--force"), "no adapter named 'nope'"),
+        (("adapters", "promote", "json-tiny", "1", "--alias", "bad alias", "--force"), "alias"),
     ]:
         code, _, err = cli(capsys, *args)
         line = one_line_error(subprocess.CompletedProcess([], code, "", err))
@@ -187,7 +196,9 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     def production() -> str:
         return str(client.get_model_version_by_alias("json-tiny", "production").version)
 
-    code, out, err = cli(capsys, "adapters", "promote", "json-tiny", "2", "--alias", "production")
+    code, out, err = cli(
+        capsys, "adapters", "promote", "json-tiny", "2", "--alias", "production", "--force"
+    )
     assert code == 0 and "(was version 1)" in out, err
     code, out, err = cli(capsys, "adapters", "rollback", "json-tiny", "--alias", "production")
     assert code == 0 and "version 1 (rolled back from version 2)" in out, err
@@ -198,7 +209,9 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     stored = Path(client.get_model_version("json-tiny", "2").source.removeprefix("file://"))
     weights = next(stored.rglob("adapter_model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:64])
-    code, _, err = cli(capsys, "adapters", "promote", "json-tiny", "2", "--alias", "production")
+    code, _, err = cli(
+        capsys, "adapters", "promote", "json-tiny", "2", "--alias", "production", "--force"
+    )
     line = one_line_error(subprocess.CompletedProcess([], code, "", err))
     assert code == 2 and "alias not moved" in line and "safetensors" in line, line
     assert production() == "1"

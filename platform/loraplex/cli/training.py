@@ -8,6 +8,7 @@ Does not own: training or the registry conventions (``loraplex.training``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
@@ -15,6 +16,8 @@ import click
 from loraplex.cli.context import CliState, pass_state
 from loraplex.errors import InputError
 from loraplex.training.config import load_train_config
+
+log = logging.getLogger("loraplex.adapters")
 
 
 def gate_endpoint_options(command):
@@ -155,6 +158,11 @@ def list_(state: CliState, as_json: bool) -> None:
 )
 @gate_endpoint_options
 @click.option("--out", type=click.Path(path_type=Path), help="The gate's report folder.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Move the alias without a gate (unmeasured; recorded as forced in the alias log).",
+)
 @pass_state
 def promote(
     state: CliState,
@@ -166,17 +174,18 @@ def promote(
     serve_config: Path | None,
     api_key: str | None,
     out: Path | None,
+    force: bool,
 ) -> None:
     """Point an alias at a version (serving follows the alias), after checking that the
     version's files download and fit its base model; `rollback` undoes it. With --gate,
     both versions first answer the gate's questions through the endpoint, and the alias
     moves only when every rule of the gate holds (refused: exit 1, one line per failing
-    metric).
+    metric). Without a gate the move needs --force, and the alias log says so.
 
     \b
     Examples:
-      loraplex adapters promote json-answer 3 --alias production
       loraplex adapters promote json-answer 4 --gate jobs/configs/smollm2/gate.yaml
+      loraplex adapters promote json-answer 3 --alias production --force
     """
     from loraplex.models.adapters import check_loads
     from loraplex.models.adapters import promote as do_promote
@@ -188,8 +197,16 @@ def promote(
         return
     if serve_config is not None or url is not None:
         raise InputError("--url and --serve are for --gate")
+    if not force:
+        raise InputError(
+            f"promoting {name} {version} without --gate would move @{alias} unmeasured: "
+            "give --gate GATE_FILE, or --force to move it anyway"
+        )
     client = _client(state)
-    before = do_promote(client, name, version, alias, check=check_loads(state.settings()))
+    log.warning("moving %s@%s to version %s without a gate (--force)", name, alias, version)
+    before = do_promote(
+        client, name, version, alias, check=check_loads(state.settings()), why="promote --force"
+    )
     was = f" (was version {before})" if before else ""
     click.echo(f"{name}@{alias} -> version {version}{was}")
 

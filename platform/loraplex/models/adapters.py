@@ -181,10 +181,13 @@ def _log_move(client, name: str, alias: str, before: str | None, now: str, why: 
         log = json.loads(model_tags.get(LOG_TAG.format(alias=alias), "[]"))
     except (json.JSONDecodeError, TypeError):
         log = []
-    try:
-        who = getpass.getuser()
-    except Exception:  # no user name in this environment (a container)
-        who = "unknown"
+    # the user MLflow authenticates (its basic auth), else this machine's user
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    if not who:
+        try:
+            who = getpass.getuser()
+        except Exception:  # no user name in this environment (a container)
+            who = "unknown"
     entry = {
         "from": before,
         "to": now,

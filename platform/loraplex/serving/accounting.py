@@ -35,19 +35,29 @@ class AccountingMixin:
         started: float,
         rid: str,
         client_rid: str,
+        early: bool = False,
     ) -> None:
-        """Count the finished request; one log line with the server's request id, the
-        key's name and the client's own request id (Serve's proxy makes one when the
-        client sends none)."""
-        if usage is None:
+        """Count the finished request and charge its tokens to the key; one log line with
+        the server's request id, the key's name and the client's own request id (Serve's
+        proxy makes one when the client sends none). A stream that ended early (the
+        client left, the deadline passed) is charged for what it was sent: ``usage`` is
+        the engine's count up to its last chunk (None: nothing was generated)."""
+        prompt = int((usage or {}).get("prompt_tokens") or 0)
+        completion = int((usage or {}).get("completion_tokens") or 0)
+        if limiter is not None and prompt + completion:
+            limiter.charge(key, prompt + completion)
+        if usage is None or early:
             metrics.errors.inc(tags={**tags, "status": "499"})
-            log.info("[%s] key %s: stream for %s ended early", rid, key["name"], tags["route"])
+            log.info(
+                "[%s] key %s: stream for %s ended early (%d prompt + %d completion tokens charged)",
+                rid,
+                key["name"],
+                tags["route"],
+                prompt,
+                completion,
+            )
             return
         elapsed = time.perf_counter() - started
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-        if limiter is not None:
-            limiter.charge(key, prompt + completion)
         metrics.prompt_tokens.inc(prompt, tags=tags)
         metrics.completion_tokens.inc(completion, tags=tags)
         metrics.latency.observe(elapsed, tags=tags)
@@ -63,3 +73,12 @@ class AccountingMixin:
             elapsed,
             client_rid,
         )
+
+
+def charge_embeddings(key: dict[str, Any], limiter: Any, content: Any) -> None:
+    """Charge an embeddings answer's input tokens to the key's ``tokens_per_minute``."""
+    usage = content.get("usage") if isinstance(content, dict) else None
+    tokens = int((usage or {}).get("prompt_tokens") or 0)
+    if limiter is not None and tokens:
+        limiter.charge(key, tokens)
+        metrics.prompt_tokens.inc(tokens, tags={"route": "embeddings", "adapter": "none"})

@@ -202,6 +202,12 @@ class HttpConfig(StrictModel):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Larger request bodies get 413."
     )
+    body_read_s: float = Field(
+        default=30,
+        gt=0,
+        description="A request body must arrive within this time (408 after it); the "
+        "request holds one of its key's slots while it arrives.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (CORS); none by default.",

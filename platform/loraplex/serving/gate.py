@@ -4,8 +4,9 @@ start another request. An ASGI middleware, as Ray Serve LLM's ``middleware.py`` 
 Owns: :class:`Gate`, run before every endpoint of the app: with keys, a bearer key
 (401 without a valid one); without keys (``auth.allow_anonymous``), loopback clients
 that name this machine in ``Host`` only (403 otherwise: a remote client, or a web page
-reaching in through DNS rebinding); the body read once, at most ``http.max_body_bytes``
-(413 beyond); the key's limits (``limits.KeyLimiter``: 429 with ``Retry-After``).
+reaching in through DNS rebinding); the key's limits (``limits.KeyLimiter``: 429 with
+``Retry-After``), applied before the body is read; the body read once, at most
+``http.max_body_bytes`` (413 beyond) within ``http.body_read_s`` (408 after it).
 It leaves the key's record (what it may use and read) and the limiter in
 ``request.state`` for the endpoints, and counts the request out when its response
 (a stream too) has ended. :func:`build_fastapi_app` assembles the FastAPI app: the
@@ -17,6 +18,7 @@ Does not own: what a key may do with a model or a collection (the ingress and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -93,11 +95,13 @@ class Gate:
         anonymous: dict[str, Any],
         max_body_bytes: int,
         share: float = 1.0,
+        body_read_s: float = 30.0,
     ) -> None:
         self.app = app
         self.keys = keys
         self.anonymous = anonymous
         self.max_body_bytes = max_body_bytes
+        self.body_read_s = body_read_s
         self.limiter = KeyLimiter(share)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -108,9 +112,25 @@ class Gate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             record = self._identify(scope, headers)
-            receive = await self._bounded_body(receive, headers)
+            # admitted before the body is read: a body that trickles in holds one of its
+            # own key's slots, and only for body_read_s
             self.limiter.admit(record)
         except ApiError as e:
+            await e.response()(scope, receive, send)
+            return
+        try:
+            try:
+                async with asyncio.timeout(self.body_read_s):
+                    receive = await self._bounded_body(receive, headers)
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    f"the request body did not arrive within {self.body_read_s:g} s "
+                    "(http.body_read_s)",
+                    code="request_timeout",
+                ) from None
+        except ApiError as e:
+            self.limiter.release(record)
             await e.response()(scope, receive, send)
             return
         state = scope.setdefault("state", {})
@@ -191,6 +211,7 @@ def build_fastapi_app(cfg: ServingConfig, keys: dict[str, dict[str, Any]]) -> Fa
         anonymous=cfg.anonymous_record(),
         max_body_bytes=cfg.http.max_body_bytes,
         share=1.0 / cfg.ingress.most,
+        body_read_s=cfg.http.body_read_s,
     )
     if cfg.http.cors_origins:
         app.add_middleware(

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from loraplex.config import LoraplexConfig
 from loraplex.serving import metrics, requests, responses
-from loraplex.serving.accounting import AccountingMixin
+from loraplex.serving.accounting import AccountingMixin, charge_embeddings
 from loraplex.serving.aliases import AliasResolver, short_registry_timeouts
 from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id
 from loraplex.serving.catalog import CatalogMixin, allowed, key_of
@@ -125,6 +125,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
                 raise ApiError(404, "this server has no embedding model (retriever: null)", "model")
             async with asyncio.timeout(self.config.timeouts.retrieval_s):
                 status, content = await self.retriever.openai_embeddings.remote(body)
+            charge_embeddings(key, getattr(request.state, "limiter", None), content)
         except TimeoutError:
             metrics.shed.inc(tags={"reason": "embeddings_deadline"})
             return ApiError(504, "the embedding model did not answer in time").response()
@@ -213,7 +214,12 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         else:
             body["prompt"] = grounded.prompt
         if asked.stream:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            # usage in every chunk: a stream cut short is charged for what it was sent
+            body["stream_options"] = {
+                **(body.get("stream_options") or {}),
+                "include_usage": True,
+                "continuous_usage_stats": True,
+            }
         body["model"] = pick.engine_model
         try:
             parsed = (
@@ -228,9 +234,11 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         extra = {"retrieval": {**grounded.info, "route": t.name}}
         limiter = getattr(request.state, "limiter", None)
 
-        def finish(usage: dict[str, Any] | None, fmt: bool | None = None) -> None:
-            self._record(key, limiter, tags, usage, started, rid, client_rid)
-            if usage is not None:
+        def finish(
+            usage: dict[str, Any] | None, fmt: bool | None = None, early: bool = False
+        ) -> None:
+            self._record(key, limiter, tags, usage, started, rid, client_rid, early)
+            if usage is not None and not early:
                 self._observe(pick, 200, time.perf_counter() - started, fmt)
 
         if not asked.stream:
@@ -239,7 +247,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
                 served_s = time.perf_counter() - started
                 self._maybe_shadow(t, pick, call, parsed, first, served_s, rid)
             return responses.complete(
-                first, grounded.sources, extra, lambda usage: finish(usage, answered)
+                first, grounded.sources, extra, lambda usage, *_: finish(usage, answered)
             )
         return StreamingResponse(
             responses.stream(

@@ -24,7 +24,8 @@ from loraplex.serving.errors import error_body
 from loraplex.serving.grounding import citations
 from loraplex.serving.ray_llm import apply_openai_json_format
 
-Finish = Callable[[dict[str, Any] | None], None]  # usage, or None when it ended early
+# (usage or None, whether the format is right (None: not judged), whether it ended early)
+Finish = Callable[[dict[str, Any] | None, bool | None, bool], None]
 
 
 def complete(first: Any, sources: list, extra: dict, finish: Finish) -> JSONResponse:
@@ -34,7 +35,7 @@ def complete(first: Any, sources: list, extra: dict, finish: Finish) -> JSONResp
         choice["citations"] = citations(text, sources)
     data["sources"] = sources
     data.update(extra)
-    finish(data.get("usage") or {})
+    finish(data.get("usage") or {}, None, False)
     return JSONResponse(data)
 
 
@@ -77,7 +78,7 @@ async def stream(
                 body = error_body(504, "the answer did not finish before the request deadline")
                 yield sse(body)
                 yield "data: [DONE]\n\n"
-                finish(None)
+                finish(usage or None, None, True)
                 finished = True
                 return
             packet = apply_openai_json_format(item)
@@ -110,10 +111,10 @@ async def stream(
                     )
                     header_sent = True
                 if chunk.get("usage"):
-                    usage = chunk["usage"]
+                    usage = chunk["usage"]  # the engine's count so far (every chunk has it)
                     if not chunk.get("choices") and not client_usage:
                         continue
-                    if not client_usage:
+                    if chunk.get("choices"):  # usage goes out once, in the last chunk
                         chunk["usage"] = None
                 for c in chunk.get("choices") or []:
                     piece = (c.get("delta") or {}).get("content") or c.get("text") or ""
@@ -135,8 +136,8 @@ async def stream(
             }
         )
         yield "data: [DONE]\n\n"
-        finish(usage)
+        finish(usage, None, False)
         finished = True
     finally:
-        if not finished:
-            finish(None)
+        if not finished:  # the client left: charged for what it was sent
+            finish(usage or None, None, True)
