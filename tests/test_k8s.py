@@ -13,6 +13,7 @@ resource came from, the resource and the field.
 from __future__ import annotations
 
 import copy
+import json
 import shlex
 import subprocess
 import sys
@@ -36,6 +37,7 @@ CORE = {
     "PersistentVolumeClaim",
     "ConfigMap",
     "NetworkPolicy",
+    "ServiceAccount",
 }
 MILVUS_SPEC = {"mode", "dependencies", "components", "config"}
 
@@ -265,24 +267,149 @@ def test_render_check_fails_on_drift(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "is not a loraplex checkout" in one_line_error(proc)
 
 
-def test_only_the_serve_port_is_open_outside_the_namespace(rendered) -> None:
-    """NetworkPolicies: every pod admits its own namespace only, and Ray nodes add the
-    Serve port from anywhere; no policy opens MLflow, Milvus, the dashboard or GCS."""
+def test_the_namespace_denies_by_default_and_opens_only_the_serving_heads_port(rendered) -> None:
+    """NetworkPolicies: every pod is denied ingress and egress unless a policy allows it;
+    from outside the namespace only port 8000 of the RayService's head (and KubeRay's
+    operator to the Ray heads) is reachable; the flows the system needs are the only
+    ones allowed."""
     _, docs = rendered
+
+    def canon(x: Any) -> str:
+        return json.dumps(x, sort_keys=True)
+
     policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
-    internal = policies["loraplex-internal-only"]
-    assert internal["podSelector"] == {} and internal["ingress"] == [
-        {"from": [{"podSelector": {}}]}
-    ]
-    opened = [
-        (p["podSelector"], rule.get("ports"))
-        for p in policies.values()
-        for rule in p["ingress"]
-        if rule.get("from") != [{"podSelector": {}}]
-    ]
+    deny = policies["loraplex-default-deny"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+    def from_anywhere(rule: dict) -> bool:
+        return not rule.get("from") or any("namespaceSelector" in f for f in rule["from"])
+
+    opened = sorted(
+        (name, canon(p["podSelector"]), canon(rule.get("ports")))
+        for name, p in policies.items()
+        for rule in p.get("ingress", [])
+        if from_anywhere(rule)
+    )
+    head = {"loraplex.io/workload": "ray", "loraplex.io/serving-head": "true"}
     assert opened == [
-        ({"matchLabels": {"ray.io/is-ray-node": "yes"}}, [{"protocol": "TCP", "port": 8000}])
+        (
+            "loraplex-kuberay-operator",
+            canon({"matchLabels": {"loraplex.io/workload": "ray", "ray.io/node-type": "head"}}),
+            canon([{"protocol": "TCP", "port": 8265}, {"protocol": "TCP", "port": 8000}]),
+        ),
+        (
+            "loraplex-serve-endpoint",
+            canon({"matchLabels": head}),
+            canon([{"protocol": "TCP", "port": 8000}]),
+        ),
     ]
+    operator = policies["loraplex-kuberay-operator"]["ingress"][0]["from"][0]
+    assert operator["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}
+    }
+    # only the RayService's head carries the serving label
+    heads = [
+        name
+        for name, template in pod_templates(docs)
+        if (template.get("metadata") or {}).get("labels", {}).get("loraplex.io/serving-head")
+    ]
+    assert heads == ["RayService/loraplex head"]
+    # egress: Ray pods reach MLflow, Milvus and object storage; nothing else leaves
+    ray_out = policies["loraplex-ray"]["egress"]
+    ports = sorted(canon(r.get("ports")) for r in ray_out)
+    assert ports == sorted(
+        [
+            "null",  # to Ray pods
+            canon([{"protocol": "TCP", "port": 5000}]),
+            canon([{"protocol": "TCP", "port": 19530}]),
+            canon([{"protocol": "TCP", "port": 443}]),
+        ]
+    )
+    for name, spec in policies.items():
+        for rule in spec.get("egress", []):
+            assert rule.get("to") or rule.get("ports"), (name, rule)  # never "anything"
+
+
+def pod_templates(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod template) of every pod the manifests create: Deployments,
+    StatefulSets, every Ray head and worker group, RayJob submitters."""
+    out = []
+    for d in docs:
+        kind, name, spec = d["kind"], d["metadata"]["name"], d.get("spec", {})
+        if kind in ("Deployment", "StatefulSet"):
+            out.append((f"{kind}/{name}", spec["template"]))
+            continue
+        cluster = {
+            "RayCluster": spec,
+            "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig"),
+        }.get(kind)
+        if cluster is None:
+            continue
+        out.append((f"{kind}/{name} head", cluster["headGroupSpec"]["template"]))
+        for g in cluster.get("workerGroupSpecs", []):
+            out.append((f"{kind}/{name} {g['groupName']}", g["template"]))
+        if kind == "RayJob":
+            out.append((f"{kind}/{name} submitter", spec["submitterPodTemplate"]))
+    return out
+
+
+def test_every_container_runs_unprivileged_and_no_pod_holds_an_api_token(rendered) -> None:
+    """Every container (init containers included): non-root, read-only root filesystem,
+    no privilege escalation, every capability dropped; every pod labelled for the
+    NetworkPolicies; no API token mounted, except on the heads whose KubeRay
+    autoscaler needs one."""
+    _, docs = rendered
+    templates = pod_templates(docs)
+    assert len(templates) == 13, [w for w, _ in templates]
+    autoscaling = {
+        f"{d['kind']}/{d['metadata']['name']} head"
+        for d in docs
+        if d["kind"] in ("RayCluster", "RayService")
+        and (d["spec"].get("rayClusterConfig") or d["spec"]).get("enableInTreeAutoscaling")
+    }
+    assert autoscaling == {"RayCluster/loraplex-dev head", "RayService/loraplex head"}
+    for where, template in templates:
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert (template.get("metadata") or {}).get("labels", {}).get("loraplex.io/workload"), where
+        if where not in autoscaling:
+            assert pod.get("automountServiceAccountToken") is False, where
+            assert pod.get("serviceAccountName", "").startswith("loraplex-"), where
+        for c in [*pod["containers"], *pod.get("initContainers", [])]:
+            sc = c.get("securityContext") or {}
+            assert sc.get("allowPrivilegeEscalation") is False, (where, c["name"])
+            assert sc.get("readOnlyRootFilesystem") is True, (where, c["name"])
+            assert sc.get("capabilities") == {"drop": ["ALL"]}, (where, c["name"])
+            writable = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in writable or c["name"] == "seed-home", (where, c["name"])
+    for d in docs:  # the autoscaler sidecars too
+        cluster = d.get("spec", {}).get("rayClusterConfig") or d.get("spec", {})
+        if cluster.get("enableInTreeAutoscaling"):
+            sc = cluster["autoscalerOptions"]["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_mlflow_and_milvus_require_credentials(rendered) -> None:
+    """MLflow runs its basic-auth app (unknown users get no permission) and every Ray pod
+    calls it with the user of the loraplex-mlflow-auth Secret; Milvus has authorization
+    on."""
+    _, docs = rendered
+    mlflow = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"
+    )
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(container["args"])
+    assert "--app-name basic-auth" in command and "default_permission = NO_PERMISSIONS" in command
+    for where, template in pod_templates(docs):
+        if " " in where and not where.endswith("submitter"):  # a Ray head or worker
+            refs = [
+                e.get("secretRef", {}).get("name")
+                for e in template["spec"]["containers"][0]["envFrom"]
+            ]
+            assert "loraplex-mlflow-auth" in refs, where
+    milvus = next(d for d in docs if d["kind"] == "Milvus")
+    assert milvus["spec"]["config"]["common"]["security"]["authorizationEnabled"] is True
 
 
 def test_every_ray_cluster_requires_ray_token_auth(rendered) -> None:
