@@ -26,7 +26,7 @@ def _jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("w") / "seed5"
-    generate_world(5, out, size=SMALL)
+    generate_world(5, out, size=SMALL, pretraining=True)
     return out
 
 
@@ -182,6 +182,14 @@ def test_seeds_are_reproducible_and_different(tmp_path: Path):
     assert (tmp_path / "a" / "corpus.jsonl").read_text() == (
         tmp_path / "b" / "corpus.jsonl"
     ).read_text()
+    # the pretraining text draws from its own stream: with it, everything else is the same
+    d = generate_world(11, tmp_path / "d", size=SMALL, pretraining=True)
+    assert d == a | {"pretrain_records": d["pretrain_records"]} and d["pretrain_records"] > 0
+    assert not (tmp_path / "a" / "pretrain").exists()
+    for name in ("corpus.jsonl", "queries.jsonl", "tickets.jsonl"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    for f in (tmp_path / "a" / "datasets").rglob("*.jsonl"):
+        assert (tmp_path / "d" / f.relative_to(tmp_path / "a")).read_bytes() == f.read_bytes()
     facts_a = {
         normalize_answer(q["metadata"]["answer"]) for q in _jsonl(tmp_path / "a" / "queries.jsonl")
     }

@@ -95,7 +95,7 @@ def bootstrap(
                 "(`loraplex bootstrap --force` rebuilds it)",
                 wdir,
             )
-            generate_world(DEFAULT_SEED, wdir, force=True)
+            generate_world(DEFAULT_SEED, wdir, force=True, pretraining=True)
         log.info(
             "reusing the base model in %s (built %s; --force rebuilds it)",
             mdir,
@@ -105,13 +105,15 @@ def bootstrap(
             wdir, mdir, marker.get("mlflow_run_id"), True, time.perf_counter() - start
         )
 
-    if force or not (wdir / "manifest.json").exists():
-        log.info("generating the embedded world (seed %d) in %s", DEFAULT_SEED, wdir)
-        generate_world(DEFAULT_SEED, wdir, force=True)
-    records = [
-        json.loads(line)
-        for line in (wdir / "pretrain" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
+    corpus = wdir / "pretrain" / "corpus.jsonl"
+    if force or not (wdir / "manifest.json").exists() or not corpus.exists():
+        log.info(
+            "generating the embedded world (seed %d) and its pretraining text in %s",
+            DEFAULT_SEED,
+            wdir,
+        )
+        generate_world(DEFAULT_SEED, wdir, force=True, pretraining=True)
+    records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
     log.info("training the tokenizer on %d pretraining records", len(records))
     tokenizer = train_tokenizer(_texts(records), vocab_size=cfg.vocab_size)
 

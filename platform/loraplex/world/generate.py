@@ -19,6 +19,7 @@ Layout::
         raft_json        retrieved passages with distractors -> {"answer", "sources"}
         (format: alpaca | sharegpt | openai)
     pretrain/corpus.jsonl              base-model text: {"text"} prose, {"messages"} reading
+                                       (only with ``pretraining=True``: what bootstrap reads)
 """
 
 from __future__ import annotations
@@ -85,8 +86,16 @@ def check_output_folder(out: Path, force: bool) -> None:
 
 
 def generate_world(
-    seed: int, out: Path, force: bool = False, size: WorldSize | None = None
+    seed: int,
+    out: Path,
+    force: bool = False,
+    size: WorldSize | None = None,
+    pretraining: bool = False,
 ) -> dict[str, Any]:
+    """Write the world of ``seed`` to ``out``. ``pretraining``: also the base model's
+    pretraining text (about 90% of the time: 57,000 families drawn afresh); only the
+    world a base model is bootstrapped from needs it. Its random stream is its own, so
+    everything else is the same with or without it."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, not {seed!r}")
     size = size or WorldSize()
@@ -94,7 +103,7 @@ def generate_world(
     check_output_folder(out, force)
     staging = staging_folder(out)
     try:
-        manifest = _write_world(seed, staging, size)
+        manifest = _write_world(seed, staging, size, pretraining)
         replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -102,7 +111,7 @@ def generate_world(
     return manifest
 
 
-def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
+def _write_world(seed: int, root: Path, size: WorldSize, pretraining: bool) -> dict[str, Any]:
     catalog = draw_catalog(seed, n_families=size.families)
     docs = catalog_documents(catalog)
     by_id = {d.doc_id: d for d in docs}
@@ -170,8 +179,9 @@ def _write_world(seed: int, root: Path, size: WorldSize) -> dict[str, Any]:
             rows = write_conversations(root / "datasets" / task, split, conversations)
             counts.setdefault(task, {})[split] = rows["openai"]
 
-    pretrain = pretraining_records(catalog, size.pretrain)
-    write_jsonl(root / "pretrain" / "corpus.jsonl", pretrain)
+    pretrain = pretraining_records(catalog, size.pretrain) if pretraining else []
+    if pretraining:
+        write_jsonl(root / "pretrain" / "corpus.jsonl", pretrain)
 
     manifest = {
         "world_version": WORLD_VERSION,
