@@ -150,7 +150,12 @@ def main() -> None:
             ],
             "auth": {
                 "keys": [
-                    {"name": "bench", "sha256": hash_key(KEY), "limits": {"max_concurrent": 256}}
+                    {
+                        "name": "bench",
+                        "sha256": hash_key(KEY),
+                        "may_assert_users": True,  # the benchmark names its end users
+                        "limits": {"max_concurrent": 256},
+                    }
                 ]
             },
             "alias_refresh_s": 1,
