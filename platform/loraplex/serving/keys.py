@@ -219,9 +219,8 @@ def parse_env_item(item: str, variable: str, index: int, hashed: bool) -> tuple[
         elif k in _LIMIT_FIELDS:
             limits[_LIMIT_FIELDS[k]] = v.strip()
         else:
-            raise ValueError(
-                f"{where}: unknown field {k!r} (models, collections, tenant, rpm, tpm, concurrent)"
-            )
+            known = ("models", "collections", "tenant", *_LIMIT_FIELDS, *MAY)
+            raise ValueError(f"{where}: unknown field {k!r} ({', '.join(known)})")
     if limits:
         spec["limits"] = limits
     try:
@@ -237,7 +236,7 @@ def parse_env_item(item: str, variable: str, index: int, hashed: bool) -> tuple[
 
 
 def describe(record: dict[str, Any]) -> str:
-    """A key's effective scope in one line (``serve --check``, ``doctor``)."""
+    """A key's effective scope in one line (``serve --check``)."""
     collections = record["collections"]
     tenant = record["tenant"]
     limits = ", ".join(
