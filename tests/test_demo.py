@@ -78,8 +78,14 @@ def test_demo_runs_the_whole_pipeline_and_reuses_what_exists(
 
     configs = DEMO_MODELS["tiny"].adapter_configs
     client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    from loraplex.models.adapters import alias_log
+
     for name in ("json-answer", "ticket-classify"):
         version = client.get_model_version_by_alias(name, "candidate").version
+        # the shipped configs serve @production: the demo made the first version it
+        # (nothing to gate against), and says so in the alias log
+        assert client.get_model_version_by_alias(name, "production").version == version
+        assert alias_log(client, name, "production")[-1]["why"] == "first release by loraplex demo"
         # a second run finds the adapter trained on this base model and reuses it
         assert ensure_adapter(settings, configs[name], []) == str(version)
     # ... and not one trained on other data (the dataset files changed since)

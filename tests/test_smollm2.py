@@ -135,8 +135,8 @@ def test_the_shipped_smollm2_configs_validate(smollm2) -> None:
 
     cfg = load_serving_config(REPO / "serving" / "smollm2.yaml")
     assert {a.registry for a in cfg.adapters} == {
-        "smollm2-json-answer@candidate",
-        "smollm2-ticket-classify@candidate",
+        "smollm2-json-answer@production",  # only `adapters promote` moves it
+        "smollm2-ticket-classify@production",
     }
     for name in ("json_answer", "ticket_classify"):
         train = load_model(TrainConfig, REPO / "jobs" / "configs" / "smollm2" / f"{name}.yaml", ())

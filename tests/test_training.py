@@ -191,6 +191,11 @@ def test_train_logs_one_run_and_registers_a_version(tiny_base, settings, tmp_pat
     assert again.run_name == "json-tiny-2" and again.version == "2"
     assert again.mlflow_run_id != run.info.run_id
     assert str(client.get_model_version_by_alias("json-tiny", "production").version) == "1"
+    # the demo makes only a first release: an existing @production waits for a gate
+    from loraplex.demo import release_first_version
+
+    assert release_first_version(settings, "json-tiny", "2") == "1"
+    assert str(client.get_model_version_by_alias("json-tiny", "production").version) == "1"
 
     # promote checks the files load on the base; rollback walks the alias's history back
     def production() -> str:

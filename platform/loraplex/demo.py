@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError
 from loraplex.evaluation.run import EvalOptions, evaluate_endpoint
+from loraplex.models.adapters import parse_registry_ref
 from loraplex.models.importer import import_model
 from loraplex.models.resolve import models_dir, resolve_base_model
 from loraplex.retrieval.retriever import Retriever
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loraplex.demo")
 REPO = Path(__file__).resolve().parents[2]
+PRODUCTION = "production"  # the alias the shipped serving configs serve
 CONFIGS = REPO / "jobs" / "configs"
 
 
@@ -128,6 +130,29 @@ def ensure_adapter(settings: LoraplexConfig, config: Path, overrides: list[str])
     return run_training(cfg, settings).version
 
 
+def release_first_version(settings: LoraplexConfig, name: str, version: str) -> str:
+    """The version ``name@production`` serves. An adapter without one gets ``version`` as
+    its first release (nothing to gate it against; the alias log says the demo moved it);
+    an existing ``@production`` moves only through ``loraplex adapters promote --gate``."""
+    from mlflow import MlflowClient
+
+    from loraplex.models.adapters import promote
+
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    try:
+        return str(client.get_model_version_by_alias(name, PRODUCTION).version)
+    except Exception:  # no @production yet: this is the first release
+        pass
+    promote(client, name, version, PRODUCTION, why="first release by loraplex demo")
+    log.info(
+        "adapter %s version %s is the first @%s (nothing to gate against)",
+        name,
+        version,
+        PRODUCTION,
+    )
+    return version
+
+
 def prepare_base(settings: LoraplexConfig, model: str) -> None:
     """The embedded world (seed 0, the adapters' training data) and the base model."""
     # here, not at the top: torch and transformers take seconds to import; only this
@@ -171,7 +196,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
     cfg = load_serving_config(demo_model.serving_config, [f"http.port={opts.port}"])
     if opts.raft:
         cfg.adapters.append(
-            AdapterSpec(name="raft-json", base=cfg.models[0].id, registry="raft-json@candidate")
+            AdapterSpec(name="raft-json", base=cfg.models[0].id, registry="raft-json@production")
         )
 
     step(1, total, f"embedded world and base model {opts.model} ({demo_model.first_time})")
@@ -181,6 +206,14 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
         n: ensure_adapter(settings, demo_model.adapter_configs[n], opts.train_overrides)
         for n in names
     }
+    # the demo evaluates the versions it trained (or reused), named by number; the shipped
+    # configs serve @production, which the demo sets only for an adapter's first release
+    released = {}
+    for a in cfg.adapters:
+        if a.name in versions:
+            registered = parse_registry_ref(a.registry)[0]
+            released[a.name] = release_first_version(settings, registered, versions[a.name])
+            a.registry = f"{registered}/{versions[a.name]}"
 
     step(3, total, f"held-out world (seed {opts.eval_seed}) and the knowledge collections")
     eval_world = world_dir(settings, opts.eval_seed)
@@ -232,6 +265,7 @@ def run_demo(settings: LoraplexConfig, opts: DemoOptions, serve_forever: bool) -
             "tickets": tickets["summary"]["tickets"],
             "url": url,
             "versions": versions,
+            "production": released,
             "model": opts.model,
             "serving_config": str(demo_model.serving_config),
             "seconds": time.perf_counter() - started,
@@ -259,6 +293,16 @@ def _print_summary(settings: LoraplexConfig, result: dict[str, Any], cfg, servin
             f"\nTicket classification (route `tickets`, adapter ticket-classify): label "
             f"accuracy {t['label_accuracy']:.2f} on {t['questions']} held-out tickets."
         )
+    for a in cfg.adapters:
+        evaluated, serving_now = result["versions"].get(a.name), result["production"].get(a.name)
+        if evaluated and serving_now and evaluated != serving_now:
+            registered = parse_registry_ref(a.registry)[0]
+            print(
+                f"\n{a.name}: the table measured version {evaluated}; @production serves "
+                f"version {serving_now}. `loraplex adapters promote {registered} {evaluated} "
+                "--gate GATE_FILE --serve SERVING_CONFIG` moves it once the gate holds "
+                "(docs/command-line.md: Gated promotion)."
+            )
     print(f"\nreport:   {result['report']}")
     print(f"MLflow:   mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
     if not serving:
