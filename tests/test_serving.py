@@ -38,6 +38,7 @@ KEY_B = "sk-test-team-b"  # route kb, collection kb, tenant "team-b", 4 requests
 KEY_RPM, KEY_TPM, KEY_CONC = "sk-test-rpm", "sk-test-tpm", "sk-test-conc"
 KEY_PLAIN = "sk-test-plain"  # a few models, nothing else said: scoped by default
 KEY_CUT, KEY_EMB = "sk-test-cut", "sk-test-emb"  # 60 tokens a minute, chat / embeddings
+KEY_FAIL = "sk-test-fail"  # 60 tokens a minute: a request the engine refuses pays its prompt
 EVERY_KEY = (KEY_ALL, KEY_KB, KEY_B, KEY_PLAIN, KEY_RPM, KEY_TPM, KEY_CONC, KEY_CUT, KEY_EMB)
 VAULT = "The team B vault code is ZEBRA-4471."  # team-b's only document
 LAUNCH = "The launch code is OCELOT-9."  # collection "secrets" (default tenant)
@@ -149,6 +150,7 @@ def serving_config(model_dir: Path) -> dict:
                         ("tpm", KEY_TPM, {"tokens_per_minute": 50}),
                         ("conc", KEY_CONC, {"max_concurrent": 2}),
                         ("cut", KEY_CUT, {"tokens_per_minute": 60}),
+                        ("fail", KEY_FAIL, {"tokens_per_minute": 60}),
                     )
                 ),
                 {
@@ -998,10 +1000,11 @@ def test_each_limit_refuses_exactly_past_it(served: Served) -> None:
     assert (third, again) == (429, 200)
 
 
-def test_a_cut_stream_and_embeddings_are_charged_for_their_tokens(served: Served) -> None:
+def test_a_cut_stream_embeddings_and_errors_are_charged_for_their_tokens(served: Served) -> None:
     """60 tokens a minute: a stream the client closes after two chunks is charged for
     its prompt (over 60 tokens) and what it was sent, so the key's next request is
-    refused; an embeddings call over 60 input tokens likewise."""
+    refused; an embeddings call over 60 input tokens likewise, and a request the engine
+    refuses for its prompt's length."""
 
     def refused_soon(call) -> openai.RateLimitError:
         deadline = time.monotonic() + 10  # the charge lands when the server sees the end
@@ -1034,6 +1037,21 @@ def test_a_cut_stream_and_embeddings_are_charged_for_their_tokens(served: Served
     emb = served.client(KEY_EMB)
     long_text = "kettle lamp " * 40
     e = refused_soon(lambda: emb.embeddings.create(model="all-MiniLM-L6-v2", input=long_text))
+    assert "60 tokens per minute" in e.message
+
+    # a prompt the engine refuses (past the 512-token context) still cost its tokenizing:
+    # the key pays the prompt as the engine counts it
+    fail = served.client(KEY_FAIL)
+    with pytest.raises(openai.BadRequestError) as refused:
+        fail.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "kettle lamp " * 300}], max_tokens=4
+        )
+    assert "context" in refused.value.message, refused.value.message
+    e = refused_soon(
+        lambda: fail.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+    )
     assert "60 tokens per minute" in e.message
 
 

@@ -1,11 +1,15 @@
 """Adapters from the MLflow registry into vLLM: the replica's downloader and server.
 
 Owns: :class:`RegistryLoraLoader` (replica side: Ray Serve LLM's
-``model_downloader``; it downloads ``models:/name/version`` into the adapter cache,
-checks the files against the base model, and hands the folder to vLLM). Each version
-is its own multiplexed model id, ``<base>:<name>/<version>``, so requests already
-running on the old version finish on it while new ones load the new one; Serve's
-multiplexing keeps at most ``max_adapters_per_replica`` per replica (LRU).
+``model_downloader``; it takes ``models:/name/version`` from the node's disk cache,
+``serving.adapter_cache``, downloading it there on a miss, checks the files against the
+base model, and hands the folder to vLLM). Each version is its own multiplexed model id,
+``<base>:<name>/<version>``, so requests already running on the old version finish on it
+while new ones load the new one, and a version re-registered under a name never shares
+the engine's name (or its cached prefixes) with another. The tiers, each bounded: vLLM's
+batch slots (``max_adapters_per_batch``, ``max_loras``), the replica's host memory
+(``max_adapters_per_replica``: Serve's multiplexing LRU and vLLM's ``max_cpu_loras``),
+the node's disk (``adapter_cache.disk_gib``), the registry.
 Does not own: resolving aliases to versions (``serving.aliases``), registering or
 promoting adapters (``loraplex.models.adapters``).
 """
@@ -26,6 +30,7 @@ from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models.adapters import parse_registry_ref, validate_adapter
 from loraplex.models.resolve import on_this_node
 from loraplex.serving import metrics
+from loraplex.serving.adapter_cache import AdapterDiskCache, DiskCacheError
 from loraplex.serving.aliases import mlflow_client
 from loraplex.serving.ray_llm import (
     CallbackBase,
@@ -38,6 +43,9 @@ from loraplex.serving.ray_llm import (
 # the base model's reference in a replica's environment: what a node without the driver's
 # folder downloads (set by ``builder``, read by :class:`LoraplexLLMServer`)
 BASE_MODEL_ENV = "LORAPLEX_BASE_MODEL"
+# the node's adapter disk cache budget in bytes (set by ``builder`` from the config)
+DISK_BYTES_ENV = "LORAPLEX_ADAPTER_DISK_BYTES"
+DEFAULT_DISK_BYTES = 4 << 30
 
 # A child of Ray Serve's logger: in a replica its lines go to the replica's log file
 # with the request id Serve attaches to every record.
@@ -56,6 +64,7 @@ class LoadedAdapter(DiskMultiplexConfig):
         # garbage collector still calls this class's ``__del__`` later: not an eviction.
         if "__del__" in self.__dict__:
             return
+        AdapterDiskCache.unpin(Path(self.local_path))  # the disk cache may evict it now
         metrics.adapter_evictions.inc(tags={"adapter": self.model_id})
         log.info("adapter %s evicted from this replica", self.model_id)
 
@@ -69,18 +78,20 @@ class RegistryLoraLoader(LoraModelLoader):
         uri = (self.settings.adapters.uri or "").removeprefix("file://")
         # adapters.uri may be an object store; the download cache is always a local folder
         local = Path(uri) if uri and "://" not in uri else None
-        self.cache_root = (local or Path(tempfile.gettempdir()) / "loraplex-adapters") / "cache"
+        root = (local or Path(tempfile.gettempdir()) / "loraplex-adapters") / "cache"
+        budget = int(os.environ.get(DISK_BYTES_ENV) or DEFAULT_DISK_BYTES)
+        self.cache = AdapterDiskCache(root, budget)
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
         base_dir = Path(str(llm_config.model_loading_config.model_source))
         started = time.perf_counter()
-        path = await asyncio.to_thread(self._fetch, lora_model_id, base_dir)
+        path, how = await asyncio.to_thread(self._fetch, lora_model_id, base_dir)
         metrics.adapter_loads.inc(tags={"adapter": lora_model_id})
         log.info(
-            "adapter %s ready from %s in %.2f s",
+            "adapter %s ready in %.2f s (%s)",
             lora_model_id,
-            path,
             time.perf_counter() - started,
+            "from this node's disk cache" if how == "hit" else f"downloaded: disk cache {how}",
         )
         return LoadedAdapter.model_validate(
             {
@@ -91,7 +102,7 @@ class RegistryLoraLoader(LoraModelLoader):
             }
         )
 
-    def _fetch(self, lora_model_id: str, base_dir: Path) -> Path:
+    def _fetch(self, lora_model_id: str, base_dir: Path) -> tuple[Path, str]:
 
         lora = get_lora_id(lora_model_id)
         try:
@@ -100,9 +111,13 @@ class RegistryLoraLoader(LoraModelLoader):
             raise AdapterLoadError(str(e)) from None
         if version is None:
             raise AdapterLoadError(f"{lora_model_id}: a served adapter id names a version")
-        target = self.cache_root / name / version
-        if not (target / "adapter_config.json").exists():
-            self._download(name, version, target)
+        started = time.perf_counter()
+        try:
+            target, how = self.cache.get(
+                name, version, lambda into: self._download(name, version, into)
+            )
+        except DiskCacheError as e:
+            raise AdapterLoadError(f"adapter {name} version {version}: {e}") from None
         try:
             validate_adapter(target, base_dir)
         except InputError as e:
@@ -110,28 +125,31 @@ class RegistryLoraLoader(LoraModelLoader):
             raise AdapterLoadError(
                 f"adapter {name} version {version} cannot be served: {e}"
             ) from None
-        return target
+        self.cache.pin(target)  # loaded: kept on disk while this replica holds it
+        tier = "disk" if how == "hit" else "registry"
+        metrics.adapter_cache.inc(tags={"tier": "disk", "outcome": how})
+        metrics.adapter_load_s.observe(time.perf_counter() - started, tags={"tier": tier})
+        metrics.adapter_cache_bytes.set(self.cache.held_bytes(), tags={"tier": "disk"})
+        if how == "damaged":
+            log.warning("adapter %s: its cached files were damaged, fetched again", lora_model_id)
+        return target, how
 
-    def _download(self, name: str, version: str, target: Path) -> None:
+    def _download(self, name: str, version: str, into: Path) -> None:
+        """The version's PEFT files from the registry, straight into ``into``."""
         import mlflow
 
         client = mlflow_client(self.settings)
         try:
             source = client.get_model_version(name, version).source
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{version}-") as tmp:
-                mlflow.set_tracking_uri(self.settings.mlflow.tracking_uri)
-                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
-                if not (got / "adapter_config.json").exists():
-                    nested = [p.parent for p in got.rglob("adapter_config.json")]
-                    got = nested[0] if nested else got
-                got.rename(target)
-        except OSError as e:
-            if target.exists():  # another download of the same version won the race
-                return
-            raise AdapterLoadError(
-                f"adapter {name} version {version}: cannot download ({e})"
-            ) from None
+            mlflow.set_tracking_uri(self.settings.mlflow.tracking_uri)
+            staged = into / ".download"
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=staged))
+            if not (got / "adapter_config.json").exists():
+                nested = [p.parent for p in got.rglob("adapter_config.json")]
+                got = nested[0] if nested else got
+            for item in got.iterdir():
+                item.rename(into / item.name)
+            shutil.rmtree(staged, ignore_errors=True)
         except Exception as e:
             raise AdapterLoadError(
                 f"adapter {name} version {version}: cannot download ({first_line(e)})"

@@ -115,11 +115,13 @@ def llm_config(
     settings: LoraplexConfig,
     with_lora: bool,
     base_ref: str,
+    disk_gib: float = 4.0,
 ):
     """Ray Serve LLM's config for one base model. ``base_dir`` is the driver's folder; a
-    replica on a node that does not see it downloads ``base_ref`` (``models:/...``)."""
+    replica on a node that does not see it downloads ``base_ref`` (``models:/...``);
+    ``disk_gib`` is the node's adapter disk cache budget."""
     # Ray Serve LLM and vLLM take seconds to import: only what builds an application pays
-    from loraplex.serving.adapters import BASE_MODEL_ENV
+    from loraplex.serving.adapters import BASE_MODEL_ENV, DISK_BYTES_ENV
     from loraplex.serving.ray_llm import LLMConfig
 
     engine: dict[str, Any] = {
@@ -131,6 +133,7 @@ def llm_config(
     }
     env = {**settings_env(settings), "TOKENIZERS_PARALLELISM": "false"}
     env[BASE_MODEL_ENV] = base_ref
+    env[DISK_BYTES_ENV] = str(int(disk_gib * 2**30))
     if spec.accelerator == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(spec.kv_cache_gib)))
     else:
@@ -138,7 +141,7 @@ def llm_config(
     if with_lora:
         engine.update(
             enable_lora=True,
-            max_loras=spec.max_adapters_per_replica,
+            max_loras=spec.max_adapters_per_batch or spec.max_adapters_per_replica,
             max_cpu_loras=spec.max_adapters_per_replica,
             max_lora_rank=spec.max_lora_rank,
         )
@@ -189,6 +192,7 @@ def build(cfg: ServingConfig, settings: LoraplexConfig, checked: Checked | None 
             settings,
             spec.id in with_lora,
             checked.base_refs[spec.id],
+            cfg.adapter_cache.disk_gib,
         )
         deployments[spec.id] = build_llm_deployment(
             conf,

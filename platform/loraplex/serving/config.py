@@ -63,7 +63,16 @@ class BaseModelSpec(StrictModel):
         default_factory=dict, description="Passed to vLLM's engine as they are."
     )
     max_adapters_per_replica: int = Field(
-        default=8, ge=1, description="Adapters kept loaded per replica (least recently used out)."
+        default=8,
+        ge=1,
+        description="Adapter versions a replica keeps loaded in host memory (Serve's "
+        "multiplexing and vLLM's max_cpu_loras; least recently used out).",
+    )
+    max_adapters_per_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Distinct adapters in one engine step (vLLM's max_loras: the "
+        "accelerator's slots). Default: max_adapters_per_replica.",
     )
     max_lora_rank: int = Field(default=64, ge=1, le=512)
     max_n: int = Field(default=8, ge=1, description="Largest `n` a request may ask for.")
@@ -74,6 +83,27 @@ class BaseModelSpec(StrictModel):
         "bundle (one CPU on CPU, the GPUs on GPU).",
     )
     scaling: Scaling = Field(default_factory=Scaling)
+
+    @model_validator(mode="after")
+    def _batch_within_replica(self) -> BaseModelSpec:
+        batch = self.max_adapters_per_batch
+        if batch is not None and batch > self.max_adapters_per_replica:
+            raise ValueError(
+                f"model {self.id}: max_adapters_per_batch ({batch}) cannot exceed "
+                f"max_adapters_per_replica ({self.max_adapters_per_replica})"
+            )
+        return self
+
+
+class AdapterCacheConfig(StrictModel):
+    """The node-local disk tier between the registry and the replicas' memory."""
+
+    disk_gib: float = Field(
+        default=4.0,
+        gt=0,
+        description="Bytes of adapter versions each node keeps on disk (least recently "
+        "used out; versions a replica holds loaded stay).",
+    )
 
 
 class RollbackBounds(StrictModel):
@@ -248,6 +278,7 @@ class ServingConfig(StrictModel):
     ingress: Scaling = Field(
         default_factory=lambda: Scaling(max_ongoing_requests=1000, num_cpus=0.5)
     )
+    adapter_cache: AdapterCacheConfig = Field(default_factory=AdapterCacheConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     timeouts: Timeouts = Field(default_factory=Timeouts)

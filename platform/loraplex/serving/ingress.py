@@ -45,7 +45,7 @@ from loraplex.serving.aliases import AliasResolver, short_registry_timeouts
 from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id
 from loraplex.serving.catalog import CatalogMixin, allowed, key_of
 from loraplex.serving.config import EMBEDDINGS, ServingConfig
-from loraplex.serving.engine import EngineMixin
+from loraplex.serving.engine import NOT_RUN, EngineMixin
 from loraplex.serving.errors import ApiError, shorten
 from loraplex.serving.gate import refuse_open_anonymous
 from loraplex.serving.grounding import Grounder
@@ -141,15 +141,17 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         tags = {"route": "unknown", "adapter": "none"}
         key: dict[str, Any] = {"name": "unknown"}
         picked: list[Pick] = []  # set by _answer once the engine model is chosen
+        sent: list[tuple[str, dict[str, Any]]] = []  # (base, body) once the engine has it
         try:
             key = key_of(request)
             async with asyncio.timeout(self.config.http.request_timeout_s):
                 response = await self._answer(
-                    request, call, key, rid, tags, started, deadline, picked
+                    request, call, key, rid, tags, started, deadline, picked, sent
                 )
         except TimeoutError:
             self._observe(picked[0] if picked else None, 504, None, None)
             metrics.shed.inc(tags={"reason": "deadline"})
+            self._charge_failed(request, key, call, sent, rid)
             response = ApiError(
                 504,
                 f"no answer within the request deadline ({self.config.http.request_timeout_s:g} s)",
@@ -158,9 +160,26 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         except ApiError as e:
             self._observe(picked[0] if picked else None, e.status, None, None)
             self._count_error(key, call, tags, e.status, e.message, rid)
+            if e.code not in NOT_RUN:
+                self._charge_failed(request, key, call, sent, rid)
             response = e.response()
         response.headers[RID_HEADER] = rid
         return response
+
+    def _charge_failed(
+        self,
+        request: Request,
+        key: dict[str, Any],
+        call: str,
+        sent: list[tuple[str, dict[str, Any]]],
+        rid: str,
+    ) -> None:
+        """A request the engine took, then failed or ran out of time: its key pays for
+        the prompt (a stream cut after its first chunk is charged by ``responses``)."""
+        limiter = getattr(request.state, "limiter", None)
+        if sent and limiter is not None:
+            base, body = sent[0]
+            self._charge_prompt_later(key, limiter, self._prompt_tokens(base, call, body, rid), rid)
 
     async def _answer(
         self,
@@ -172,6 +191,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         started: float,
         deadline: float,
         picked: list[Pick],
+        sent: list[tuple[str, dict[str, Any]]],
     ) -> Response:
         client_rid = shorten(request.headers.get("x-request-id") or "", 80)
         body = await requests.json_body(request)
@@ -230,6 +250,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
             where = ".".join(str(p) for p in err["loc"])
             raise ApiError(400, f"{where or 'body'}: {err['msg']}", where or None) from None
         metrics.requests.inc(tags={**tags, "endpoint": call})
+        sent.append((t.base, body))
         first, gen = await self._dispatch(pick.engine_model, call, parsed, rid)
         extra = {"retrieval": {**grounded.info, "route": t.name}}
         limiter = getattr(request.state, "limiter", None)

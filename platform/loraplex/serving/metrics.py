@@ -2,7 +2,8 @@
 
 Owns: the metric objects (``ray.util.metrics``; Ray exports them with the prefix
 ``ray_``): requests, errors, prompt and completion tokens, request latency and
-retrieval latency per route and adapter; adapter loads and evictions per adapter;
+retrieval latency per route and adapter; adapter loads and evictions per adapter; the
+adapter disk cache's lookups, load seconds per tier and bytes held;
 requests, tokens and 429s per key name; requests shed; stale registry answers;
 structured-output failures and canary halts of adapters with a canary; shadow requests.
 Does not own: Ray Serve's and vLLM's own metrics, which are exported beside these.
@@ -10,7 +11,7 @@ Does not own: Ray Serve's and vLLM's own metrics, which are exported beside thes
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
 ROUTE_TAGS = ("route", "adapter")
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -44,6 +45,24 @@ adapter_evictions = Counter(
     "loraplex_adapter_evictions",
     "Adapter versions evicted from a replica (least recently used).",
     tag_keys=("adapter",),
+)
+adapter_cache = Counter(
+    "loraplex_adapter_cache_lookups",
+    "Adapter versions looked up in the node's disk cache, by outcome: hit, miss (fetched "
+    "from the registry) or damaged (a file changed since it was fetched: fetched again).",
+    tag_keys=("tier", "outcome"),
+)
+adapter_load_s = Histogram(
+    "loraplex_adapter_load_s",
+    "Seconds to have an adapter version's files ready for the engine, by the tier they "
+    "came from (disk: the node's cache; registry: downloaded).",
+    boundaries=LATENCY_BOUNDARIES,
+    tag_keys=("tier",),
+)
+adapter_cache_bytes = Gauge(
+    "loraplex_adapter_cache_bytes",
+    "Bytes of adapter versions held in the node's disk cache.",
+    tag_keys=("tier",),
 )
 key_requests = Counter(
     "loraplex_key_requests",
