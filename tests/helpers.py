@@ -176,7 +176,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.wait()
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+def make_adapter(base_dir: Path, out: Path, seed: int, rank: int = 8) -> Path:
     """A real PEFT LoRA folder for the base (random B, so it changes the outputs)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -187,7 +187,10 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     peft = get_peft_model(
         model,
         LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
         ),
     )
     peft.save_pretrained(out)

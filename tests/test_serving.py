@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ KEY_RPM, KEY_TPM, KEY_CONC = "sk-test-rpm", "sk-test-tpm", "sk-test-conc"
 KEY_PLAIN = "sk-test-plain"  # a few models, nothing else said: scoped by default
 KEY_CUT, KEY_EMB = "sk-test-cut", "sk-test-emb"  # 60 tokens a minute, chat / embeddings
 KEY_FAIL = "sk-test-fail"  # 60 tokens a minute: a request the engine refuses pays its prompt
+MANY, DISK_ENTRIES = 30, 6  # versions of adapter "many"; adapter folders the disk cache holds
 EVERY_KEY = (KEY_ALL, KEY_KB, KEY_B, KEY_PLAIN, KEY_RPM, KEY_TPM, KEY_CONC, KEY_CUT, KEY_EMB)
 VAULT = "The team B vault code is ZEBRA-4471."  # team-b's only document
 LAUNCH = "The launch code is OCELOT-9."  # collection "secrets" (default tenant)
@@ -52,9 +54,17 @@ class Served:
     world: Path
     log_dir: Path
     model_dir: Path
+    disk_budget: int = 0  # bytes: the node's adapter disk cache
 
     def client(self, key: str = KEY_ALL) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=120)
+
+    @property
+    def metrics_url(self) -> str:
+        import ray
+
+        node = ray._private.worker.global_worker.node
+        return f"http://127.0.0.1:{node.metrics_export_port}/metrics"
 
 
 def serving_config(model_dir: Path) -> dict:
@@ -62,12 +72,17 @@ def serving_config(model_dir: Path) -> dict:
 
     return {
         "name": "loraplex",
-        "models": [tiny_model_spec(model_dir, max_adapters_per_replica=2, max_n=4)],
+        "models": [
+            tiny_model_spec(model_dir, max_adapters_per_replica=2, max_n=4, max_lora_rank=8)
+        ],
         "adapters": [
             {"name": "alpha", "base": "tiny", "registry": "alpha@live"},
             {"name": "beta", "base": "tiny", "registry": "beta/1"},
             {"name": "broken", "base": "tiny", "registry": "broken/1"},
             {"name": "delta", "base": "tiny", "registry": "delta/1"},
+            {"name": "wide", "base": "tiny", "registry": "wide/1"},  # rank 16 > the engine's 8
+            # MANY versions of one adapter (pinned per request) through the 2 slots
+            {"name": "many", "base": "tiny", "registry": "many@latest"},
             # canaries: alpha 1 (steady) with 30% on alpha 2 (trial), sticky per user; and
             # alpha 1 with half its requests on the damaged broken/1, judged after 3
             {
@@ -218,18 +233,42 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     client.set_registered_model_alias("alpha", "trial", "2")
     broken = make_adapter(base, home / "src" / "broken", 4)
     register_external(client, broken, "broken", base, str(base), None, experiment)
+    wide = make_adapter(base, home / "src" / "wide", 6, rank=16)
+    register_external(client, wide, "wide", base, str(base), None, experiment)
     # the registry's copy of broken/1 gets damaged after registration
     stored = Path(client.get_model_version("broken", "1").source.removeprefix("file://"))
     weights = stored / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
 
-    cfg = ServingConfig.model_validate(serving_config(base))
+    # MANY versions of one adapter, each with its own weights (the first one's, scaled)
+    first = make_adapter(base, home / "src" / "many-1", 100)
+    for v in range(1, MANY + 1):
+        folder = scaled_adapter(first, home / "src" / f"many-{v}", 1 + v / 10)
+        register_external(client, folder, "many", base, str(base), "latest", experiment)
+    entry_bytes = sum(f.stat().st_size for f in first.iterdir() if f.is_file())
+    cfg = serving_config(base)
+    # the node's disk holds DISK_ENTRIES adapter folders (4 KiB each for the checksums)
+    cfg["adapter_cache"] = {"disk_gib": DISK_ENTRIES * (entry_bytes + 4096) / 2**30}
+    cfg = ServingConfig.model_validate(cfg)
     try:
         url = start(cfg, settings, port=free_port())
         log_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-        yield Served(url, settings, milvus, tiny_base.world_dir, log_dir, base)
+        budget = int(cfg.adapter_cache.disk_gib * 2**30)
+        yield Served(url, settings, milvus, tiny_base.world_dir, log_dir, base, budget)
     finally:
         serve.shutdown()
+
+
+def scaled_adapter(src: Path, out: Path, factor: float) -> Path:
+    """``src``'s PEFT folder with every LoRA B matrix scaled: another version's weights."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "adapter_config.json", out / "adapter_config.json")
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    scaled = {k: (v * factor if "lora_B" in k else v) for k, v in weights.items()}
+    save_file(scaled, str(out / "adapter_model.safetensors"))
+    return out
 
 
 def question(world: Path) -> tuple[str, str]:
@@ -254,6 +293,8 @@ def test_models_lists_bases_adapters_and_routes_within_the_keys_scope(served: Se
         "tiny:beta",
         "tiny:broken",
         "tiny:delta",
+        "tiny:wide",
+        "tiny:many",
         "tiny:canaried",
         "tiny:shadowed",
         "tiny:risky",
@@ -504,6 +545,9 @@ def test_adapters_load_on_first_use_and_broken_ones_fail_alone(served: Served) -
     assert e.value.status_code == 503
     assert "broken version 1 cannot be served" in e.value.message
     assert "safetensors" in e.value.message
+    with pytest.raises(openai.APIStatusError) as e:  # a rank the engine was not sized for
+        c.chat.completions.create(model="tiny:wide", messages=msgs, max_tokens=4)
+    assert e.value.status_code == 503 and "LoRA rank 16 is outside 1..8" in e.value.message
     # the others are unaffected
     assert c.chat.completions.create(model="tiny:beta", messages=msgs, max_tokens=4).model == (
         "tiny:beta/1"
@@ -528,6 +572,63 @@ def test_concurrent_first_requests_to_an_adapter_load_it_once(served: Served) ->
         return [r.model for r in replies]
 
     assert asyncio.run(many()) == ["tiny:delta/1"] * 8
+
+
+def test_thirty_versions_through_two_slots_and_a_bounded_disk_cache(served: Served) -> None:
+    """30 versions of one adapter, each pinned by a request, through a replica that keeps
+    2 loaded and a node disk cache that holds 6: each answer comes from the version asked
+    for (its name in ``model``, and the same text when it comes back after eviction),
+    every tier's count adds up, and the disk never holds more than its budget."""
+    c = served.client()  # may pin versions
+    msgs = [{"role": "user", "content": "The warranty of the Velmo X200 is"}]
+
+    def ask(v: int) -> str:
+        r = c.chat.completions.create(
+            model="tiny:many",
+            messages=msgs,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"adapter_version": str(v)},
+        )
+        assert r.model == f"tiny:many/{v}"  # the engine's name for it carries the version
+        return r.choices[0].message.content
+
+    first = {v: ask(v) for v in range(1, MANY + 1)}
+    assert len(set(first.values())) >= 3, first  # versions with other weights answer otherwise
+    # 1-3 left the replica (it holds 29 and 30) and the disk (it holds 25-30): fetched
+    # and loaded again; 29 left the replica only: loaded again from the disk. Each answers
+    # as it did, never with another version's weights or cached prefixes
+    again = [1, 2, 3, MANY - 1]
+    assert [ask(v) for v in again] == [first[v] for v in again]
+
+    # the disk: within its budget, however many versions went through it
+    cache = served.settings.home / "adapters" / "cache"
+    held = [json.loads(m.read_text())["bytes"] for m in cache.glob("*/*/.loraplex-files.json")]
+    assert 0 < sum(held) <= served.disk_budget and len(held) <= DISK_ENTRIES, held
+    assert not list(cache.glob(".fetch-*"))
+
+    def counted() -> tuple[float, float, dict[str, float]]:
+        samples = prometheus_samples(httpx.get(served.metrics_url, timeout=10).text)
+        loads = evictions = 0.0
+        lookups: dict[str, float] = {}
+        for n, lab, v in samples:
+            if n == "ray_loraplex_adapter_cache_lookups_total" and lab.get("adapter") == "many":
+                lookups[lab["outcome"]] = lookups.get(lab["outcome"], 0) + v
+            if not lab.get("adapter", "").startswith("tiny:many/"):
+                continue
+            loads += v if n == "ray_loraplex_adapter_loads_total" else 0
+            evictions += v if n == "ray_loraplex_adapter_evictions_total" else 0
+        return loads, evictions, lookups
+
+    requests = MANY + len(again)
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while (got := counted())[0] < requests and time.monotonic() < deadline:
+        time.sleep(2)
+    loads, evictions, lookups = got
+    # every request loaded its version into the replica, which let all but two go again
+    assert loads == requests and evictions >= requests - 2, got
+    # the registry for each first load and for 1-3; the disk for 29
+    assert lookups == {"miss": MANY + 3, "hit": 1}, got
 
 
 def test_promotion_reaches_new_requests_and_running_ones_finish_on_the_old_version(

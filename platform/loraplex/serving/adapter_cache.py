@@ -82,7 +82,9 @@ class AdapterDiskCache:
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".fetch-{name}-{version}-"))
         except OSError as e:
-            raise DiskCacheError(f"the adapter disk cache cannot be written ({_reason(e)})") from None
+            raise DiskCacheError(
+                f"the adapter disk cache cannot be written ({_reason(e)})"
+            ) from None
         try:
             fetch(staging)
             size = self._write_manifest(staging)
@@ -99,7 +101,9 @@ class AdapterDiskCache:
                 staging.rename(entry)
             return entry, how
         except OSError as e:
-            raise DiskCacheError(f"the adapter disk cache cannot be written ({_reason(e)})") from None
+            raise DiskCacheError(
+                f"the adapter disk cache cannot be written ({_reason(e)})"
+            ) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -125,7 +129,9 @@ class AdapterDiskCache:
             self.root.mkdir(parents=True, exist_ok=True)
             lock = (self.root / ".lock").open("a")
         except OSError as e:
-            raise DiskCacheError(f"the adapter disk cache cannot be written ({_reason(e)})") from None
+            raise DiskCacheError(
+                f"the adapter disk cache cannot be written ({_reason(e)})"
+            ) from None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

@@ -27,7 +27,7 @@ from typing import Any
 
 from loraplex.config import load_settings
 from loraplex.errors import InputError, LoraplexError, first_line
-from loraplex.models.adapters import parse_registry_ref, validate_adapter
+from loraplex.models.adapters import MAX_SERVING_RANK, parse_registry_ref, validate_adapter
 from loraplex.models.resolve import on_this_node
 from loraplex.serving import metrics
 from loraplex.serving.adapter_cache import AdapterDiskCache, DiskCacheError
@@ -85,7 +85,9 @@ class RegistryLoraLoader(LoraModelLoader):
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
         base_dir = Path(str(llm_config.model_loading_config.model_source))
         started = time.perf_counter()
-        path, how = await asyncio.to_thread(self._fetch, lora_model_id, base_dir)
+        # the engine's own bound: a larger rank is refused here, with the reason
+        max_rank = int((llm_config.engine_kwargs or {}).get("max_lora_rank") or MAX_SERVING_RANK)
+        path, how = await asyncio.to_thread(self._fetch, lora_model_id, base_dir, max_rank)
         metrics.adapter_loads.inc(tags={"adapter": lora_model_id})
         log.info(
             "adapter %s ready in %.2f s (%s)",
@@ -102,7 +104,7 @@ class RegistryLoraLoader(LoraModelLoader):
             }
         )
 
-    def _fetch(self, lora_model_id: str, base_dir: Path) -> tuple[Path, str]:
+    def _fetch(self, lora_model_id: str, base_dir: Path, max_rank: int) -> tuple[Path, str]:
 
         lora = get_lora_id(lora_model_id)
         try:
@@ -119,7 +121,7 @@ class RegistryLoraLoader(LoraModelLoader):
         except DiskCacheError as e:
             raise AdapterLoadError(f"adapter {name} version {version}: {e}") from None
         try:
-            validate_adapter(target, base_dir)
+            validate_adapter(target, base_dir, max_rank)
         except InputError as e:
             shutil.rmtree(target, ignore_errors=True)  # fetched again on the next request
             raise AdapterLoadError(
@@ -127,7 +129,7 @@ class RegistryLoraLoader(LoraModelLoader):
             ) from None
         self.cache.pin(target)  # loaded: kept on disk while this replica holds it
         tier = "disk" if how == "hit" else "registry"
-        metrics.adapter_cache.inc(tags={"tier": "disk", "outcome": how})
+        metrics.adapter_cache.inc(tags={"tier": "disk", "outcome": how, "adapter": name})
         metrics.adapter_load_s.observe(time.perf_counter() - started, tags={"tier": tier})
         metrics.adapter_cache_bytes.set(self.cache.held_bytes(), tags={"tier": "disk"})
         if how == "damaged":

@@ -49,8 +49,9 @@ adapter_evictions = Counter(
 adapter_cache = Counter(
     "loraplex_adapter_cache_lookups",
     "Adapter versions looked up in the node's disk cache, by outcome: hit, miss (fetched "
-    "from the registry) or damaged (a file changed since it was fetched: fetched again).",
-    tag_keys=("tier", "outcome"),
+    "from the registry) or damaged (a file changed since it was fetched: fetched again), "
+    "per registered adapter name.",
+    tag_keys=("tier", "outcome", "adapter"),
 )
 adapter_load_s = Histogram(
     "loraplex_adapter_load_s",
