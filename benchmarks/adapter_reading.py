@@ -35,7 +35,7 @@ from loraplex.evaluation.endpoint import Record, load_questions, score
 from loraplex.models.resolve import resolve_base_model
 from loraplex.prompts import Source, question_prompt
 from loraplex.retrieval.retriever import Retriever, SearchRequest, hits_to_sources
-from loraplex.serving.grounding import citations
+from loraplex.serving.citations import citations
 from loraplex.tracking import setup
 
 

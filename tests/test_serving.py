@@ -414,7 +414,8 @@ def test_retrieval_route_returns_sources_and_citations(served: Served) -> None:
     doc_ids = {s["doc_id"] for s in extra["sources"]}
     assert all(x["doc_id"] in doc_ids for x in cited if x["valid"])
     # the citations are the [n] markers of the answer, mapped to the sources' doc ids
-    from loraplex.serving.grounding import build_messages, citations
+    from loraplex.serving.citations import citations
+    from loraplex.serving.grounding import build_messages
 
     assert cited == citations(r.choices[0].message.content or "", extra["sources"])
     # the prompt the engine saw, counted exactly: the question with the numbered sources
@@ -468,7 +469,8 @@ def tokenizer(model_dir: Path):
 
 
 def test_citations_map_back_to_doc_ids() -> None:
-    from loraplex.serving.grounding import build_messages, citations, public_sources
+    from loraplex.serving.citations import citations, public_sources
+    from loraplex.serving.grounding import build_messages
 
     hits = [
         {"doc_id": "a", "chunk_id": "a#0", "text": "A text", "score": 1.0},

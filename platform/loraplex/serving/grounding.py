@@ -1,5 +1,4 @@
-"""Grounding: a request's retrieval (narrowed by its key), the prompt with its sources,
-and an answer's citations mapped back to them.
+"""Grounding: a request's retrieval (narrowed by its key) and the prompt with its sources.
 
 Owns: :func:`narrow` (the search a request runs: the route's, which a request may only
 narrow: a smaller ``top_k``, another mode, an extra filter ANDed to the route's; the
@@ -8,19 +7,15 @@ searches outside it), :class:`Grounder` (one step: question -> search with a dea
 -> the rewritten messages or prompt -> public sources and retrieval info), rewriting
 the last user turn with the numbered, fenced sources (``loraplex.prompts``, the text
 the adapters were trained on), putting a route's system prompt first (a client's own
-system messages come after it), the public shape of a source, and mapping an
-answer's citations (``[2]`` in text, numbers or doc ids in a JSON answer's
-``sources``) back to sources. Does not own: search (the Retriever deployment) or the
-prompt wording (``loraplex.prompts``).
+system messages come after it). Does not own: search (the Retriever deployment), the
+prompt wording (``loraplex.prompts``) or the sources' public shape and citations
+(``citations``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import posixpath
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,13 +26,12 @@ from pydantic import ValidationError
 from loraplex.errors import InputError, LoraplexError
 from loraplex.prompts import Source, question_prompt, ticket_prompt
 from loraplex.retrieval.spec import DEFAULT_TENANT, and_filters
+from loraplex.serving.citations import public_sources
 from loraplex.serving.config import RouteRetrieval
 from loraplex.serving.errors import ApiError, public_reason
 from loraplex.serving.requests import check_messages
 
 log = logging.getLogger("ray.serve.loraplex")
-CITATION = re.compile(r"\[(\d{1,3})\]")
-PUBLIC_SOURCE_KEYS = ("doc_id", "chunk_id", "title", "heading", "source", "score", "text")
 
 
 def message_text(content: Any) -> str:
@@ -98,67 +92,6 @@ def user_turn(
     return question_prompt(
         text, sources, json_answer=task == "json_answer", special_tokens=special_tokens
     )
-
-
-def public_sources(hits: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sources as returned to clients: ``id`` is the number the model cites; ``source``
-    is where the document came from relative to what was ingested (an absolute path
-    stored by an older ingest is cut to its file name)."""
-    out = []
-    for n, h in enumerate(hits, 1):
-        item = {"id": n, **{k: h.get(k) for k in PUBLIC_SOURCE_KEYS}}
-        if isinstance(item["source"], str) and item["source"].startswith("/"):
-            item["source"] = posixpath.basename(item["source"])
-        out.append(item)
-    return out
-
-
-def citations(text: str, sources: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sources an answer cites, in order of first mention, without duplicates.
-
-    ``[n]`` markers and the numbers in a JSON answer's ``sources`` cite source n; doc ids
-    in a JSON answer's ``sources`` (a client's own schema) cite the source with that doc.
-    Numbers or doc ids that match no source are reported with ``"valid": false``.
-    """
-    found: list[dict[str, Any]] = []
-    seen: set[tuple[str, Any]] = set()
-
-    def add(key: tuple[str, Any], entry: dict[str, Any]) -> None:
-        if key not in seen:
-            seen.add(key)
-            found.append(entry)
-
-    def by_number(n: int) -> None:
-        if 1 <= n <= len(sources):
-            s = sources[n - 1]
-            add(("doc", s["doc_id"]), {"source": n, "doc_id": s["doc_id"], "valid": True})
-        else:
-            add(("n", n), {"source": n, "doc_id": None, "valid": False})
-
-    for m in CITATION.finditer(text):
-        by_number(int(m.group(1)))
-    for cited in _json_sources(text):
-        if isinstance(cited, int):
-            by_number(cited)
-            continue
-        number = next((s["id"] for s in sources if s["doc_id"] == cited), None)
-        add(("doc", cited), {"source": number, "doc_id": cited, "valid": number is not None})
-    return found
-
-
-def _json_sources(text: str) -> list[int | str]:
-    """A JSON answer's ``sources``: source numbers (ints) and/or doc ids (strings)."""
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return []
-    if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
-        return []
-    return [
-        s
-        for s in data["sources"]
-        if (isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, str)
-    ]
 
 
 # ------------------------------------------------------------------ the request's side

@@ -20,8 +20,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from loraplex.serving.citations import citations
 from loraplex.serving.errors import error_body
-from loraplex.serving.grounding import citations
 from loraplex.serving.ray_llm import apply_openai_json_format
 
 # (usage or None, whether the format is right (None: not judged), whether it ended early)
