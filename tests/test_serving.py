@@ -245,10 +245,11 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     for v in range(1, MANY + 1):
         folder = scaled_adapter(first, home / "src" / f"many-{v}", 1 + v / 10)
         register_external(client, folder, "many", base, str(base), "latest", experiment)
-    entry_bytes = sum(f.stat().st_size for f in first.iterdir() if f.is_file())
+    entry_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     cfg = serving_config(base)
-    # the node's disk holds DISK_ENTRIES adapter folders (4 KiB each for the checksums)
-    cfg["adapter_cache"] = {"disk_gib": DISK_ENTRIES * (entry_bytes + 4096) / 2**30}
+    # the node's disk holds DISK_ENTRIES versions of many (and no more of the others,
+    # which are larger), with half a version to spare
+    cfg["adapter_cache"] = {"disk_gib": (DISK_ENTRIES + 0.5) * entry_bytes / 2**30}
     cfg = ServingConfig.model_validate(cfg)
     try:
         url = start(cfg, settings, port=free_port())
@@ -631,6 +632,43 @@ def test_thirty_versions_through_two_slots_and_a_bounded_disk_cache(served: Serv
     assert loads == requests and evictions >= requests - 2, got
     # the registry for each first load and for 1-3; the disk for 29
     assert lookups == {"miss": MANY + 3, "hit": 1}, got
+
+
+def test_a_moved_alias_reaches_the_nodes_disk_before_traffic_moves(served: Served) -> None:
+    """A new version under many@latest: the first request after the move still gets the
+    old version and starts the prefetch; the new version reaches the node's disk cache
+    with no request for it yet; then requests move to it."""
+    from mlflow import MlflowClient
+
+    from loraplex.models.adapters import register_external
+
+    client = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    src = served.settings.home / "src"
+    new = scaled_adapter(src / "many-1", src / "many-new", 9.0)
+    experiment = client.get_experiment_by_name(served.settings.mlflow.experiment).experiment_id
+    version = register_external(
+        client, new, "many", served.model_dir, str(served.model_dir), None, experiment
+    )
+    entry = served.settings.home / "adapters" / "cache" / "many" / version
+    c = served.client()  # no adapter_version: it follows the alias
+
+    def served_version() -> str:
+        msgs = [{"role": "user", "content": "hello"}]
+        return c.chat.completions.create(model="tiny:many", messages=msgs, max_tokens=2).model
+
+    assert served_version() == f"tiny:many/{MANY}"
+    client.set_registered_model_alias("many", "latest", version)
+    time.sleep(1.5)  # alias_refresh_s: 1
+    assert served_version() == f"tiny:many/{MANY}"  # it starts the prefetch, and waits for it
+    deadline = time.monotonic() + 60
+    while not (entry / ".loraplex-files.json").exists():  # only the prefetch can put it there
+        assert time.monotonic() < deadline, "the new version never reached the disk cache"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while (got := served_version()) != f"tiny:many/{version}":
+        assert got == f"tiny:many/{MANY}", got
+        assert time.monotonic() < deadline, "the alias move never reached requests"
+        time.sleep(0.5)
 
 
 def test_promotion_reaches_new_requests_and_running_ones_finish_on_the_old_version(

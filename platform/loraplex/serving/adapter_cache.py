@@ -9,11 +9,14 @@ name). Least-recently-used versions go first when a new one would pass the budge
 except versions a live process on this node holds loaded (its pin file,
 ``.pins/<pid>``): vLLM may read their files again. Bookkeeping runs under a file lock on
 the cache folder, so replicas on one node never evict what another is placing; the
-fetches themselves run outside it, in parallel. Hits, misses, damaged folders, bytes held
-and load seconds are exported per tier (``metrics``). Does not own: downloading from the
-registry (the caller's ``fetch``), checking the files against the base model
-(``models.adapters.validate_adapter``) or the engine's tiers (``max_adapters_per_batch``,
-``max_adapters_per_replica``: vLLM's ``max_loras`` / ``max_cpu_loras``).
+fetches themselves run outside it, in parallel. Also :func:`download_version` (a
+version's PEFT files from the MLflow registry into a folder: the fetch the replicas and
+:func:`prefetch` use) and :func:`prefetch` (a Ray task that puts a version into one
+node's disk cache: run on every node when an alias moves, before traffic does). Does not
+own: checking the files against the base model (``models.adapters.validate_adapter``),
+the metrics of a replica's loads (``serving.adapters``) or the engine's tiers
+(``max_adapters_per_batch``, ``max_adapters_per_replica``: vLLM's ``max_loras`` /
+``max_cpu_loras``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loraplex.errors import LoraplexError
+from loraplex.config import LoraplexConfig
+from loraplex.errors import LoraplexError, first_line
 
 MANIFEST = ".loraplex-files.json"  # {"files": {relative path: sha256}, "bytes": total}
 PINS = ".pins"
@@ -210,3 +214,44 @@ class AdapterDiskCache:
 
 def _reason(e: OSError) -> str:
     return e.strerror or type(e).__name__
+
+
+def cache_root(settings: LoraplexConfig) -> Path:
+    """This node's adapter disk cache: ``adapters.uri``/cache where that is a folder, else
+    a folder under the system's temporary directory (an object store is never a cache)."""
+    uri = (settings.adapters.uri or "").removeprefix("file://")
+    local = Path(uri) if uri and "://" not in uri else None
+    return (local or Path(tempfile.gettempdir()) / "loraplex-adapters") / "cache"
+
+
+def download_version(settings: LoraplexConfig, name: str, version: str, into: Path) -> None:
+    """The registry version's PEFT files (``adapter_config.json`` at the top), into
+    ``into``; LoraplexError naming the version when they cannot be downloaded."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+        source = client.get_model_version(name, version).source
+        mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+        staged = into / ".download"
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=staged))
+        if not (got / "adapter_config.json").exists():
+            nested = [p.parent for p in got.rglob("adapter_config.json")]
+            got = nested[0] if nested else got
+        for item in got.iterdir():
+            item.rename(into / item.name)
+        shutil.rmtree(staged, ignore_errors=True)
+    except Exception as e:
+        raise LoraplexError(
+            f"adapter {name} version {version}: cannot download ({first_line(e)})"
+        ) from None
+
+
+def prefetch(settings: dict, root: str, budget_bytes: int, name: str, version: str) -> str:
+    """Put ``name/version`` into this node's disk cache (a Ray task: one per node);
+    returns how it went (hit, miss, damaged)."""
+    conf = LoraplexConfig.model_validate(settings)
+    cache = AdapterDiskCache(Path(root), budget_bytes)
+    _, how = cache.get(name, version, lambda into: download_version(conf, name, version, into))
+    return how

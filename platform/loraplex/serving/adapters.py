@@ -20,18 +20,21 @@ import asyncio
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from loraplex.config import load_settings
-from loraplex.errors import InputError, LoraplexError, first_line
+from loraplex.errors import InputError, LoraplexError
 from loraplex.models.adapters import MAX_SERVING_RANK, parse_registry_ref, validate_adapter
 from loraplex.models.resolve import on_this_node
 from loraplex.serving import metrics
-from loraplex.serving.adapter_cache import AdapterDiskCache, DiskCacheError
-from loraplex.serving.aliases import mlflow_client
+from loraplex.serving.adapter_cache import (
+    AdapterDiskCache,
+    DiskCacheError,
+    cache_root,
+    download_version,
+)
 from loraplex.serving.ray_llm import (
     CallbackBase,
     DiskMultiplexConfig,
@@ -75,12 +78,8 @@ class RegistryLoraLoader(LoraModelLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = load_settings()  # LORAPLEX_* variables set by the builder
-        uri = (self.settings.adapters.uri or "").removeprefix("file://")
-        # adapters.uri may be an object store; the download cache is always a local folder
-        local = Path(uri) if uri and "://" not in uri else None
-        root = (local or Path(tempfile.gettempdir()) / "loraplex-adapters") / "cache"
         budget = int(os.environ.get(DISK_BYTES_ENV) or DEFAULT_DISK_BYTES)
-        self.cache = AdapterDiskCache(root, budget)
+        self.cache = AdapterDiskCache(cache_root(self.settings), budget)
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
         base_dir = Path(str(llm_config.model_loading_config.model_source))
@@ -137,25 +136,10 @@ class RegistryLoraLoader(LoraModelLoader):
         return target, how
 
     def _download(self, name: str, version: str, into: Path) -> None:
-        """The version's PEFT files from the registry, straight into ``into``."""
-        import mlflow
-
-        client = mlflow_client(self.settings)
         try:
-            source = client.get_model_version(name, version).source
-            mlflow.set_tracking_uri(self.settings.mlflow.tracking_uri)
-            staged = into / ".download"
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=staged))
-            if not (got / "adapter_config.json").exists():
-                nested = [p.parent for p in got.rglob("adapter_config.json")]
-                got = nested[0] if nested else got
-            for item in got.iterdir():
-                item.rename(into / item.name)
-            shutil.rmtree(staged, ignore_errors=True)
-        except Exception as e:
-            raise AdapterLoadError(
-                f"adapter {name} version {version}: cannot download ({first_line(e)})"
-            ) from None
+            download_version(self.settings, name, version, into)
+        except LoraplexError as e:
+            raise AdapterLoadError(str(e)) from None
 
 
 class LoraplexLLMServer(LLMServer):

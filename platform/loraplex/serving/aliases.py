@@ -2,7 +2,8 @@
 -> version ``3``.
 
 Owns: :class:`AliasResolver` (the ingress side: an alias re-read every ``alias_refresh_s``
-so a promotion reaches new requests within that time, the last version kept while the
+so a promotion reaches new requests within that time, after the new version was
+prefetched into the nodes' disk caches (bounded); the last version kept while the
 registry is down, canary halts read and written), :class:`RegistryUnavailable`, the
 short registry timeouts serving uses, and the multiplexed id of a version
 (``<base>:<name>/<version>``). It imports MLflow only, never Ray Serve LLM or vLLM:
@@ -17,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loraplex.config import LoraplexConfig
@@ -26,6 +28,7 @@ from loraplex.serving import metrics
 from loraplex.serving.canary import HALT_TAG, halt_reason
 
 log = logging.getLogger("ray.serve.loraplex")
+PREFETCH_S = 120  # longest a moved alias waits for its new version to reach the nodes
 
 
 def multiplexed_id(base: str, name: str, version: str) -> str:
@@ -66,10 +69,22 @@ class AliasResolver:
     to (logged and counted in ``loraplex_registry_stale``); one never resolved before
     raises :class:`RegistryUnavailable`. Only "no such adapter" is an InputError."""
 
-    def __init__(self, settings: LoraplexConfig, refresh_s: float, timeout_s: float = 5) -> None:
+    def __init__(
+        self,
+        settings: LoraplexConfig,
+        refresh_s: float,
+        timeout_s: float = 5,
+        prefetch: Callable[[str, str], Awaitable[None]] | None = None,
+        prefetch_s: float = PREFETCH_S,
+    ) -> None:
         self.settings = settings
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
+        # an alias that moves keeps its old version until ``prefetch`` (the new version
+        # on every node's disk) is done, or ``prefetch_s`` passed
+        self.prefetch = prefetch
+        self.prefetch_s = prefetch_s
+        self._moving: dict[str, asyncio.Task] = {}
         self._cache: dict[str, tuple[float, str]] = {}
         self._halts: dict[str, tuple[float, str | None]] = {}
         self._client: Any = None
@@ -120,9 +135,45 @@ class AliasResolver:
             self._cache[ref] = (now, cached[1])  # ask again after refresh_s, not every request
             return name, cached[1]
         if cached and cached[1] != got:
+            if self.prefetch is not None and not self._prefetched(ref, name, got):
+                self._cache[ref] = (now, cached[1])  # the move waits for the prefetch
+                return name, cached[1]
             log.info("adapter %s now resolves to version %s (was %s)", ref, got, cached[1])
         self._cache[ref] = (now, got)
         return name, got
+
+    def _prefetched(self, ref: str, name: str, version: str) -> bool:
+        """Whether the new version of a moved alias is ready on the nodes' disks; the first
+        call starts the prefetch, which moves the alias itself when it ends."""
+        move = f"{ref}->{version}"
+        task = self._moving.get(move)
+        if task is not None:
+            return task.done()
+        assert self.prefetch is not None
+
+        async def run() -> None:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.prefetch_s):
+                    await self.prefetch(name, version)
+                log.info(
+                    "adapter %s version %s prefetched in %.1f s: traffic moves to it",
+                    ref,
+                    version,
+                    time.monotonic() - started,
+                )
+            except Exception as e:  # traffic moves anyway: replicas fetch it on demand
+                log.warning("prefetch of %s version %s failed (%s): moving anyway", ref, version, e)
+            self._cache[ref] = (time.monotonic(), version)
+            if len(self._moving) > 64:  # bounded: old moves are done
+                for k in [k for k, t in self._moving.items() if t.done() and k != move]:
+                    del self._moving[k]
+
+        log.info(
+            "adapter %s moved to version %s: prefetching it before traffic moves", ref, version
+        )
+        self._moving[move] = asyncio.ensure_future(run())
+        return False
 
     async def halted(self, name: str, version: str) -> str | None:
         """The canary halt recorded on a model version (``canary.HALT_TAG``), re-read every

@@ -34,13 +34,16 @@ import time
 import uuid
 from typing import Any
 
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loraplex.config import LoraplexConfig
 from loraplex.serving import metrics, requests, responses
 from loraplex.serving.accounting import AccountingMixin, charge_embeddings
+from loraplex.serving.adapter_cache import cache_root, prefetch
 from loraplex.serving.aliases import AliasResolver, short_registry_timeouts
 from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id
 from loraplex.serving.catalog import CatalogMixin, allowed, key_of
@@ -79,7 +82,10 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         self.settings = LoraplexConfig.model_validate(settings)
         short_registry_timeouts(self.config.timeouts.registry_s)
         self.resolver = AliasResolver(
-            self.settings, self.config.alias_refresh_s, self.config.timeouts.registry_s
+            self.settings,
+            self.config.alias_refresh_s,
+            self.config.timeouts.registry_s,
+            prefetch=self._prefetch_on_every_node,
         )
         self.grounder = Grounder(
             retriever, self.settings.retrieval.collection, self.config.timeouts.retrieval_s
@@ -106,6 +112,26 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
             len(self.adapters),
             len(self.routes),
         )
+
+    async def _prefetch_on_every_node(self, name: str, version: str) -> None:
+        """A moved alias's new version into the disk cache of every live node (a Ray task
+        pinned to each), before requests move to it."""
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        task = ray.remote(num_cpus=0, max_retries=1)(prefetch)
+        refs = [
+            task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(
+                self.settings.model_dump(mode="json"),
+                str(cache_root(self.settings)),
+                int(self.config.adapter_cache.disk_gib * 2**30),
+                name,
+                version,
+            )
+            for node in nodes
+        ]
+        outcomes = await asyncio.gather(*refs)
+        log.info("adapter %s/%s on %d node(s)' disks: %s", name, version, len(nodes), outcomes)
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, "chat")
