@@ -276,7 +276,7 @@ def main() -> None:
         from tqdm import tqdm
 
         for folder in tqdm(folders[len(have) :], desc="registering versions"):
-            register_external(client, folder, name, model_dir, str(model_dir), "latest", experiment)
+            register_external(client, folder, name, model_dir, str(model_dir), "newest", experiment)
     results["register_s"] = time.perf_counter() - started
     entry = sum(f.stat().st_size for f in folders[0].iterdir()) + 4096
     results["version_bytes"] = entry - 4096
@@ -288,7 +288,7 @@ def main() -> None:
     cfg = ServingConfig.model_validate(
         {
             "models": [spec],
-            "adapters": [{"name": NAME, "base": "base", "registry": f"{name}@latest"}],
+            "adapters": [{"name": NAME, "base": "base", "registry": f"{name}@newest"}],
             "retriever": None,
             "adapter_cache": {"disk_gib": args.disk_entries * entry / 2**30},
             "auth": {

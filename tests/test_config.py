@@ -31,8 +31,15 @@ def test_variables_of_other_parts_are_not_settings(tmp_path: Path):
         "LORAPLEX_API_KEYS": "k",
         "LORAPLEX_API_KEY": "k",
         "LORAPLEX_URL": "http://127.0.0.1:8000/v1",
+        "LORAPLEX_CANARY_SECRET": "s",
+        "LORAPLEX_ADAPTER_DISK_BYTES": "4294967296",
     }
     assert load_settings(env=env).home == tmp_path
+    # every such variable the code reads is in the list
+    from loraplex.serving.adapters import BASE_MODEL_ENV, DISK_BYTES_ENV
+    from loraplex.serving.canary import CANARY_SECRET_ENV
+
+    assert {BASE_MODEL_ENV, DISK_BYTES_ENV, CANARY_SECRET_ENV} <= set(env)
 
 
 def test_a_tracking_server_keeps_artifacts_in_its_own_store(tmp_path: Path):

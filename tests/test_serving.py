@@ -82,7 +82,7 @@ def serving_config(model_dir: Path) -> dict:
             {"name": "delta", "base": "tiny", "registry": "delta/1"},
             {"name": "wide", "base": "tiny", "registry": "wide/1"},  # rank 16 > the engine's 8
             # MANY versions of one adapter (pinned per request) through the 2 slots
-            {"name": "many", "base": "tiny", "registry": "many@latest"},
+            {"name": "many", "base": "tiny", "registry": "many@newest"},
             # canaries: alpha 1 (steady) with 30% on alpha 2 (trial), sticky per user; and
             # alpha 1 with half its requests on the damaged broken/1, judged after 3
             {
@@ -241,10 +241,10 @@ def _serve(tiny_base, home: Path, milvus: subprocess.Popen, milvus_port: int) ->
     weights.write_bytes(weights.read_bytes()[:100])
 
     # MANY versions of one adapter, each with its own weights (the first one's, scaled)
-    first = make_adapter(base, home / "src" / "many-1", 100)
+    first = make_adapter(base, home / "src" / "many-source", 100)
     for v in range(1, MANY + 1):
         folder = scaled_adapter(first, home / "src" / f"many-{v}", 1 + v / 10)
-        register_external(client, folder, "many", base, str(base), "latest", experiment)
+        register_external(client, folder, "many", base, str(base), "newest", experiment)
     entry_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     cfg = serving_config(base)
     # the node's disk holds DISK_ENTRIES versions of many (and no more of the others,
@@ -635,7 +635,7 @@ def test_thirty_versions_through_two_slots_and_a_bounded_disk_cache(served: Serv
 
 
 def test_a_moved_alias_reaches_the_nodes_disk_before_traffic_moves(served: Served) -> None:
-    """A new version under many@latest: the first request after the move still gets the
+    """A new version under many@newest: the first request after the move still gets the
     old version and starts the prefetch; the new version reaches the node's disk cache
     with no request for it yet; then requests move to it."""
     from mlflow import MlflowClient
@@ -657,7 +657,7 @@ def test_a_moved_alias_reaches_the_nodes_disk_before_traffic_moves(served: Serve
         return c.chat.completions.create(model="tiny:many", messages=msgs, max_tokens=2).model
 
     assert served_version() == f"tiny:many/{MANY}"
-    client.set_registered_model_alias("many", "latest", version)
+    client.set_registered_model_alias("many", "newest", version)
     time.sleep(1.5)  # alias_refresh_s: 1
     assert served_version() == f"tiny:many/{MANY}"  # it starts the prefetch, and waits for it
     deadline = time.monotonic() + 60

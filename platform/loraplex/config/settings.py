@@ -34,14 +34,17 @@ ENV_PREFIX = "LORAPLEX_"
 ENV_CONFIG_FILE = "LORAPLEX_CONFIG"
 # LORAPLEX_* variables that are not settings: the config file, the endpoint and key of
 # the serving clients (loraplex chat/eval), the server's keys and key hashes (the k8s
-# secret), and a serving replica's base-model reference (serving.builder).
+# secret), the canary split's secret, and a serving replica's base-model reference and
+# adapter disk budget (serving.builder).
 ENV_NOT_SETTINGS = (
     ENV_CONFIG_FILE,
     "LORAPLEX_URL",
     "LORAPLEX_API_KEY",
     "LORAPLEX_API_KEYS",
     "LORAPLEX_API_KEY_HASHES",
+    "LORAPLEX_CANARY_SECRET",
     "LORAPLEX_BASE_MODEL",
+    "LORAPLEX_ADAPTER_DISK_BYTES",
 )
 DEFAULT_HOME = ".loraplex"
 
