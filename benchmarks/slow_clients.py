@@ -139,6 +139,45 @@ async def with_slow_clients(url: str, clients: int, slow: int, seconds: float) -
     return normal
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part: Serve's HTTP proxy, the
+    ingress replica, the engine (replica, vLLM engine core and workers) and this
+    benchmark's own process (its clients)."""
+    import os
+
+    import psutil
+
+    out: dict[str, float] = {"proxy": 0.0, "ingress": 0.0, "engine": 0.0, "clients": 0.0}
+    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+        try:
+            title = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
+            if proc.info["pid"] == os.getpid():
+                part = "clients"
+            elif "ProxyActor" in title:
+                part = "proxy"
+            elif "LoraplexIngress" in title:
+                part = "ingress"
+            elif "LLMServer" in title or "EngineCore" in title or "VLLM" in title.upper():
+                part = "engine"
+            else:
+                continue
+            t = proc.cpu_times()
+            out[part] += t.user + t.system
+        except psutil.Error:
+            continue
+    return out
+
+
+def timed(phase) -> dict:
+    """Run ``phase`` (a coroutine) and add the CPU seconds each part used meanwhile."""
+    before, started = cpu_seconds(), time.perf_counter()
+    result = asyncio.run(phase)
+    after, wall = cpu_seconds(), time.perf_counter() - started
+    result["cpu_s"] = {k: round(after[k] - before[k], 1) for k in before}
+    result["wall_s"] = round(wall, 1)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, required=True)
@@ -168,7 +207,13 @@ def main() -> None:
             "http": {"body_read_s": args.body_read_s},
             "auth": {
                 "keys": [
-                    {"name": "normal", "sha256": hash_key(KEY_NORMAL), "models": ["tiny"]},
+                    {
+                        "name": "normal",
+                        "sha256": hash_key(KEY_NORMAL),
+                        "models": ["tiny"],
+                        # the measured traffic is never refused: its latency is the figure
+                        "limits": {"requests_per_minute": None, "tokens_per_minute": None},
+                    },
                     {
                         "name": "slow",
                         "sha256": hash_key(KEY_SLOW),
@@ -185,9 +230,9 @@ def main() -> None:
         print("warm-up (20 s)")
         asyncio.run(normal_traffic(url, args.clients, 20))
         print(f"normal traffic alone ({args.seconds:.0f} s)")
-        results["alone"] = asyncio.run(normal_traffic(url, args.clients, args.seconds))
+        results["alone"] = timed(normal_traffic(url, args.clients, args.seconds))
         print(f"normal traffic beside {args.slow} slow-body clients ({args.seconds:.0f} s)")
-        results["beside_slow"] = asyncio.run(
+        results["beside_slow"] = timed(
             with_slow_clients(url, args.clients, args.slow, args.seconds)
         )
     finally:
@@ -202,7 +247,9 @@ def main() -> None:
         f"| beside {s['clients']} slow-body clients | {b['requests']} | {b['status']} | "
         f"{b['p50_s']:.3f} | {b['p95_s']:.3f} |\n\n"
         f"p95 ratio {b['p95_s'] / a['p95_s']:.2f}; slow clients' answers {s['answers']}, "
-        f"held {s['held_s_p50']:.1f} s (p50), {s['held_s_max']:.1f} s (max)"
+        f"held {s['held_s_p50']:.1f} s (p50), {s['held_s_max']:.1f} s (max)\n"
+        f"CPU seconds alone {a['cpu_s']} in {a['wall_s']} s; beside the slow clients "
+        f"{b['cpu_s']} in {b['wall_s']} s"
     )
 
 
