@@ -207,7 +207,7 @@ async def churn(url: str, n: int, s: float, minutes: float, concurrency: int, wa
                 status[str(code)] += 1
                 if code == 200:
                     latencies.append(sec)
-                    if not model.endswith(f"{NAME}/{v}"):
+                    if model.rsplit("/", 1)[-1] != str(v):  # base:<registered name>/<v>
                         wrong.append(f"asked {v}, answered {model}")
         finally:
             await c.http.aclose()
@@ -297,7 +297,12 @@ def main() -> None:
                         "name": "bench",
                         "sha256": hash_key(KEY),
                         "may_pin_versions": True,
-                        "limits": {"max_concurrent": 256},
+                        # the benchmark measures the tiers, never the key's limits
+                        "limits": {
+                            "max_concurrent": 256,
+                            "requests_per_minute": None,
+                            "tokens_per_minute": None,
+                        },
                     }
                 ]
             },
