@@ -3,52 +3,23 @@
 Owns: :class:`AccountingMixin`: a finished request's tokens charged to its key's
 ``tokens_per_minute`` (through the limiter the ``gate`` middleware left on the
 request), the request, token and latency metrics, the error count by status, and the
-log line with the server's request id, the key's name and the client's own request id;
-a request that failed after the engine took it (vLLM's own error, the deadline) charged for
-its prompt, counted in the background by the engine's tokenizer. Does not own: the
-limits themselves or refusing a request over them (``limits``, ``gate``).
+log line with the server's request id, the key's name and the client's own request id.
+Does not own: the limits themselves or refusing a request over them (``limits``,
+``gate``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable
 from typing import Any
 
 from loraplex.serving import metrics
 
 log = logging.getLogger("ray.serve.loraplex")
-COUNT_S = 30  # how long a failed request's prompt may take to count
 
 
 class AccountingMixin:
-    _background: set[asyncio.Task]
-
-    def _charge_prompt_later(
-        self, key: dict[str, Any], limiter: Any, count: Awaitable[int], rid: str
-    ) -> None:
-        """Charge a failed request's prompt tokens once ``count`` has them, without
-        holding its error answer back; a count that fails is logged, never raised."""
-
-        async def charge() -> None:
-            try:
-                async with asyncio.timeout(COUNT_S):
-                    tokens = await count
-            except Exception as e:  # the engine is gone or busy: nothing to charge by
-                log.info("[%s] prompt tokens of the failed request not counted: %s", rid, e)
-                return
-            if limiter is not None and tokens:
-                limiter.charge(key, tokens)
-            log.info(
-                "[%s] key %s: failed request charged %d prompt tokens", rid, key["name"], tokens
-            )
-
-        task = asyncio.ensure_future(charge())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     def _count_error(
         self, key: dict[str, Any], call: str, tags: dict[str, str], status: int, why: str, rid: str
     ) -> None:

@@ -5,9 +5,7 @@ that serves an engine model, through Serve's handle and its multiplexing, return
 first answer or chunk and the rest of the stream) and the mapping of what can go wrong
 there onto OpenAI-shaped errors: a full engine queue is 503 ``overloaded`` with
 ``Retry-After``, an adapter that cannot be loaded 503 ``adapter_unavailable``, vLLM's
-own error response its status with a public reason; and ``_prompt_tokens``, a prompt
-counted by the engine's own tokenizer and chat template (what a failed request is
-charged). Does not own: the engine (vLLM in
+own error response its status with a public reason. Does not own: the engine (vLLM in
 ``LLMServer``) or which engine model a request goes to (``rollout``).
 """
 
@@ -20,15 +18,10 @@ from ray.serve.exceptions import BackPressureError
 from loraplex.serving import metrics
 from loraplex.serving.adapters import AdapterLoadError
 from loraplex.serving.errors import ApiError, public_reason
-from loraplex.serving.ray_llm import (
-    ErrorResponse,
-    RawRequestInfo,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-)
+from loraplex.serving.ray_llm import ErrorResponse, RawRequestInfo
 
-# failures where the engine never ran the request: nothing to charge for its prompt
-NOT_RUN = ("overloaded", "adapter_unavailable")
+# vLLM's refusal of a prompt past the context, after tokenizing it up to the context
+PAST_CONTEXT = "maximum context length"
 
 
 def overloaded(message: str) -> ApiError:
@@ -68,23 +61,3 @@ class EngineMixin:
                 status if 400 <= status < 600 else 400, public_reason(head.error.message)
             )
         return first, gen
-
-    async def _prompt_tokens(self, base: str, call: str, body: dict[str, Any], rid: str) -> int:
-        """The request's prompt tokens as the engine counts them: vLLM's tokenize on the
-        base model (adapters share its tokenizer), the chat template applied to chat."""
-        handle = self._get_configured_serve_handle(base)  # type: ignore[attr-defined]
-        info = RawRequestInfo(headers={"x-request-id": f"{rid}-count"})
-        if call == "chat":
-            asks = [TokenizeChatRequest(model=base, messages=body["messages"])]
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-                return len(prompt)  # token ids: counted as they are
-            texts = prompt if isinstance(prompt, list) else [prompt]
-            asks = [TokenizeCompletionRequest(model=base, prompt=str(t)) for t in texts]
-        total = 0
-        for ask in asks:
-            answer = await handle.tokenize.remote(ask, info).__anext__()
-            answer = answer[0] if isinstance(answer, list) and answer else answer
-            total += int(getattr(answer, "count", 0) or 0)
-        return total

@@ -48,7 +48,7 @@ from loraplex.serving.aliases import AliasResolver, short_registry_timeouts
 from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id
 from loraplex.serving.catalog import CatalogMixin, allowed, key_of
 from loraplex.serving.config import EMBEDDINGS, ServingConfig
-from loraplex.serving.engine import NOT_RUN, EngineMixin
+from loraplex.serving.engine import PAST_CONTEXT, EngineMixin
 from loraplex.serving.errors import ApiError, shorten
 from loraplex.serving.gate import refuse_open_anonymous
 from loraplex.serving.grounding import Grounder
@@ -59,6 +59,9 @@ from loraplex.serving.rollout import Pick, RolloutMixin
 # with the request id Serve attaches to every record.
 log = logging.getLogger("ray.serve.loraplex")
 RID_HEADER = "x-loraplex-request-id"
+# a moved alias's new version into one node's disk cache (no CPU reserved: it must run
+# beside replicas that hold every CPU)
+PREFETCH_TASK = ray.remote(num_cpus=0, max_retries=1)(prefetch)
 
 
 class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, OpenAiIngress):
@@ -117,9 +120,8 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         """A moved alias's new version into the disk cache of every live node (a Ray task
         pinned to each), before requests move to it."""
         nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-        task = ray.remote(num_cpus=0, max_retries=1)(prefetch)
         refs = [
-            task.options(
+            PREFETCH_TASK.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
             ).remote(
                 self.settings.model_dump(mode="json"),
@@ -167,7 +169,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         tags = {"route": "unknown", "adapter": "none"}
         key: dict[str, Any] = {"name": "unknown"}
         picked: list[Pick] = []  # set by _answer once the engine model is chosen
-        sent: list[tuple[str, dict[str, Any]]] = []  # (base, body) once the engine has it
+        sent: list[str] = []  # the base model, once the engine has the request
         try:
             key = key_of(request)
             async with asyncio.timeout(self.config.http.request_timeout_s):
@@ -177,7 +179,6 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         except TimeoutError:
             self._observe(picked[0] if picked else None, 504, None, None)
             metrics.shed.inc(tags={"reason": "deadline"})
-            self._charge_failed(request, key, call, sent, rid)
             response = ApiError(
                 504,
                 f"no answer within the request deadline ({self.config.http.request_timeout_s:g} s)",
@@ -186,26 +187,20 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         except ApiError as e:
             self._observe(picked[0] if picked else None, e.status, None, None)
             self._count_error(key, call, tags, e.status, e.message, rid)
-            if e.code not in NOT_RUN:
-                self._charge_failed(request, key, call, sent, rid)
+            self._charge_failed(request, key, sent, e.message)
             response = e.response()
         response.headers[RID_HEADER] = rid
         return response
 
     def _charge_failed(
-        self,
-        request: Request,
-        key: dict[str, Any],
-        call: str,
-        sent: list[tuple[str, dict[str, Any]]],
-        rid: str,
+        self, request: Request, key: dict[str, Any], sent: list[str], message: str
     ) -> None:
-        """A request the engine took, then failed or ran out of time: its key pays for
-        the prompt (a stream cut after its first chunk is charged by ``responses``)."""
+        """A prompt the engine refused for passing the context costs the key the context:
+        vLLM tokenized that much before refusing (Ray Serve LLM offers no tokenize call to
+        count it exactly)."""
         limiter = getattr(request.state, "limiter", None)
-        if sent and limiter is not None:
-            base, body = sent[0]
-            self._charge_prompt_later(key, limiter, self._prompt_tokens(base, call, body, rid), rid)
+        if sent and limiter is not None and PAST_CONTEXT in message:
+            limiter.charge(key, self.bases[sent[0]].max_model_len)
 
     async def _answer(
         self,
@@ -217,7 +212,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         started: float,
         deadline: float,
         picked: list[Pick],
-        sent: list[tuple[str, dict[str, Any]]],
+        sent: list[str],
     ) -> Response:
         client_rid = shorten(request.headers.get("x-request-id") or "", 80)
         body = await requests.json_body(request)
@@ -276,7 +271,7 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
             where = ".".join(str(p) for p in err["loc"])
             raise ApiError(400, f"{where or 'body'}: {err['msg']}", where or None) from None
         metrics.requests.inc(tags={**tags, "endpoint": call})
-        sent.append((t.base, body))
+        sent.append(t.base)
         first, gen = await self._dispatch(pick.engine_model, call, parsed, rid)
         extra = {"retrieval": {**grounded.info, "route": t.name}}
         limiter = getattr(request.state, "limiter", None)

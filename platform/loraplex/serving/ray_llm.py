@@ -25,8 +25,6 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.llm._internal.serve.core.ingress.utils import (
@@ -50,8 +48,6 @@ __all__ = [
     "LoraModelLoader",
     "OpenAiIngress",
     "RawRequestInfo",
-    "TokenizeChatRequest",
-    "TokenizeCompletionRequest",
     "apply_openai_json_format",
     "build_llm_deployment",
     "get_lora_id",
