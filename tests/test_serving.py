@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -575,6 +576,26 @@ def test_concurrent_first_requests_to_an_adapter_load_it_once(served: Served) ->
         return [r.model for r in replies]
 
     assert asyncio.run(many()) == ["tiny:delta/1"] * 8
+
+
+def test_a_mixed_batch_answers_each_request_as_it_would_alone(served: Served) -> None:
+    """The base model and two adapters in flight together, both of the replica's adapter
+    slots in use: each answer is the one it gets alone. A base request in such a batch
+    gets no adapter's weights (vLLM's CPU LoRA ops gave it the last slot's: the fix is
+    ``serving.cpu_lora``, loaded by the engine as a vLLM plugin)."""
+    c = served.client()
+    msgs = [{"role": "user", "content": "The warranty of the Velmo X200 is"}]
+    models = ["tiny", "tiny:beta", "tiny:delta"]
+
+    def ask(model: str) -> str:
+        r = c.chat.completions.create(model=model, messages=msgs, max_tokens=40, temperature=0)
+        return r.choices[0].message.content
+
+    alone = {m: ask(m) for m in models}
+    assert len(set(alone.values())) == len(models), alone  # each adapter changes the answer
+    with ThreadPoolExecutor(len(models)) as pool:
+        for _ in range(4):
+            assert dict(zip(models, pool.map(ask, models), strict=True)) == alone
 
 
 def test_thirty_versions_through_two_slots_and_a_bounded_disk_cache(served: Served) -> None:
