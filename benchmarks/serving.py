@@ -149,6 +149,7 @@ def levels(url: str, models: list[str], args) -> list[dict]:
 
 def bare_vllm(model_dir: Path, port: int, args, lora: bool = False) -> list[dict]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["VLLM_PLUGINS"] = "none"  # vLLM as shipped: not loraplex's CPU LoRA ops (cpu_lora)
     cmd = [
         sys.executable,
         "-m",

@@ -98,6 +98,15 @@ def test_scoring_one_answer() -> None:
     rec = endpoint.score(endpoint.Record("base", "a", text="It is 437 dollars."), q, False, None)
     assert rec.exact == 0.0 and rec.f1 > 0.5 and rec.compliant is None
     assert rec.citation_precision is None and rec.citation_recall == 0.0
+    assert rec.faithful is None  # no sources: not judged
+    # faithfulness: the JSON answer's value against the passage its source number names
+    src = [{"id": 1, "doc_id": "urven-e100", "text": "The Urven E100 costs 437 dollars."}]
+    cited = [{"source": 1, "valid": True}]
+    for value, faithful in (("437 dollars", True), ("473 dollars", False)):
+        text = json.dumps({"answer": value, "sources": [1]})
+        rec = endpoint.Record("adapter+rag", "a", text=text, sources=src, citations=cited)
+        rec = endpoint.score(rec, q, json_task=True, schema=None)
+        assert (rec.faithful, rec.claims, rec.citation_validity) == (faithful, 1, 1.0)
 
 
 def summary_of(**acc) -> dict:
@@ -155,7 +164,8 @@ def test_report_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> N
 
 def test_chart_shows_answer_accuracy_with_its_intervals(tmp_path: Path) -> None:
     """base+rag answers in sentences: exact match 0, answer accuracy 0.80. The chart
-    plots answer accuracy (what the recommendation rests on), with error bars."""
+    plots answer accuracy (what the recommendation rests on), with error bars, and
+    faithfulness beside the format and citation metrics."""
     summary = {
         "base+rag": {
             "accuracy": 0.0,
@@ -177,6 +187,7 @@ def test_chart_shows_answer_accuracy_with_its_intervals(tmp_path: Path) -> None:
         "answer_accuracy",
         "compliance",
         "citation_precision",
+        "faithfulness",
     ]
     values, (below, above) = report.chart_series(summary, "answer_accuracy")
     assert values == [0.8, 0.83]

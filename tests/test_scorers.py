@@ -86,3 +86,35 @@ def test_retrieval_metrics_on_known_answers():
     assert m["mrr_at_10"] == (0.5 + 0.0) / 2  # "a" twice is one document: b is 2nd
     assert m["recall_at_1"] == 0.0 and m["recall_at_5"] == 0.5
     assert math.isclose(m["ndcg_at_10"], (1 / math.log2(3)) / 2)
+
+
+def test_faithfulness_on_known_answers():
+    from loraplex.evaluation.faithfulness import Judgement as J
+    from loraplex.evaluation.faithfulness import judge
+
+    sources = [
+        {"id": 1, "text": "The Velmo X200 comes in bronze. Its price is 861 dollars."},
+        {"id": 2, "text": "The Velmo X300 comes in scarlet. Its price is 813 dollars."},
+    ]
+    one, two, bad = (
+        [{"source": 1, "valid": True}],
+        [{"source": 2, "valid": True}],
+        [{"source": 7, "valid": False}],
+    )
+    # short answers: the value, whole, in a cited passage
+    assert judge("bronze", sources, one).supported is True
+    assert judge("bron", sources, one).supported is False  # a garbled copy
+    assert judge("861 dollars", sources, two).supported is False  # a sibling passage cited
+    assert judge("$861", sources, one).supported is True  # read as "861 dollars"
+    # nothing cited, or only a number that was not a source: unsupported, validity named
+    assert judge("bronze", sources, []) == J(False, 1, 1, None)
+    assert judge("bronze", sources, bad) == J(False, 1, 1, 0.0)
+    # sentences: every number and 80% of the other words in one cited passage
+    sentence = "The price of the Velmo X200 is 861 dollars [1]."
+    assert judge(sentence, sources, one).supported is True
+    assert judge(sentence.replace("861", "813"), sources, one).supported is False
+    both = sentence + " The Velmo X200 comes in scarlet [1]."
+    assert judge(both, sources, one) == J(False, 2, 1, 1.0)  # one claim of two unsupported
+    # no sources (no retrieval) or nothing said: not judged
+    assert judge("bronze", [], []).supported is None
+    assert judge("  ", sources, one).supported is None

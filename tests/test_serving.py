@@ -1694,12 +1694,23 @@ def test_four_way_evaluation_against_the_endpoint(served: Served, tmp_path: Path
     assert "## Recommendation" in (out / "report.md").read_text()
     answers = json.loads((out / "results.json").read_text())["answers"]
     assert len(answers) == 16
+    # faithfulness to the cited passages, where the request had sources only
+    for name in ("base", "adapter"):
+        assert summary[name]["faithfulness"] is None, summary[name]
+    for name in ("base+rag", "adapter+rag"):
+        assert 0 <= summary[name]["faithfulness"] <= 1 and summary[name]["citation_validity"]
+    for a in answers:
+        assert bool(a["sources"]) == a["config"].endswith("+rag")
+        if a["faithful"] is not None and not any(c["valid"] for c in a["citations"]):
+            assert a["faithful"] is False, a  # nothing cited: nothing supports it
+    assert "| faithful |" in (out / "report.md").read_text()
 
     mlflow.set_tracking_uri(served.settings.mlflow.tracking_uri)
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.data.tags["loraplex.collection"] == "kb"
     assert "tiny:alpha/" in run.data.tags["loraplex.adapter_versions"]
     assert "base_rag.accuracy" in run.data.metrics and "adapter.compliance" in run.data.metrics
+    assert "adapter_rag.faithfulness" in run.data.metrics
 
     # routes and models are configurations too
     proc = run_cli(

@@ -6,7 +6,8 @@ works too), turning configuration names (``base``, ``base+rag``, ``adapter``,
 ``adapter+rag``, any route, ``MODEL+rag``) into requests, sending them through the
 official ``openai`` client with a bounded number in flight, and scoring each answer
 (normalised exact match, token F1, answer accuracy, citation precision/recall against gold doc ids,
-JSON-schema compliance, label accuracy, latency, tokens). Does not own: the report
+JSON-schema compliance, label accuracy, latency, tokens; and, without gold, faithfulness
+to the cited passages by ``evaluation.faithfulness``). Does not own: the report
 (``evaluation.report``) or the scorers (``evaluation.scorers``).
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from loraplex.errors import InputError, LoraplexError
-from loraplex.evaluation import scorers
+from loraplex.evaluation import faithfulness, scorers
 from loraplex.evaluation.intervals import metric_intervals
 from loraplex.prompts import JSON_ANSWER_SCHEMA
 
@@ -48,6 +49,9 @@ METRICS = (
     "citation_precision",
     "citation_recall",
     "label_accuracy",
+    "faithfulness",
+    "unsupported_claim_rate",
+    "citation_validity",
     "latency_p50_s",
     "latency_p95_s",
 )
@@ -85,6 +89,13 @@ class Record:
     citation_recall: float | None = None
     compliant: bool | None = None
     label_correct: bool | None = None
+    # the request's sources ({id, doc_id, text}) and the answer's citations ({source, valid})
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    citations: list[dict[str, Any]] = field(default_factory=list)
+    faithful: bool | None = None  # None: no sources, or nothing claimed
+    claims: int = 0
+    unsupported_claims: int = 0
+    citation_validity: float | None = None
     error: str | None = None
 
 
@@ -230,6 +241,11 @@ class Endpoint:
         rec.completion_tokens = r.usage.completion_tokens if r.usage else 0
         cites = (r.choices[0].model_extra or {}).get("citations") or []
         rec.cited = [x["doc_id"] for x in cites if x.get("doc_id")]
+        rec.citations = [{"source": x.get("source"), "valid": x.get("valid")} for x in cites]
+        rec.sources = [
+            {"id": x.get("id"), "doc_id": x.get("doc_id"), "text": x.get("text")}
+            for x in (r.model_extra or {}).get("sources") or []
+        ]
         return rec
 
 
@@ -256,6 +272,9 @@ def score(rec: Record, q: Question, json_task: bool, schema: dict[str, Any] | No
         rec.citation_precision, rec.citation_recall = cs.precision, cs.recall
     if q.label is not None:
         rec.label_correct = answer.strip().lower() == q.label.strip().lower()
+    judged = faithfulness.judge(answer, rec.sources, rec.citations)
+    rec.faithful, rec.claims = judged.supported, judged.claims
+    rec.unsupported_claims, rec.citation_validity = judged.unsupported, judged.citation_validity
     return rec
 
 
@@ -292,6 +311,7 @@ def summarize(records: list[Record], configs: list[Configuration]) -> dict[str, 
         rs = [r for r in records if r.config == c.name]
         ok = [r for r in rs if r.error is None]
         lat = [r.latency_s for r in ok]
+        judged = [r for r in ok if r.faithful is not None]
         out[c.name] = {
             "model": c.model,
             "questions": len(rs),
@@ -309,6 +329,15 @@ def summarize(records: list[Record], configs: list[Configuration]) -> dict[str, 
             "label_accuracy": scorers.mean(
                 None if r.label_correct is None else float(r.label_correct) for r in ok
             ),
+            "faithfulness": scorers.mean(
+                None if r.faithful is None else float(r.faithful) for r in ok
+            ),
+            "unsupported_claim_rate": (
+                sum(r.unsupported_claims for r in judged) / sum(r.claims for r in judged)
+                if judged
+                else None
+            ),
+            "citation_validity": scorers.mean(r.citation_validity for r in ok),
             "latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
             "latency_p95_s": float(np.percentile(lat, 95)) if lat else None,
             "prompt_tokens": scorers.mean(float(r.prompt_tokens) for r in ok),
@@ -325,6 +354,12 @@ def summarize(records: list[Record], configs: list[Configuration]) -> dict[str, 
             "label_accuracy": [
                 None if r.label_correct is None else float(r.label_correct) for r in ok
             ],
+            "faithfulness": [None if r.faithful is None else float(r.faithful) for r in ok],
+            # per claim, so its interval is over claims
+            "unsupported_claim_rate": [
+                float(i < r.unsupported_claims) for r in judged for i in range(r.claims)
+            ],
+            "citation_validity": [r.citation_validity for r in ok],
             "latency_p50_s": lat,
             "latency_p95_s": lat,
         }
@@ -335,6 +370,7 @@ def summarize(records: list[Record], configs: list[Configuration]) -> dict[str, 
             "accuracy": {r.question: float(r.exact) for r in rs},
             "answer_accuracy": {r.question: float(r.answer_accuracy) for r in rs},
             "compliance": {r.question: float(r.compliant) for r in rs if r.compliant is not None},
+            "faithfulness": {r.question: float(r.faithful) for r in ok if r.faithful is not None},
         }
     return out
 

@@ -38,7 +38,7 @@ from loraplex.serving.config import load_serving_config
 Metric = Literal[endpoint.METRICS]  # type: ignore[valid-type]
 log = logging.getLogger(__name__)
 # metrics whose per-question values can be paired between the two versions
-PAIRED = ("accuracy", "answer_accuracy", "compliance")
+PAIRED = ("accuracy", "answer_accuracy", "compliance", "faithfulness")
 
 
 class MetricRule(StrictModel):

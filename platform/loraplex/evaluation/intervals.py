@@ -20,8 +20,15 @@ import numpy as np
 Z95 = 1.959963984540054
 RESAMPLES = 2000
 # metric -> how its interval is computed: a rate of 0/1 answers (Wilson) or a bootstrap
-RATES = ("accuracy", "answer_accuracy", "compliance", "label_accuracy")
-MEANS = ("f1", "citation_precision", "citation_recall")
+RATES = (
+    "accuracy",
+    "answer_accuracy",
+    "compliance",
+    "label_accuracy",
+    "faithfulness",
+    "unsupported_claim_rate",  # per claim: an answer's claims counted as independent
+)
+MEANS = ("f1", "citation_precision", "citation_recall", "citation_validity")
 PERCENTILES = {"latency_p50_s": 50, "latency_p95_s": 95}
 
 

@@ -2,8 +2,8 @@
 
 Owns: turning the per-configuration summary into ``report.md`` (table with 95%
 intervals, differences between configurations with theirs, targets met,
-recommendation), ``chart.png`` (matplotlib: answer accuracy, JSON compliance and
-citation precision per configuration with their 95% intervals as error bars, p50
+recommendation), ``chart.png`` (matplotlib: answer accuracy, JSON compliance,
+citation precision and faithfulness per configuration with their 95% intervals as error bars, p50
 latency with its interval beside them) and ``results.json`` (summary +
 every answer), written into a ``.partial`` folder and renamed only when complete, so an
 interrupted evaluation never leaves a report that looks finished; and the
@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from loraplex.evaluation.faithfulness import FAITHFULNESS_RULES
 from loraplex.evaluation.intervals import overlaps_zero, paired_difference
 from loraplex.evaluation.scorers import ANSWER_ACCURACY_RULES
 
@@ -40,6 +41,9 @@ COLUMNS = [
     ("citation_precision", "citation P", "{:.2f}"),
     ("citation_recall", "citation R", "{:.2f}"),
     ("label_accuracy", "label acc.", "{:.2f}"),
+    ("faithfulness", "faithful", "{:.2f}"),
+    ("unsupported_claim_rate", "unsupported claims", "{:.2f}"),
+    ("citation_validity", "valid citations", "{:.2f}"),
     ("latency_p50_s", "p50 s", "{:.2f}"),
     ("latency_p95_s", "p95 s", "{:.2f}"),
     ("prompt_tokens", "prompt tok", "{:.0f}"),
@@ -54,6 +58,8 @@ SCORING = (
     "`answer` field is scored.",
     "",
     ANSWER_ACCURACY_RULES,
+    "",
+    FAITHFULNESS_RULES,
 )
 
 
@@ -245,6 +251,7 @@ CHART_METRICS = [
     ("answer_accuracy", "answer accuracy"),
     ("compliance", "JSON compliance"),
     ("citation_precision", "citation precision"),
+    ("faithfulness", "faithfulness"),
 ]
 
 

@@ -52,7 +52,7 @@ _DOLLARS = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
 
-def _normalize_for_containment(text: str) -> str:
+def normalize_for_containment(text: str) -> str:
     text = _THOUSANDS.sub("", text)
     text = _DOLLARS.sub(lambda m: f"{m.group(1)} dollars", text)
     return normalize_answer(text)
@@ -62,12 +62,12 @@ def answer_correct(prediction: str, gold: str | Sequence[str]) -> float:
     """1.0 when a gold answer appears, as whole words, in the (short) prediction; the
     rules are :data:`ANSWER_ACCURACY_RULES`."""
     golds = [gold] if isinstance(gold, str) else list(gold)
-    pred = _normalize_for_containment(prediction).split()
+    pred = normalize_for_containment(prediction).split()
     if not pred or len(pred) > MAX_ANSWER_TOKENS:
         return 0.0
     padded = f" {' '.join(pred)} "
     for g in golds:
-        want = _normalize_for_containment(g)
+        want = normalize_for_containment(g)
         if want and f" {want} " in padded:
             return 1.0
     return 0.0
