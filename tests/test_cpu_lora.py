@@ -73,11 +73,17 @@ def test_grouped_products_equal_vllms_for_tokens_of_an_adapter(
     torch.testing.assert_close(ys[1], ys[0], **tol)
 
 
-def test_tokens_of_no_adapter_get_no_delta() -> None:
+@pytest.mark.parametrize(
+    "token_slots",
+    [
+        [0] * 5 + [-1] * 4 + [2] * 3 + [-1] * 2,  # prefill-like runs
+        [0, -1, 2, 0, -1, 2, 1],  # decode-like: slots interleaved with base requests
+    ],
+)
+def test_tokens_of_no_adapter_get_no_delta(token_slots: list[int]) -> None:
     """A base-model request batched with adapter requests that fill every slot: its rows
     stay as the base model made them (vLLM's CPU ops read slot -1 for them, the last
     adapter's, and change them)."""
-    token_slots = [0] * 5 + [-1] * 4 + [2] * 3 + [-1] * 2
     gen = torch.Generator().manual_seed(1)
     a, b = stacked(torch.float32, gen)
     x = torch.randn(len(token_slots), HIDDEN, generator=gen)

@@ -240,7 +240,42 @@ def test_bad_training_configs_fail_before_ray_starts(
     vit = tmp_path / "vit"
     AutoConfig.for_model("vit").save_pretrained(vit)
     port = free_port()  # nothing listens there
+    # preference pairs: good ones, and one bad row each
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 4)
+    row = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    bad_pairs = {
+        "same": {**row, "rejected": "a"},
+        "blank": {**row, "chosen": " "},
+        "long": {**row, "prompt": "word " * 600},
+        "half": {"prompt": "q", "chosen": "a"},
+    }
+    for stem, bad in bad_pairs.items():
+        (tmp_path / f"{stem}.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(bad) + "\n")
+
+    def orpo(job: str, stem: str) -> Path:
+        data = {"train": str(tmp_path / f"{stem}.jsonl"), "format": "preference"}
+        return write_config(tmp_path, job, method="orpo", data={**data, "max_length": 128})
+
     cases = [
+        (
+            write_config(tmp_path, "p1", method="dpo", data__format="preference"),
+            "method dpo needs preference.start_from",
+        ),
+        (write_config(tmp_path, "p2", data__format="preference"), "is for method dpo or orpo"),
+        (orpo("p3", "same"), "same.jsonl:2: chosen and rejected are the same answer"),
+        (orpo("p4", "blank"), "blank.jsonl:2: chosen is empty"),
+        (orpo("p5", "long"), "long.jsonl:2: the prompt is"),
+        (orpo("p6", "half"), "half.jsonl:2: no 'rejected'"),
+        (
+            write_config(
+                tmp_path,
+                "p7",
+                method="dpo",
+                preference={"start_from": "no-such-adapter/1"},
+                data={"train": str(pairs), "format": "preference"},
+            ),
+            "adapter no-such-adapter/1 is not in the registry",
+        ),
         (write_config(tmp_path, "a", lora__rank=3), "lora.rank: unknown config key"),
         (write_config(tmp_path, "a2", lora__r=0), "lora.r"),
         (write_config(tmp_path, "a3", deepspeed__stage=4), "deepspeed.stage"),
@@ -359,6 +394,81 @@ def test_register_an_adapter_trained_elsewhere(tiny_base, settings, tmp_path, ca
     # nothing was added by the refused ones
     versions = mlflow.MlflowClient().search_model_versions("name = 'imported'")
     assert [str(v.version) for v in versions] == ["1"]
+
+
+def write_pairs(path: Path, n: int = 16) -> Path:
+    """Preference pairs in the JSON-answer task's shape: the chosen answer cites the right
+    value, the rejected one a garbled copy citing another source."""
+    rows = []
+    for i in range(n):
+        prompt = (
+            f"Sources:\n[1] The Velmo X{i}00 comes in bronze.\nWhat colour is the Velmo X{i}00?"
+        )
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": json.dumps({"answer": "bronze", "sources": [1]}),
+                "rejected": json.dumps({"answer": "bron", "sources": [2]}),
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dpo_starts_from_an_adapter_version_and_records_its_lineage(
+    tiny_base, settings, tmp_path, capsys
+):
+    """method: dpo through the same Ray Train + DeepSpeed job (TRL's DPOTrainer): it
+    starts from a registered version (its frozen copy the reference), logs the preference
+    loss and rewards per step, ends with chosen rewards above rejected, and registers a
+    version whose tags name its method and the version it started from."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.training.job import run_training
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base.model_dir)
+    start = tmp_path / "sft"
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    get_peft_model(base, lora).save_pretrained(start)
+    code, _, err = cli(capsys, "adapters", "register", str(start), "--name", "dpo-start")
+    assert code == 0, err
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = load(
+        write_config(
+            tmp_path,
+            "dpo-tiny",
+            method="dpo",
+            preference={"beta": 0.1, "start_from": "dpo-start/1"},
+            data={"train": str(pairs), "format": "preference", "max_length": 256},
+            train__max_steps=6,
+            train__learning_rate=0.005,
+            train__eval_steps=100,
+        ),
+        settings.home,
+    )
+    result = run_training(cfg, settings)
+    client = mlflow.MlflowClient()
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["loraplex.method"] == "dpo"
+    assert run.data.tags["loraplex.parent_version"] == "dpo-start/1"
+    steps = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
+    }
+    assert all(sorted(v) == list(range(1, 7)) for v in steps.values()), steps
+    # the reference is the starting adapter: at the first step the policy is that adapter,
+    # so both rewards are 0 and the loss is log 2
+    assert steps["loss"][1] == pytest.approx(math.log(2), abs=1e-3)
+    assert steps["rewards/chosen"][1] == pytest.approx(0, abs=1e-4)
+    last = 6
+    assert steps["rewards/chosen"][last] > steps["rewards/rejected"][last]
+    assert steps["rewards/margins"][last] > 0 and steps["loss"][last] < math.log(2)
+    version = client.get_model_version("dpo-tiny", result.version)
+    assert version.tags["loraplex.method"] == "dpo"
+    assert version.tags["loraplex.parent_version"] == "dpo-start/1"
+    assert float(version.tags["metric.rewards_margins"]) > 0
+    assert version.tags["loraplex.lora_rank"] == "4"  # the starting adapter's
 
 
 def test_max_examples_trains_on_a_seeded_sample(tmp_path) -> None:
@@ -624,3 +734,18 @@ def test_deepspeed_stage_and_offload_reach_the_trainer_config(settings_, zero) -
         assert got.get(key, {}).get("device") == zero.get(key), key
     # HF fills the batch sizes from TrainingArguments, so they stay "auto"
     assert ds["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_preference_pairs_need_the_base_models_chat_template(tiny_base, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from loraplex.errors import InputError
+    from loraplex.training.pairs import check_lengths, read_pairs
+
+    rows = read_pairs(write_pairs(tmp_path / "pairs.jsonl", 2))
+    assert rows[0]["prompt"][0]["role"] == "user" and rows[0]["chosen"][0]["role"] == "assistant"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base.model_dir)
+    check_lengths(tokenizer, rows, 256)  # fits
+    tokenizer.chat_template = None
+    with pytest.raises(InputError, match="no chat template"):
+        check_lengths(tokenizer, rows, 256)

@@ -58,8 +58,10 @@ def log_and_register(
     base_ref: str,
     lora_rank: int,
     metrics: dict[str, float] | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
-    """Log ``adapter_dir`` (PEFT files only) to the run and register a new version."""
+    """Log ``adapter_dir`` (PEFT files only) to the run and register a new version
+    (tagged with ``extra_tags`` too: a preference run's method and lineage)."""
     import mlflow
 
     weights = [p for p in adapter_dir.iterdir() if p.name.startswith("adapter_model")]
@@ -80,6 +82,7 @@ def log_and_register(
         tags.LORA_RANK: str(lora_rank),
         tags.RUN_ID: run_id,
         **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()},
+        **(extra_tags or {}),
     }
     mv = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
     try:
@@ -288,6 +291,40 @@ def check_loads(settings) -> Callable[[AdapterVersion], None]:
                 raise InputError(f"{reason}; alias not moved") from None
 
     return check
+
+
+def fetch_start(settings, ref: str, base_ref: str, base_dir: Path, into: Path) -> tuple[Path, str]:
+    """The version ``ref`` names (NAME/VERSION or NAME@ALIAS), downloaded into ``into``
+    and checked against the base model a run trains on: (its folder, ``NAME/VERSION``)."""
+    import mlflow
+
+    name, alias, version = parse_registry_ref(ref)
+    client = mlflow.MlflowClient(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, str(version))
+        )
+    except Exception as e:
+        raise InputError(f"adapter {ref} is not in the registry ({first_line(e, 200)})") from None
+    trained_on = (mv.tags or {}).get(tags.BASE_MODEL)
+    if trained_on != base_ref:
+        raise InputError(
+            f"adapter {name}/{mv.version} was trained on {trained_on}, this run's base model "
+            f"is {base_ref}"
+        )
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(into)
+        )
+    except Exception as e:
+        raise InputError(
+            f"adapter {name}/{mv.version} cannot be downloaded ({first_line(e, 200)})"
+        ) from None
+    validate_adapter(Path(path), base_dir)
+    return Path(path), f"{name}/{mv.version}"
 
 
 # -- adapters trained elsewhere ----------------------------------------------------

@@ -32,6 +32,8 @@ DATASET_SHA256 = "loraplex.dataset_sha256"  # the training data's fingerprint
 GIT_COMMIT = "loraplex.git_commit"
 STORAGE = "loraplex.storage"
 WORLD_SEEDS = "loraplex.world_seeds"  # comma-separated seeds of the worlds trained on
+METHOD = "loraplex.method"  # sft, dpo or orpo
+PARENT_VERSION = "loraplex.parent_version"  # NAME/VERSION a preference run started from
 
 # On base-model runs and versions (bootstrap, import).
 WORLD_SEED = "loraplex.world_seed"

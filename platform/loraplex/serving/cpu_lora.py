@@ -5,8 +5,9 @@ for every token (``weights[token_indices]``), converts it to the output dtype an
 batched matrix-vector product: a 470-token prompt through SmolLM2's 30 layers copies
 gigabytes per request. Profiled (``benchmarks/adapter_path.py``), that gather, copy and
 ``bmm`` were three quarters of an adapter request's CPU time. This module owns the
-replacement: the batch's tokens are split once per engine step into runs of one adapter
-(vLLM already orders them so), and each run is one ``mm`` against that adapter's slot.
+replacement: the batch's tokens are grouped once per engine step by adapter slot (runs of
+consecutive tokens as slices; requests of several adapters interleaved as one index per
+slot), and each group is one ``mm`` against that adapter's slot.
 Tokens of no adapter (index -1) get no delta, as on GPU (vLLM's CPU ops read slot -1,
 the last adapter's, for them).
 
@@ -41,6 +42,20 @@ def adapter_runs(token_indices: torch.Tensor) -> list[tuple[int, int, int]]:
         runs.append((start, start + count, slot))
         start += count
     return runs
+
+
+def adapter_groups(runs: list[tuple[int, int, int]]) -> list[tuple[int, slice | torch.Tensor]]:
+    """The rows of each adapter slot in the step (slot -1 left out): a slice per run while
+    every slot has one run (prefill: long runs), else one index tensor per slot (decode
+    of requests of several adapters interleaved: one product per adapter, not per run)."""
+    kept = [r for r in runs if r[2] >= 0]
+    slots = sorted({slot for _, _, slot in kept})
+    if len(kept) == len(slots):
+        return [(slot, slice(start, end)) for start, end, slot in kept]
+    return [
+        (slot, torch.tensor([i for a, b, s in kept if s == slot for i in range(a, b)]))
+        for slot in slots
+    ]
 
 
 def _slot(weights: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
@@ -100,6 +115,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.runs: list[tuple[int, int, int]] = []
+        self.groups: list[tuple[int, slice | torch.Tensor]] = []
         self.tokens = -1  # no step yet: vLLM's ops
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
@@ -107,6 +123,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         indices = self.token_lora_indices
         self.tokens = int(indices.shape[0])
         self.runs = adapter_runs(indices)
+        self.groups = adapter_groups(self.runs)
 
     def _ours(self, x: torch.Tensor) -> bool:
         return x.shape[0] == self.tokens
@@ -122,19 +139,22 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             return super().add_lora_linear(
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kw
             )
-        for start, end, slot in self.runs:
-            if slot < 0:
-                continue
+        for slot, rows in self.groups:
+            gathered = isinstance(rows, torch.Tensor)
+            xs = x2.index_select(0, rows) if gathered else x2[rows]
             # a few rows: float32 (a bfloat16 mm pays ~17 us of set-up); many: the model's
-            dtype = torch.float32 if end - start <= SMALL_RUN else y.dtype
-            xs = x2[start:end].to(dtype)
+            dtype = torch.float32 if xs.shape[0] <= SMALL_RUN else y.dtype
+            xs = xs.to(dtype)
             offset = 0
             for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
                 h = torch.mm(xs, _slot(a, slot, dtype).t())
                 if scale != 1.0:
                     h = h * scale
-                w = _slot(b, slot, dtype)
-                y2[start:end, offset : offset + size] += torch.mm(h, w[:size].t()).to(y.dtype)
+                out = torch.mm(h, _slot(b, slot, dtype)[:size].t()).to(y.dtype)
+                if gathered:
+                    y2[:, offset : offset + size].index_add_(0, rows, out)
+                else:
+                    y2[rows, offset : offset + size] += out
                 offset += size
 
     def _shrink_prefill(self, y, x, w_t_all, scale):

@@ -32,7 +32,10 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(
         default=0.05, ge=0, lt=1, description="Split off from train when `eval` is empty."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "openai"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "preference"] = Field(
+        default="auto",
+        description="preference: rows of prompt/chosen/rejected (DPO and ORPO read only it).",
+    )
     max_examples: int | None = Field(
         default=None,
         ge=1,
@@ -133,6 +136,22 @@ class TrackingConfig(StrictModel):
         return v
 
 
+class PreferenceConfig(StrictModel):
+    """DPO and ORPO (``method``): TRL's trainers in the same Ray Train + DeepSpeed job."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description="DPO: how far from the reference it may move; ORPO: the odds-ratio weight.",
+    )
+    start_from: str | None = Field(
+        default=None,
+        description="The adapter version to start from, NAME/VERSION or NAME@ALIAS (the "
+        "supervised one). DPO needs it: a frozen copy of it is the reference model (no second "
+        "base model). The new version's lineage tag names it.",
+    )
+
+
 class TrainConfig(StrictModel):
     name: str = Field(description="Job name: the Ray run and MLflow run are named after it.")
     base_model: str = Field(
@@ -141,7 +160,13 @@ class TrainConfig(StrictModel):
         "import` (smollm2-135m-instruct), models:/NAME@ALIAS or models:/NAME/VERSION, a "
         "local HF folder, or a Hugging Face id where the hub is reachable.",
     )
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        default="sft",
+        description="sft: supervised on conversations; dpo/orpo: preference tuning on "
+        "prompt/chosen/rejected pairs (data.format preference).",
+    )
     data: DataConfig
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
@@ -154,6 +179,24 @@ class TrainConfig(StrictModel):
         if not _NAME.match(v):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 100)")
         return v
+
+    @model_validator(mode="after")
+    def _method_and_data(self) -> TrainConfig:
+        fmt = self.data.format
+        if self.method == "sft" and fmt == "preference":
+            raise ValueError("data.format preference is for method dpo or orpo, not sft")
+        if self.method != "sft" and fmt not in ("auto", "preference"):
+            raise ValueError(f"method {self.method} reads data.format preference, not {fmt}")
+        if self.method == "dpo" and not self.preference.start_from:
+            raise ValueError(
+                "method dpo needs preference.start_from: the adapter version it starts from "
+                "and is measured against (e.g. json-answer/3)"
+            )
+        if self.preference.start_from:
+            from loraplex.models.adapters import parse_registry_ref
+
+            parse_registry_ref(self.preference.start_from)  # ValueError names the form
+        return self
 
     def resolve_paths(self, relative_to: Path, home: Path) -> TrainConfig:
         """Data paths: ``{home}`` expanded to LORAPLEX_HOME, relative ones taken from the

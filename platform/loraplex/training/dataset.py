@@ -55,13 +55,9 @@ def _sample(rows: list, limit: int | None, seed: int) -> list:
     return [r for i, r in enumerate(rows) if i in chosen]
 
 
-def load_examples(data: DataConfig, seed: int = 0) -> Examples:
-    """Every conversation of the train (and eval) files; InputError names a bad line."""
-    try:
-        train = [c for p in data.train for c in read_conversations(p, data.format)]
-        evals = [c for p in data.eval for c in read_conversations(p, data.format)]
-    except ValueError as e:
-        raise InputError(str(e)) from None
+def split_and_sample(train: list, evals: list, data: DataConfig, seed: int) -> tuple[list, list]:
+    """``data.eval_fraction`` of ``train`` held out when no eval file is given, then the
+    seeded samples (``max_examples``, ``max_eval_examples``)."""
     if not evals and data.eval_fraction > 0 and len(train) >= 4:
         rng = random.Random(seed)
         order = list(range(len(train)))
@@ -70,8 +66,17 @@ def load_examples(data: DataConfig, seed: int = 0) -> Examples:
         chosen = set(order[:n_eval])
         evals = [c for i, c in enumerate(train) if i in chosen]
         train = [c for i, c in enumerate(train) if i not in chosen]
-    train = _sample(train, data.max_examples, seed)
-    evals = _sample(evals, data.max_eval_examples, seed + 1)
+    return _sample(train, data.max_examples, seed), _sample(evals, data.max_eval_examples, seed + 1)
+
+
+def load_examples(data: DataConfig, seed: int = 0) -> Examples:
+    """Every conversation of the train (and eval) files; InputError names a bad line."""
+    try:
+        train = [c for p in data.train for c in read_conversations(p, data.format)]
+        evals = [c for p in data.eval for c in read_conversations(p, data.format)]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    train, evals = split_and_sample(train, evals, data, seed)
     fingerprint = {
         "sha256": dataset_sha256(data),
         "train_rows": len(train),

@@ -24,13 +24,14 @@ from loraplex import tracking
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, LoraplexError, first_line
 from loraplex.models import tags
-from loraplex.models.adapters import log_and_register
+from loraplex.models.adapters import fetch_start, log_and_register
 from loraplex.models.resolve import check_base_model, resolve_base_model
 from loraplex.ray_runtime import init_ray
 from loraplex.training import state
 from loraplex.training.config import REPO_ROOT, TrainConfig
 from loraplex.training.dataset import load_examples, tokenize
 from loraplex.training.jobstore import JobStore
+from loraplex.training.pairs import as_trl_rows, check_lengths, load_pairs
 from loraplex.world.manifest import seeds_tag
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ class Plan:
     resumed: bool
     base_dir: Path
     base_ref: str
-    train_rows: list[dict[str, list[int]]]
-    eval_rows: list[dict[str, list[int]]]
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
     run_id: str
+    start: tuple[Path, str] | None = None  # dpo/orpo: the starting adapter, NAME/VERSION
 
     @property
     def run_name(self) -> str:
@@ -112,27 +114,27 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
     base_dir, base_ref = resolve_base_model(cfg.base_model, settings)
     check_base_model(base_dir, cfg.lora.target_modules)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = load_examples(cfg.data, cfg.train.seed)
-    train_rows, truncated = tokenize(tokenizer, examples.train, cfg.data.max_length)
-    eval_rows, eval_truncated = tokenize(tokenizer, examples.eval, cfg.data.max_length)
-    if not train_rows:
-        raise InputError("no training example has an assistant turn left to learn from")
-    if truncated or eval_truncated:
-        log.warning(
-            "%d training and %d eval examples were longer than data.max_length=%d and were cut",
-            truncated,
-            eval_truncated,
-            cfg.data.max_length,
-        )
+    if cfg.method == "sft":
+        train_rows, eval_rows, data_print, truncated = _supervised_rows(cfg, tokenizer)
+    else:
+        pairs = load_pairs(cfg.data, cfg.train.seed)
+        check_lengths(tokenizer, [*pairs.train, *pairs.eval], cfg.data.max_length)
+        train_rows, eval_rows = as_trl_rows(pairs.train), as_trl_rows(pairs.eval)
+        data_print, truncated = pairs.fingerprint, 0
+    start = None
+    if cfg.preference.start_from and cfg.method != "sft":
+        into = settings.home / "cache" / "start-adapters" / entry["run_name"]
+        start = fetch_start(settings, cfg.preference.start_from, base_ref, base_dir, into)
     log.info(
-        "data: %d training rows, %d eval rows (%s), base model %s",
+        "data: %d training rows, %d eval rows (%s), base model %s%s",
         len(train_rows),
         len(eval_rows),
-        examples.fingerprint["sha256"][:12],
+        data_print["sha256"][:12],
         base_ref,
+        f", {cfg.method} from adapter {start[1]}" if start else "",
     )
 
-    fingerprint = state.run_fingerprint(cfg, examples.fingerprint["sha256"])
+    fingerprint = state.run_fingerprint(cfg, data_print["sha256"])
     if resumed:
         state.check_resumable(entry, fingerprint)
     experiment_id = tracking.setup(settings, cfg.mlflow.experiment)
@@ -149,9 +151,11 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
                 tags.JOB: cfg.name,
                 tags.BASE_MODEL: base_ref,
                 tags.GIT_COMMIT: git_commit(),
-                tags.DATASET_SHA256: examples.fingerprint["sha256"],
+                tags.DATASET_SHA256: data_print["sha256"],
                 tags.STORAGE: store.location(f"{cfg.name}/{entry['run_name']}"),
                 tags.WORLD_SEEDS: seeds_tag(cfg.data.train),
+                tags.METHOD: cfg.method,
+                **({tags.PARENT_VERSION: start[1]} if start else {}),
             },
         )
         run_id = run.info.run_id
@@ -159,14 +163,42 @@ def _plan(cfg: TrainConfig, settings: LoraplexConfig, store: JobStore, resume: b
             client.log_param(run_id, key, value)
         client.log_param(run_id, "dataset.train_rows", len(train_rows))
         client.log_param(run_id, "dataset.eval_rows", len(eval_rows))
-        client.log_param(run_id, "dataset.truncated", truncated + eval_truncated)
-        client.log_dict(run_id, examples.fingerprint, "dataset_fingerprint.json")
+        client.log_param(run_id, "dataset.truncated", truncated)
+        client.log_dict(run_id, data_print, "dataset_fingerprint.json")
         entry["mlflow_run_id"] = run_id
         entry.update(fingerprint)
     state.start(store, cfg.name, entry)
     return Plan(
-        cfg, settings, store, entry, resumed, base_dir, base_ref, train_rows, eval_rows, run_id
+        cfg,
+        settings,
+        store,
+        entry,
+        resumed,
+        base_dir,
+        base_ref,
+        train_rows,
+        eval_rows,
+        run_id,
+        start,
     )
+
+
+def _supervised_rows(cfg: TrainConfig, tokenizer) -> tuple[list, list, dict[str, Any], int]:
+    """SFT: the conversations tokenized (train rows, eval rows, the data's fingerprint,
+    how many were cut at ``data.max_length``)."""
+    examples = load_examples(cfg.data, cfg.train.seed)
+    train_rows, truncated = tokenize(tokenizer, examples.train, cfg.data.max_length)
+    eval_rows, eval_truncated = tokenize(tokenizer, examples.eval, cfg.data.max_length)
+    if not train_rows:
+        raise InputError("no training example has an assistant turn left to learn from")
+    if truncated or eval_truncated:
+        log.warning(
+            "%d training and %d eval examples were longer than data.max_length=%d and were cut",
+            truncated,
+            eval_truncated,
+            cfg.data.max_length,
+        )
+    return train_rows, eval_rows, examples.fingerprint, truncated + eval_truncated
 
 
 def _trainer(plan: Plan) -> Any:
@@ -192,6 +224,8 @@ def _trainer(plan: Plan) -> Any:
         registry_uri=settings.mlflow.registry_uri,
         train_rows=plan.train_rows,
         eval_rows=plan.eval_rows,
+        start_dir=str(plan.start[0]) if plan.start else None,
+        start_ref=f"models:/{plan.start[1]}" if plan.start else None,
     )
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.use_gpu else "cpu")
     return TorchTrainer(
@@ -238,8 +272,12 @@ def _run(plan: Plan) -> TrainResult:
                 cfg.mlflow.registered_model,
                 cfg.mlflow.alias,
                 base_ref=plan.base_ref,
-                lora_rank=cfg.lora.r,
+                lora_rank=_rank(plan),
                 metrics=metrics,
+                extra_tags={
+                    tags.METHOD: cfg.method,
+                    **({tags.PARENT_VERSION: plan.start[1]} if plan.start else {}),
+                },
             )
     except Exception as e:
         client.set_terminated(plan.run_id, status="FAILED")
@@ -270,6 +308,15 @@ def _run(plan: Plan) -> TrainResult:
         store.location(plan.kept),
         plan.resumed,
     )
+
+
+def _rank(plan: Plan) -> int:
+    """The registered version's LoRA rank: the starting adapter's where there is one."""
+    if plan.start is None:
+        return plan.cfg.lora.r
+    import json
+
+    return int(json.loads((plan.start[0] / "adapter_config.json").read_text())["r"])
 
 
 def _fit(trainer: Any, plan: Plan) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """What each Ray Train worker runs: HF ``Trainer`` + PEFT LoRA + DeepSpeed.
 
 Owns: :class:`Runtime` (what crosses the Ray boundary beside the :class:`TrainConfig`
-itself), :func:`peft_model` (the base model with the config's LoRA attached),
+itself), :func:`peft_model` (the base model with the config's LoRA attached; DPO/ORPO
+models and trainers come from ``training.preference``),
 :func:`train_loop_per_worker` (model and adapter set-up, ``TrainingArguments``
 with the DeepSpeed config, resuming from the checkpoint Ray hands back after a
 failure, the final evaluation, and reporting the finished adapter as the last Ray
@@ -28,6 +29,7 @@ from loraplex.models.resolve import on_this_node
 from loraplex.training.config import LoraConfigModel, TrainConfig
 from loraplex.training.dataset import IGNORE
 from loraplex.training.jobstore import JobStore
+from loraplex.training.preference import PREFERENCE_METRICS, preference_trainer, start_model
 
 ADAPTER_DIR = "adapter"
 
@@ -48,8 +50,11 @@ class Runtime(BaseModel):
     run_id: str | None = None
     tracking_uri: str
     registry_uri: str | None = None
-    train_rows: list[dict[str, list[int]]]
-    eval_rows: list[dict[str, list[int]]]
+    # sft: token ids and labels; dpo/orpo: conversational prompt/chosen/rejected pairs
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    start_dir: str | None = None  # dpo/orpo: the starting adapter in the driver's folder
+    start_ref: str | None = None  # else downloaded by this reference (models:/NAME/N)
 
     def base_folder(self) -> Path:
         """The base model on the node this worker runs on."""
@@ -60,6 +65,20 @@ class Runtime(BaseModel):
             }
         )
         return on_this_node(self.base_dir, self.base_ref, settings)
+
+    def start_folder(self, work: Path) -> Path | None:
+        """The starting adapter on the node this worker runs on (downloaded into ``work``
+        where the driver's folder is not seen)."""
+        if self.start_dir is None:
+            return None
+        if (Path(self.start_dir) / "adapter_config.json").is_file():
+            return Path(self.start_dir)
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if self.registry_uri:
+            mlflow.set_registry_uri(self.registry_uri)
+        return Path(mlflow.artifacts.download_artifacts(self.start_ref, dst_path=str(work)))
 
 
 def loop_config(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
@@ -127,6 +146,8 @@ def _callbacks(runtime: Runtime, rank: int):
             metrics = {}
             names = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
             names |= {"eval_loss": "eval_loss", "num_input_tokens_seen": "tokens"}
+            names |= {m: m for m in PREFERENCE_METRICS}
+            names |= {f"eval_{m}": f"eval_{m}" for m in PREFERENCE_METRICS}
             for key, name in names.items():
                 if isinstance(logs.get(key), int | float):
                     metrics[name] = float(logs[key])
@@ -175,12 +196,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     base_dir = run.base_folder()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = peft_model(base_dir, cfg.lora)
+    work = Path(tempfile.mkdtemp(prefix=f"loraplex-train-rank{rank}-"))
+    if cfg.method == "sft":
+        model = peft_model(base_dir, cfg.lora)
+    else:
+        model = start_model(base_dir, run.start_folder(work / "start"), cfg)
     hp = cfg.train
     use_gpu = cfg.ray.use_gpu
-    work = Path(tempfile.mkdtemp(prefix=f"loraplex-train-rank{rank}-"))
     has_eval = bool(run.eval_rows)
-    args = TrainingArguments(
+    args = dict(
         output_dir=str(work / "hf"),
         per_device_train_batch_size=hp.per_device_batch_size,
         per_device_eval_batch_size=hp.per_device_batch_size,
@@ -208,14 +232,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True,
         save_only_model=False,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=run.train_rows,
-        eval_dataset=run.eval_rows or None,
-        data_collator=PadCollator(tokenizer.pad_token_id or 0),
-        callbacks=_callbacks(run, rank),
-    )
+    callbacks = _callbacks(run, rank)
+    if cfg.method == "sft":
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**args),
+            train_dataset=run.train_rows,
+            eval_dataset=run.eval_rows or None,
+            data_collator=PadCollator(tokenizer.pad_token_id or 0),
+            callbacks=callbacks,
+        )
+    else:
+        trainer = preference_trainer(
+            cfg, model, tokenizer, args, run.train_rows, run.eval_rows, callbacks
+        )
     # our progress line replaces the raw log dicts HF prints when tqdm is off
     from transformers.trainer_callback import PrinterCallback
 
@@ -247,12 +277,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if eval_loss is not None
             else {}
         ),
+        **final_preference_metrics(trainer.state.log_history, final),
     }
     ray.train.report(
         metrics,
         checkpoint=ray.train.Checkpoint.from_directory(str(adapter_root)) if rank == 0 else None,
     )
     return metrics
+
+
+def final_preference_metrics(history: list[dict], final: dict) -> dict[str, float]:
+    """DPO/ORPO: the rewards of the final evaluation, else of the last training log,
+    named for MLflow and version tags (``rewards_margins``, ``eval_rewards_margins``)."""
+    out: dict[str, float] = {}
+    last = next((h for h in reversed(history) if "rewards/chosen" in h), {})
+    for source, prefix in ((last, ""), (final, "eval_")):
+        for m in PREFERENCE_METRICS:
+            value = source.get(f"{prefix}{m}")
+            if isinstance(value, int | float):
+                out[f"{prefix}{m.replace('/', '_')}"] = float(value)
+    return out
 
 
 def _step_of(checkpoint_dir: Path) -> str:
