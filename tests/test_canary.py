@@ -14,6 +14,7 @@ from loraplex.serving.canary import (
     draw,
     format_ok,
     sticky_id,
+    supported,
 )
 from loraplex.serving.config import CanarySpec
 
@@ -88,6 +89,36 @@ def test_latency_and_structured_output_bounds() -> None:
     w = watch(max_format_failure_increase=0.1)
     feed(w, STABLE, 5, format_ok=True)
     assert "structured-output failures" in feed(w, CANARY, 5, format_ok=False)
+
+
+def test_answers_their_sources_do_not_support_halt_the_canary() -> None:
+    """A canary whose answers stop being backed by the passages they cite is halted like
+    one that errors; answers without sources are not judged."""
+    w = watch(max_unsupported_increase=0.2)
+    feed(w, STABLE, 5, supported=True)
+    assert feed(w, CANARY, 10, supported=None) is None  # no retrieval: nothing judged
+    assert feed(w, CANARY, 4, supported=False) is None  # 4 < min_requests judged
+    reason = feed(w, CANARY, 1, supported=False)
+    assert reason and "unsupported by their cited sources 100%" in reason
+    assert w.stats(101.0)[CANARY].as_dict()["unsupported_rate"] == 1.0
+
+
+def test_support_of_an_answer_by_its_cited_sources() -> None:
+    sources = [
+        {"id": 1, "doc_id": "x200", "text": "The Velmo X200 comes in bronze."},
+        {"id": 2, "doc_id": "x300", "text": "The Velmo X300 comes in scarlet."},
+    ]
+
+    def answer(*texts: str, finish: str = "stop") -> dict:
+        return {"choices": [{"message": {"content": t}, "finish_reason": finish} for t in texts]}
+
+    assert supported(answer('{"answer": "bronze", "sources": [1]}'), sources) is True
+    assert supported(answer('{"answer": "bronze", "sources": [2]}'), sources) is False
+    assert supported(answer("It comes in bronze [1]."), sources) is True
+    assert supported(answer("bronze [1]", "scarlet [1]"), sources) is False  # one of n
+    assert supported(answer("It comes in bronze."), sources) is False  # cites nothing
+    assert supported(answer("bronze [1]", finish="length"), sources) is None
+    assert supported(answer("bronze [1]"), []) is None
 
 
 def test_the_window_slides_and_a_new_canary_version_starts_over() -> None:

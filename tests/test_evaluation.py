@@ -198,3 +198,24 @@ def test_chart_shows_answer_accuracy_with_its_intervals(tmp_path: Path) -> None:
     assert below[0] == pytest.approx(0.2) and above[0] == pytest.approx(0.3) and below[1] == 0
     report.chart(summary, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_kinds_of_a_json_answer() -> None:
+    from loraplex.evaluation.pairs import error_kind
+
+    sources = [{"id": 1, "doc_id": "velmo-x200"}, {"id": 2, "doc_id": "velmo-x300"}]
+
+    def kind(answer: str, cited: list[int]) -> str | None:
+        return error_kind(
+            json.dumps({"answer": answer, "sources": cited}), sources, "bronze", "velmo-x200"
+        )
+
+    assert kind("bronze", [1]) is None
+    assert kind("bronze", [2]) == "wrong_citation"  # the right value, a sibling's passage
+    assert kind("bronze", []) == "wrong_citation"
+    assert kind("bron", [1]) == "garbled_copy"
+    assert kind("scarlet", [1]) == "wrong_value"
+    assert error_kind('{"answer": "bronze"', sources, "bronze", "velmo-x200") == "broken_json"
+    assert error_kind('{"answer": 3, "sources": [1]}', sources, "bronze", "velmo-x200") == (
+        "broken_json"
+    )

@@ -89,8 +89,8 @@ def test_retrieval_metrics_on_known_answers():
 
 
 def test_faithfulness_on_known_answers():
-    from loraplex.evaluation.faithfulness import Judgement as J
-    from loraplex.evaluation.faithfulness import judge
+    from loraplex.answers import Judgement as J
+    from loraplex.answers import judge
 
     sources = [
         {"id": 1, "text": "The Velmo X200 comes in bronze. Its price is 861 dollars."},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import re
 import shutil
@@ -1732,6 +1733,65 @@ def test_four_way_evaluation_against_the_endpoint(served: Served, tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr
     assert "| kb |" in proc.stdout and "| tiny:beta+rag |" in proc.stdout
+
+
+def test_pairs_from_the_adapters_own_answers_on_a_training_world(
+    served: Served, tmp_path: Path
+) -> None:
+    """`loraplex pairs build`: the adapter samples answers with retrieval; each wrong one
+    is a pair (chosen: the gold answer citing the gold passage's number in the prompt the
+    server built; rejected: the adapter's own) that DPO's pair reader takes; a world the
+    registry says the version was not trained on is refused."""
+    from mlflow import MlflowClient
+
+    from loraplex.evaluation.pairs import KINDS
+    from loraplex.training.pairs import read_pairs
+    from loraplex.world.manifest import world_seed
+
+    env = clean_env(LORAPLEX_HOME=str(served.settings.home), LORAPLEX_API_KEY=KEY_ALL)
+    queries = served.world / "queries.jsonl"
+    out = tmp_path / "pairs.jsonl"
+    args = ["pairs", "build", "--questions", str(queries), "--adapter", "delta"]
+    args += ["--version", "1", "--collection", "kb", "--url", served.url, "--limit", "6"]
+    args += ["--samples", "3", "--seed", "7"]
+    proc = run_cli(*args, "--out", str(out), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["adapter"] == "delta/1" and result["questions"] == 6
+    judged = result["questions"] - result["gold_not_retrieved"]
+    assert result["answers"] == 3 * judged and judged > 0
+    assert result["pairs"] == sum(result["by_kind"].values()) > 0
+    assert set(result["by_kind"]) == set(KINDS)
+    body = out.read_bytes()
+    assert hashlib.sha256(body).hexdigest() == result["sha256"]
+    rows = read_pairs(out)
+    assert len(rows) == result["pairs"]
+    gold = {}
+    for line in queries.read_text().splitlines():
+        q = json.loads(line)
+        gold[q["_id"]] = (q["metadata"]["answer"], q["metadata"]["gold_doc"])
+    for row, raw in zip(rows, body.decode().splitlines(), strict=True):
+        answer, doc = gold[json.loads(raw)["question"]]
+        chosen = json.loads(row["chosen"][0]["content"])
+        assert chosen["answer"] == answer and len(chosen["sources"]) == 1
+        prompt = row["prompt"][0]["content"]
+        assert f'<source id="{chosen["sources"][0]}" doc="{doc}">' in prompt
+        assert row["rejected"][0]["content"] != row["chosen"][0]["content"]
+    # the same --out again: refused, the file kept
+    proc = run_cli(*args, "--out", str(out), env=env)
+    assert proc.returncode == 2 and "exists" in one_line_error(proc)
+    assert out.read_bytes() == body
+
+    # the registry says delta/1 learned from another world: refused before any request
+    client = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    run_id = client.get_model_version("delta", "1").run_id
+    client.set_tag(run_id, "loraplex.world_seeds", str(world_seed(queries) + 1))
+    try:
+        proc = run_cli(*args, "--out", str(tmp_path / "p2.jsonl"), env=env)
+    finally:
+        client.delete_tag(run_id, "loraplex.world_seeds")
+    assert proc.returncode == 2 and "was not trained on" in one_line_error(proc)
+    assert not (tmp_path / "p2.jsonl").exists()
 
 
 def test_evaluation_bad_input_and_interruption(served: Served, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from loraplex.cli.doctor import doctor
 from loraplex.cli.evaluate import evaluate
 from loraplex.cli.k8s import k8s
 from loraplex.cli.models import models
+from loraplex.cli.pairs import pairs
 from loraplex.cli.retrieval import ingest, search
 from loraplex.cli.serving import chat, serve
 from loraplex.cli.training import adapters, train
@@ -81,6 +82,7 @@ cli.add_command(search)
 cli.add_command(evaluate)
 cli.add_command(train)
 cli.add_command(adapters)
+cli.add_command(pairs)
 cli.add_command(serve)
 cli.add_command(chat)
 cli.add_command(demo)

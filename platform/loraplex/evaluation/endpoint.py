@@ -7,7 +7,7 @@ works too), turning configuration names (``base``, ``base+rag``, ``adapter``,
 official ``openai`` client with a bounded number in flight, and scoring each answer
 (normalised exact match, token F1, answer accuracy, citation precision/recall against gold doc ids,
 JSON-schema compliance, label accuracy, latency, tokens; and, without gold, faithfulness
-to the cited passages by ``evaluation.faithfulness``). Does not own: the report
+to the cited passages by ``loraplex.answers``). Does not own: the report
 (``evaluation.report``) or the scorers (``evaluation.scorers``).
 """
 
@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from loraplex import answers
 from loraplex.errors import InputError, LoraplexError
-from loraplex.evaluation import faithfulness, scorers
+from loraplex.evaluation import scorers
 from loraplex.evaluation.intervals import metric_intervals
 from loraplex.prompts import JSON_ANSWER_SCHEMA
 
@@ -272,7 +273,7 @@ def score(rec: Record, q: Question, json_task: bool, schema: dict[str, Any] | No
         rec.citation_precision, rec.citation_recall = cs.precision, cs.recall
     if q.label is not None:
         rec.label_correct = answer.strip().lower() == q.label.strip().lower()
-    judged = faithfulness.judge(answer, rec.sources, rec.citations)
+    judged = answers.judge(answer, rec.sources, rec.citations)
     rec.faithful, rec.claims = judged.supported, judged.claims
     rec.unsupported_claims, rec.citation_validity = judged.unsupported, judged.citation_validity
     return rec

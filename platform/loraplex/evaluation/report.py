@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraplex.evaluation.faithfulness import FAITHFULNESS_RULES
+from loraplex.answers import FAITHFULNESS_RULES
 from loraplex.evaluation.intervals import overlaps_zero, paired_difference
 from loraplex.evaluation.scorers import ANSWER_ACCURACY_RULES
 

@@ -1,18 +1,16 @@
 """Scorers for model outputs: exact match, token F1, answer accuracy, citations, JSON
 compliance, labels.
 
-Owns: answer normalisation (lower case, citation markers like ``[1]`` removed,
-punctuation and articles dropped, whitespace collapsed, as in SQuAD's scorer), the
-answer-accuracy rules for sentence answers (:data:`ANSWER_ACCURACY_RULES`),
-per-example scores and their means. Used by the base-model benchmark, adapter
-benchmarks and ``loraplex eval``. Does not own: running a model or the report.
+Owns: the answer-accuracy rules for sentence answers (:data:`ANSWER_ACCURACY_RULES`),
+per-example scores and their means. Used by the base-model benchmark, adapter benchmarks
+and ``loraplex eval``. Does not own: normalising answers (``loraplex.answers``), running
+a model or the report.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,16 +18,7 @@ from typing import Any
 
 import jsonschema
 
-_CITATION = re.compile(r"\[\s*\d+(?:\s*,\s*\d+)*\s*\]")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
-
-
-def normalize_answer(text: str) -> str:
-    text = _CITATION.sub(" ", text.lower())
-    text = text.translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+from loraplex.answers import CITATION_MARKER, normalize_answer, normalize_for_containment
 
 
 def exact_match(prediction: str, gold: str | Sequence[str]) -> float:
@@ -48,14 +37,6 @@ ANSWER_ACCURACY_RULES = (
     "([1]), punctuation and articles removed, whitespace collapsed. An answer longer than "
     f"{MAX_ANSWER_TOKENS} words is not counted correct (listing candidates is not answering)."
 )
-_DOLLARS = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-
-
-def normalize_for_containment(text: str) -> str:
-    text = _THOUSANDS.sub("", text)
-    text = _DOLLARS.sub(lambda m: f"{m.group(1)} dollars", text)
-    return normalize_answer(text)
 
 
 def answer_correct(prediction: str, gold: str | Sequence[str]) -> float:
@@ -93,7 +74,7 @@ def _f1(pred: list[str], gold: list[str]) -> float:
 def cited_numbers(text: str) -> list[int]:
     """Source numbers cited in an answer as ``[1]`` or ``[1, 3]``, in order, unique."""
     seen: list[int] = []
-    for match in _CITATION.finditer(text):
+    for match in CITATION_MARKER.finditer(text):
         for n in re.findall(r"\d+", match.group()):
             if int(n) not in seen:
                 seen.append(int(n))

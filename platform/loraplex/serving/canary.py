@@ -5,7 +5,8 @@ Owns: :func:`draw` (which share of requests goes to the canary version: the same
 user always lands on the same side when the config says ``sticky_by: header-or-key``),
 :class:`CanaryWatch` (one per adapter with a canary, in each ingress replica: the
 outcomes of both versions over a sliding window, compared against
-:class:`~loraplex.serving.config.RollbackBounds`; when the canary is worse it stops
+:class:`~loraplex.serving.config.RollbackBounds`, answers with sources also judged for
+support by the passages they cite (:func:`supported`); when the canary is worse it stops
 receiving traffic at once), and the MLflow record of a halt (:data:`HALT_TAG` on the
 canary's model version: every other replica, and every restart, reads it and keeps the
 canary halted), and :class:`ShadowWatch` (a shadow version answering a share of the
@@ -26,7 +27,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.answers import judge
 from loraplex.models import tags
+from loraplex.serving.citations import citations
 from loraplex.serving.config import CanarySpec, ShadowSpec
 
 HALT_TAG = tags.CANARY_HALTED  # on the canary's model version: JSON, why and when
@@ -75,6 +78,7 @@ class Outcome:
     server_error: bool  # a 5xx
     latency_s: float | None  # answered requests only
     format_ok: bool | None  # None: no structured output was asked for
+    supported: bool | None = None  # by its cited sources; None: no sources, not judged
 
 
 def _p95(values: list[float]) -> float:
@@ -89,6 +93,8 @@ class ArmStats:
     latencies: list[float] = field(default_factory=list)
     formatted: int = 0  # answers that were asked for structured output
     format_failures: int = 0
+    judged: int = 0  # answers with sources, judged for support
+    unsupported: int = 0
 
     @property
     def error_rate(self) -> float:
@@ -98,6 +104,10 @@ class ArmStats:
     def format_failure_rate(self) -> float:
         return self.format_failures / self.formatted if self.formatted else 0.0
 
+    @property
+    def unsupported_rate(self) -> float:
+        return self.unsupported / self.judged if self.judged else 0.0
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -106,6 +116,8 @@ class ArmStats:
             "p95_latency_s": round(_p95(self.latencies), 4) if self.latencies else None,
             "structured_requests": self.formatted,
             "format_failure_rate": round(self.format_failure_rate, 4),
+            "judged_requests": self.judged,
+            "unsupported_rate": round(self.unsupported_rate, 4),
         }
 
 
@@ -165,6 +177,9 @@ class CanaryWatch:
             if o.format_ok is not None:
                 s.formatted += 1
                 s.format_failures += not o.format_ok
+            if o.supported is not None:
+                s.judged += 1
+                s.unsupported += not o.supported
         return out
 
     def verdict(self) -> str | None:
@@ -198,6 +213,15 @@ class CanaryWatch:
                 f"structured-output failures {canary.format_failure_rate:.0%} against "
                 f"{stable.format_failure_rate:.0%} on the stable version over "
                 f"{canary.formatted} requests (bound: +{b.max_format_failure_increase:.0%})"
+            )
+        if (
+            canary.judged >= b.min_requests
+            and canary.unsupported_rate - stable.unsupported_rate > b.max_unsupported_increase
+        ):
+            return (
+                f"answers unsupported by their cited sources {canary.unsupported_rate:.0%} "
+                f"against {stable.unsupported_rate:.0%} on the stable version over "
+                f"{canary.judged} requests (bound: +{b.max_unsupported_increase:.0%})"
             )
         return None
 
@@ -303,6 +327,30 @@ def texts(answer: Any) -> list[str]:
         ((c.get("message") or {}).get("content") or c.get("text") or "").strip()
         for c in data.get("choices") or []
     ]
+
+
+def supported(answer: Any, sources: list[dict[str, Any]]) -> bool | None:
+    """Whether every choice of a non-streaming answer with sources is supported by the
+    sources it cites (``loraplex.answers``: a JSON answer's ``answer``, or the text). A
+    choice cut by its own ``max_tokens`` is not judged (as for :func:`format_ok`). None:
+    no sources, nothing to judge."""
+    if not sources:
+        return None
+    data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
+    choices = (data.get("choices") if isinstance(data, dict) else None) or []
+    if not choices or any(c.get("finish_reason") == "length" for c in choices):
+        return None
+    verdicts = []
+    for text in texts(answer):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        claim = str(value["answer"]) if isinstance(value, dict) and "answer" in value else text
+        verdicts.append(judge(claim, sources, citations(text, sources)).supported)
+    if any(v is False for v in verdicts):
+        return False
+    return True if any(v for v in verdicts) else None
 
 
 def format_ok(answer: Any, structured: bool) -> bool | None:

@@ -133,6 +133,14 @@ class RollbackBounds(StrictModel):
         description="Structured-output failures (JSON asked for, not JSON answered) of the "
         "canary minus the stable version's, as rates.",
     )
+    max_unsupported_increase: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Answers with sources that their cited passages do not support "
+        "(loraplex.answers, as the evaluation's faithfulness) of the canary minus the "
+        "stable version's, as rates.",
+    )
 
 
 class CanarySpec(StrictModel):

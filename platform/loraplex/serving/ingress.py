@@ -45,7 +45,7 @@ from loraplex.serving import metrics, requests, responses
 from loraplex.serving.accounting import AccountingMixin, charge_embeddings
 from loraplex.serving.adapter_cache import cache_root, prefetch
 from loraplex.serving.aliases import AliasResolver, short_registry_timeouts
-from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id
+from loraplex.serving.canary import CanaryWatch, ShadowWatch, format_ok, sticky_id, supported
 from loraplex.serving.catalog import CatalogMixin, allowed, key_of
 from loraplex.serving.config import EMBEDDINGS, ServingConfig
 from loraplex.serving.engine import PAST_CONTEXT, EngineMixin
@@ -277,19 +277,27 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         limiter = getattr(request.state, "limiter", None)
 
         def finish(
-            usage: dict[str, Any] | None, fmt: bool | None = None, early: bool = False
+            usage: dict[str, Any] | None,
+            fmt: bool | None = None,
+            early: bool = False,
+            backed: bool | None = None,
         ) -> None:
             self._record(key, limiter, tags, usage, started, rid, client_rid, early)
             if usage is not None and not early:
-                self._observe(pick, 200, time.perf_counter() - started, fmt)
+                self._observe(pick, 200, time.perf_counter() - started, fmt, backed)
 
         if not asked.stream:
             answered = format_ok(first, pick.structured)
+            # judged only where it can halt a canary (the check reads every answer)
+            backed = supported(first, grounded.sources) if pick.watch else None
             if asked.pinned is None:
                 served_s = time.perf_counter() - started
                 self._maybe_shadow(t, pick, call, parsed, first, served_s, rid)
             return responses.complete(
-                first, grounded.sources, extra, lambda usage, *_: finish(usage, answered)
+                first,
+                grounded.sources,
+                extra,
+                lambda usage, *_: finish(usage, answered, backed=backed),
             )
         return StreamingResponse(
             responses.stream(

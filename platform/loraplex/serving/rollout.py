@@ -196,7 +196,12 @@ class RolloutMixin:
         task.add_done_callback(self._background.discard)
 
     def _observe(
-        self, pick: Pick | None, status: int, latency_s: float | None, fmt: bool | None
+        self,
+        pick: Pick | None,
+        status: int,
+        latency_s: float | None,
+        fmt: bool | None,
+        supported: bool | None = None,
     ) -> None:
         """One finished request of an adapter with a canary, into its window; a halt is
         logged, counted and recorded on the canary's model version."""
@@ -205,7 +210,8 @@ class RolloutMixin:
         if fmt is False:
             metrics.format_failures.inc(tags={"adapter": pick.label})
         watch = pick.watch
-        reason = watch.record(Outcome(time.monotonic(), pick.arm, status >= 500, latency_s, fmt))
+        outcome = Outcome(time.monotonic(), pick.arm, status >= 500, latency_s, fmt, supported)
+        reason = watch.record(outcome)
         if reason is None or pick.canary is None:
             return
         name, version = pick.canary

@@ -1,40 +1,65 @@
-"""Faithfulness: whether an answer is supported by the passages it cites, computed without
-gold documents (a team's own questions seldom have them).
+"""What an answer says: its normalised text, and whether the passages it cites support it
+(faithfulness, computed without gold documents: a team's own questions seldom have them).
 
-Owns: the rules (:data:`FAITHFULNESS_RULES`, printed in the report), an answer's claims
+Owns: answer normalisation (lower case, citation markers like ``[1]`` removed,
+punctuation and articles dropped, whitespace collapsed, as in SQuAD's scorer; for
+containment also "$120" read as "120 dollars" and thousands separators dropped); the
+faithfulness rules (:data:`FAITHFULNESS_RULES`, printed in the report), an answer's claims
 (its sentences; a JSON answer's ``answer`` field is one claim), whether a passage supports
 a claim, and per answer :func:`judge`: supported or not, its claims and how many are
 unsupported, and the share of its citations that name a source the prompt had. Does not
-own: asking the endpoint or the summary over answers (``evaluation.endpoint``).
+own: asking the endpoint, scores against gold (``evaluation.scorers``), or the summary over
+answers; the evaluation and the canary's rollback both use it. A plain helper: no Ray,
+no MLflow, no torch.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.evaluation.scorers import normalize_for_containment
+CITATION_MARKER = re.compile(r"\[\s*\d+(?:\s*,\s*\d+)*\s*\]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
-SHORT_CLAIM_WORDS = 6  # a claim of at most this many words must appear whole in a passage
-TOKEN_SUPPORT = 0.8  # a longer one: this share of its words in one passage, every number
+
+def normalize_answer(text: str) -> str:
+    text = CITATION_MARKER.sub(" ", text.lower())
+    text = text.translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+_DOLLARS = re.compile(r"\$\s?(\d[\d,]*(?:\.\d+)?)")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def normalize_for_containment(text: str) -> str:
+    text = _THOUSANDS.sub("", text)
+    text = _DOLLARS.sub(lambda m: f"{m.group(1)} dollars", text)
+    return normalize_answer(text)
+
+
+TOKEN_SUPPORT = 0.8  # of a claim's words (function words aside) in one passage, every number
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _FUNCTION_WORDS = frozenset(
     {"is", "are", "was", "were", "be", "been", "of", "in", "on", "at", "to", "for", "by"}
     | {"with", "and", "or", "it", "its", "this", "that", "as", "from", "has", "have", "had"}
-    | {"which", "who", "than"}
+    | {"which", "who", "than", "they", "their", "he", "she", "his", "her", "there"}
 )
 FAITHFULNESS_RULES = (
     "Faithfulness: an answer is supported when every claim in it (each sentence; the "
-    "`answer` field of a JSON reply) is supported by one of the passages it cites. A claim "
-    f"of at most {SHORT_CLAIM_WORDS} words is supported when it appears, normalised as for "
-    "answer accuracy, as whole words in the passage; a longer one when the passage holds "
-    f"every word of it that has a digit and {TOKEN_SUPPORT:.0%} of its other words (words "
-    "such as 'is' and 'of' aside). An answer that cites nothing, or only numbers that "
-    "were not among its sources, is unsupported. Unsupported-claim rate: unsupported "
-    "claims over all claims. Citation validity: the share of citations that name a source "
-    "the prompt had. Measured only where the request had sources (retrieval)."
+    "`answer` field of a JSON reply) is supported by one of the passages it cites: the "
+    "claim appears there whole, normalised as for answer accuracy, or the passage holds "
+    f"every word of the claim that has a digit and {TOKEN_SUPPORT:.0%} of its other words "
+    "(words such as 'is', 'of', 'it' aside), so a garbled copy ('bron' for 'bronze') or "
+    "another product's number is unsupported. An answer that cites nothing, or only "
+    "numbers that were not among its sources, is unsupported. Unsupported-claim rate: "
+    "unsupported claims over all claims. Citation validity: the share of citations that "
+    "name a source the prompt had. Measured only where the request had sources (retrieval)."
 )
 
 
@@ -53,10 +78,12 @@ def claims(answer: str) -> list[str]:
 
 
 def claim_supported(claim: str, passage: str) -> bool:
+    """The claim appears whole in the passage, or the passage holds every word of it that
+    has a digit and :data:`TOKEN_SUPPORT` of its other words (function words aside)."""
     words = normalize_for_containment(claim).split()
     text = normalize_for_containment(passage)
-    if len(words) <= SHORT_CLAIM_WORDS:
-        return f" {' '.join(words)} " in f" {text} "
+    if f" {' '.join(words)} " in f" {text} ":
+        return True
     have = set(text.split())
     numbers = [w for w in words if any(ch.isdigit() for ch in w)]
     others = [w for w in words if w not in numbers and w not in _FUNCTION_WORDS]
