@@ -73,6 +73,13 @@ def test_configuration_names() -> None:
     ]
     other = endpoint.resolve_configs(["adapter:json-answer+rag"], MODELS, None, "x", rag)[0]
     assert (other.model, other.task, other.retrieval) == ("tiny:json-answer", "json_answer", rag)
+    # a version pinned: the supervised adapter beside its preference-tuned version
+    sft, dpo = endpoint.resolve_configs(
+        ["adapter/1+rag", "adapter/2+rag"], MODELS, None, "json-answer", rag
+    )
+    assert (sft.model, sft.adapter_version, dpo.adapter_version) == ("tiny:json-answer", "1", "2")
+    with pytest.raises(InputError, match="only an adapter takes a version"):
+        endpoint.resolve_configs(["base/2"], MODELS, None, "json-answer", rag)
     with pytest.raises(InputError, match="unknown configuration 'nope'"):
         endpoint.resolve_configs(["nope"], MODELS, None, "json-answer", rag)
     with pytest.raises(InputError, match="no adapter 'tiny:other'"):
@@ -219,3 +226,27 @@ def test_error_kinds_of_a_json_answer() -> None:
     assert error_kind('{"answer": 3, "sources": [1]}', sources, "bronze", "velmo-x200") == (
         "broken_json"
     )
+
+
+def test_pinned_versions_are_compared_on_the_same_questions() -> None:
+    """adapter/1+rag (supervised) beside adapter/2+rag (its DPO version): the report pairs
+    them per question on exact match and faithfulness."""
+    qs = [f"q{i}" for i in range(40)]
+    summary = {
+        "adapter/1+rag": {
+            "by_question": {
+                "accuracy": {q: float(i % 2) for i, q in enumerate(qs)},
+                "faithfulness": {q: float(i % 4 != 0) for i, q in enumerate(qs)},
+            }
+        },
+        "adapter/2+rag": {
+            "by_question": {
+                "accuracy": {q: 1.0 for q in qs},
+                "faithfulness": {q: 1.0 for q in qs},
+            }
+        },
+    }
+    table = "\n".join(report.differences(summary))
+    assert "| exact" not in table
+    assert "| accuracy | adapter/1+rag -> adapter/2+rag | +50 |" in table
+    assert "| faithfulness | adapter/1+rag -> adapter/2+rag | +25 |" in table

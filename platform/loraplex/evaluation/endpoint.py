@@ -159,6 +159,11 @@ def resolve_configs(
     out: list[Configuration] = []
     for name in names:
         stem, rag = (name[:-4], True) if name.endswith("+rag") else (name, False)
+        stem, _, version = stem.partition("/")  # adapter/3: that version, pinned
+        if version and (not version.isdigit() or not stem.startswith("adapter")):
+            raise InputError(
+                f"configuration {name}: only an adapter takes a version (adapter/3, adapter:NAME/3)"
+            )
         if stem == "base":
             if base not in by_id:
                 raise InputError(f"configuration {name}: the endpoint has no base model {base!r}")
@@ -180,7 +185,8 @@ def resolve_configs(
             )
         route = ((by_id.get(stem) or {}).get("metadata") or {}).get("kind") == "route"
         own = None if route else False  # a route keeps its retrieval; others run without
-        out.append(Configuration(name, model, task, dict(retrieval) if rag else own))
+        retrieval_of = dict(retrieval) if rag else own
+        out.append(Configuration(name, model, task, retrieval_of, version or None))
     return out
 
 

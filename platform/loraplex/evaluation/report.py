@@ -97,11 +97,24 @@ def points(d: float) -> str:
     return f"{d * 100:+.0f}"
 
 
+def version_comparisons(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Versions pinned side by side (``adapter/1+rag``, ``adapter/2+rag``: a supervised
+    adapter and its preference-tuned version): each later one against the first, on
+    exact match and faithfulness."""
+    pinned = [n for n in summary if n.startswith("adapter") and "/" in n]
+    return [
+        (pinned[0], other, metric, "another version of the adapter")
+        for other in pinned[1:]
+        if other.endswith("+rag") == pinned[0].endswith("+rag")
+        for metric in ("accuracy", "faithfulness")
+    ]
+
+
 def differences(summary: dict[str, dict[str, Any]]) -> list[str]:
     """A markdown table of the standard comparisons, each with its interval and whether
     the questions tell the difference from noise."""
     rows = []
-    for a, b, metric, what in COMPARISONS:
+    for a, b, metric, what in [*COMPARISONS, *version_comparisons(summary)]:
         d = difference(summary, a, b, metric)
         if d is None:
             continue
