@@ -1699,7 +1699,9 @@ def test_four_way_evaluation_against_the_endpoint(served: Served, tmp_path: Path
     for name in ("base", "adapter"):
         assert summary[name]["faithfulness"] is None, summary[name]
     for name in ("base+rag", "adapter+rag"):
-        assert 0 <= summary[name]["faithfulness"] <= 1 and summary[name]["citation_validity"]
+        assert 0 <= summary[name]["faithfulness"] <= 1
+        validity = summary[name]["citation_validity"]  # None: nothing was cited
+        assert validity is None or 0 <= validity <= 1
     for a in answers:
         assert bool(a["sources"]) == a["config"].endswith("+rag")
         if a["faithful"] is not None and not any(c["valid"] for c in a["citations"]):
@@ -1753,11 +1755,12 @@ def test_pairs_from_the_adapters_own_answers_on_a_training_world(
     out = tmp_path / "pairs.jsonl"
     args = ["pairs", "build", "--questions", str(queries), "--adapter", "delta"]
     args += ["--version", "1", "--collection", "kb", "--url", served.url, "--limit", "6"]
-    args += ["--samples", "3", "--seed", "7"]
+    args += ["--samples", "3", "--seed", "7", "--max-tokens", "24", "--top-k", "2"]
     proc = run_cli(*args, "--out", str(out), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["adapter"] == "delta/1" and result["questions"] == 6
+    assert result["refused"] == 0, result["first_refusal"]
     judged = result["questions"] - result["gold_not_retrieved"]
     assert result["answers"] == 3 * judged and judged > 0
     assert result["pairs"] == sum(result["by_kind"].values()) > 0

@@ -71,3 +71,5 @@ def build(ctx: click.Context, as_json: bool, collection: str, **options) -> None
         f"for {result['gold_not_retrieved']}) -> {result['out']} (sha256 "
         f"{result['sha256'][:12]})"
     )
+    if result["refused"]:
+        click.echo(f"{result['refused']} questions refused, first: {result['first_refusal']}")

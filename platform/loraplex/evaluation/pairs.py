@@ -8,7 +8,9 @@ per question at ``temperature`` (seeded); every wrong answer becomes a pair whos
 side is the gold answer citing the gold passage's source number and whose rejected side
 is the adapter's own answer, on the prompt the server built (the user turn
 ``prompts.question_prompt`` writes over the response's sources). Wrong answers are
-counted by kind (:data:`KINDS`); the file is written whole (a ``.partial`` renamed) with
+counted by kind (:data:`KINDS`); a question whose request is refused (400: its prompt
+past the context, say) is counted and skipped; the file is written whole (a
+``.partial`` renamed) with
 its sha256. Does not own: the pair format and its checks (``training.pairs``), or
 training.
 """
@@ -132,12 +134,15 @@ def build_pairs(
         except openai.APIConnectionError as e:
             raise LoraplexError(f"the endpoint {url} stopped answering ({e})") from None
         except openai.APIStatusError as e:
+            if e.status_code == 400:  # this question's request (e.g. past the context)
+                return q, e.message
             raise LoraplexError(f"{model} answered {e.status_code}: {e.message}") from None
         return q, r
 
     pairs: list[dict[str, Any]] = []
     kinds: Counter[str] = Counter()
     answers = correct = not_retrieved = 0
+    refused: list[str] = []
     pool = ThreadPoolExecutor(max_workers=opts.concurrency)
     try:
         with tqdm(
@@ -145,6 +150,9 @@ def build_pairs(
         ) as bar:
             for q, r in pool.map(ask, enumerate(questions)):
                 bar.update(1)
+                if isinstance(r, str):
+                    refused.append(f"{q.id}: {r}")
+                    continue
                 sources = (r.model_extra or {}).get("sources") or []
                 gold_doc = next(
                     (d for d in q.gold_docs if any(s.get("doc_id") == d for s in sources)), None
@@ -180,6 +188,8 @@ def build_pairs(
                     )
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    if refused and len(refused) == len(questions):
+        raise LoraplexError(f"every request was refused, e.g. {refused[0][:300]}")
     if not pairs:
         raise LoraplexError(
             f"the adapter answered all {answers} samples right: no pair to learn from "
@@ -198,6 +208,8 @@ def build_pairs(
         "answers": answers,
         "correct": correct,
         "gold_not_retrieved": not_retrieved,
+        "refused": len(refused),
+        "first_refusal": refused[0][:300] if refused else None,
         "pairs": len(pairs),
         "by_kind": {k: kinds.get(k, 0) for k in KINDS},
     }

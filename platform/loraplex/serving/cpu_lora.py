@@ -46,11 +46,14 @@ def adapter_runs(token_indices: torch.Tensor) -> list[tuple[int, int, int]]:
 
 def adapter_groups(runs: list[tuple[int, int, int]]) -> list[tuple[int, slice | torch.Tensor]]:
     """The rows of each adapter slot in the step (slot -1 left out): a slice per run while
-    every slot has one run (prefill: long runs), else one index tensor per slot (decode
-    of requests of several adapters interleaved: one product per adapter, not per run)."""
+    every slot has one run or any run is long (prefill), else one index tensor per slot
+    (decode of requests of several adapters interleaved: one product per adapter, not
+    per run)."""
     kept = [r for r in runs if r[2] >= 0]
     slots = sorted({slot for _, _, slot in kept})
-    if len(kept) == len(slots):
+    # long runs (prefill) stay slices: gathering and scattering their rows costs more
+    # than the extra products (measured: 8 adapters' prefill at 32 requests, -30%)
+    if len(kept) == len(slots) or any(end - start > SMALL_RUN for start, end, _ in kept):
         return [(slot, slice(start, end)) for start, end, slot in kept]
     return [
         (slot, torch.tensor([i for a, b, s in kept if s == slot for i in range(a, b)]))
