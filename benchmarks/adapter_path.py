@@ -40,20 +40,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from adapters_at_scale import make_versions
 
 SIDES = {"vllm": "vLLM's CPU LoRA ops", "loraplex": "loraplex's grouped ops (cpu_lora)"}
-WORDS = [
-    *("warranty price colour weight battery shipping north south warehouse bronze scarlet",),
-    *("product model series support contact manual capacity voltage widget sensor cable",),
-    *("dollars years months grams litres station panel module housing firmware release",),
-]
+# seeded word salad for the prompts: the arithmetic per token does not depend on the words
+WORDS = (
+    "warranty price colour weight battery shipping north south warehouse bronze scarlet "
+    "product model series support contact manual capacity voltage widget sensor cable "
+    "dollars years months grams litres station panel module housing firmware release"
+)
 
 
 def prompts(tokenizer, n: int, length: int) -> list[dict]:
-    """``n`` distinct prompts of exactly ``length`` tokens (seeded word salad: the
-    arithmetic per token does not depend on the words)."""
+    """``n`` distinct prompts of exactly ``length`` tokens."""
     rng = random.Random(0)
     out = []
     for _ in range(n):
-        words = " ".join(WORDS).split()
+        words = WORDS.split()
         text = " ".join(rng.choice(words) for _ in range(length * 2))
         out.append({"prompt_token_ids": tokenizer(text)["input_ids"][:length]})
     return out
