@@ -71,6 +71,12 @@ def test_grouped_products_equal_vllms_for_tokens_of_an_adapter(
     for w, y in zip((theirs, ours), ys, strict=True):
         w.add_lora_embedding(y, h, b[0])
     torch.testing.assert_close(ys[1], ys[0], **tol)
+    # vLLM's own two-step path (add_shrink into float32 buffers, then add_expand)
+    for w, y in zip((theirs, ours), ys, strict=True):
+        buffers = tuple(torch.zeros(len(token_slots), RANK) for _ in SLICES)
+        w.add_shrink(buffers, x, a, 0.5)
+        w.add_expand(y, buffers, b, SLICES, add_inputs=True)
+    torch.testing.assert_close(ys[1], ys[0], **tol)
 
 
 @pytest.mark.parametrize(

@@ -845,6 +845,13 @@ def test_a_failing_canary_is_halted_recorded_and_stops_receiving_traffic(served:
         if outcomes.count(503) == 3:
             break
     assert outcomes.count(503) == 3  # min_requests failures reached the canary, no more
+    # no key, even one allowed to pin versions, can ask for the halted version: at once
+    # on the replica that halted it (not after its registry reads are refreshed)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        c.chat.completions.create(
+            model="tiny:broken", messages=msgs, max_tokens=2, extra_body={"adapter_version": 1}
+        )
+    assert "version 1 of broken was halted as a canary" in e.value.message
     # halted: every request now goes to the stable version
     after = [
         c.chat.completions.create(model="tiny:risky", messages=msgs, max_tokens=2).model
@@ -862,12 +869,6 @@ def test_a_failing_canary_is_halted_recorded_and_stops_receiving_traffic(served:
         time.sleep(0.5)
     record = json.loads(registry.get_model_version("broken", "1").tags[HALT_TAG])
     assert record["adapter"] == "tiny:risky" and record["window"]["canary"]["server_errors"] == 3
-    # and no key, even one allowed to pin versions, can ask for the halted version
-    with pytest.raises(openai.PermissionDeniedError) as e:
-        c.chat.completions.create(
-            model="tiny:broken", messages=msgs, max_tokens=2, extra_body={"adapter_version": 1}
-        )
-    assert "version 1 of broken was halted as a canary" in e.value.message
 
 
 def test_shadow_traffic_is_compared_and_never_returned(served: Served) -> None:

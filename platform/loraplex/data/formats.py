@@ -3,20 +3,22 @@
 Owns: turning a conversation (a list of ``{"role", "content"}`` messages) into an
 ``alpaca`` record (instruction/input/output: single-turn only), a ``sharegpt`` record
 (``conversations`` of ``{"from": human|gpt|system, "value"}``) or an ``openai`` chat
-record (``messages``), and writing JSONL files. Does not own: tokenization or loss
+record (``messages``), and reading (:func:`read_jsonl`: every bad line named) and writing
+JSONL files. Does not own: tokenization or loss
 masks (the trainer applies the model's chat template).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Format = Literal["alpaca", "sharegpt", "openai"]
 FORMATS: tuple[Format, ...] = ("alpaca", "sharegpt", "openai")
 Message = dict[str, str]
+T = TypeVar("T")
 
 _SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -131,27 +133,22 @@ def from_record(record: Any, fmt: Format) -> list[Message]:
     return messages
 
 
-def read_conversations(path: Path, fmt: Format | Literal["auto"] = "auto") -> list[list[Message]]:
-    """Every conversation in a JSONL file; a ValueError names the first bad line."""
+def read_jsonl(path: Path, parse: Callable[[Any, int], T]) -> list[T]:
+    """Each non-empty line of a JSONL file through ``parse(record, line_number)``; a
+    ValueError names the file and the first bad line (``parse`` raises ValueError)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    out: list[list[Message]] = []
-    first: str | None = None
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    out: list[T] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            kind = detect_format(record) if fmt == "auto" else fmt
-            if first is not None and kind != first:
-                raise ValueError(f"{kind} record in a {first} file")
-            first = kind
-            out.append(from_record(record, kind))
+            out.append(parse(json.loads(line), n))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
         except ValueError as e:
@@ -159,3 +156,17 @@ def read_conversations(path: Path, fmt: Format | Literal["auto"] = "auto") -> li
     if not out:
         raise ValueError(f"{path}: no records")
     return out
+
+
+def read_conversations(path: Path, fmt: Format | Literal["auto"] = "auto") -> list[list[Message]]:
+    """Every conversation in a JSONL file; a ValueError names the first bad line."""
+    first: list[str] = []  # the file's format, from its first record
+
+    def parse(record: Any, _: int) -> list[Message]:
+        kind = detect_format(record) if fmt == "auto" else fmt
+        if first and kind != first[0]:
+            raise ValueError(f"{kind} record in a {first[0]} file")
+        first[:1] = [kind]
+        return from_record(record, kind)
+
+    return read_jsonl(path, parse)

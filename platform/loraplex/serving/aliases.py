@@ -87,6 +87,7 @@ class AliasResolver:
         self._moving: dict[str, asyncio.Task] = {}
         self._cache: dict[str, tuple[float, str]] = {}
         self._halts: dict[str, tuple[float, str | None]] = {}
+        self._halted_here: dict[str, str] = {}  # halted by this replica: for good
         self._client: Any = None
 
     def _lookup(self, name: str, alias: str | None, version: str | None) -> str:
@@ -180,6 +181,8 @@ class AliasResolver:
         ``alias_refresh_s``; while the registry cannot be asked, the last answer stands."""
 
         ref = f"{name}/{version}#halt"
+        if ref in self._halted_here:
+            return self._halted_here[ref]
         now = time.monotonic()
         cached = self._halts.get(ref)
         if cached and now - cached[0] < self.refresh_s:
@@ -198,6 +201,12 @@ class AliasResolver:
             reason = cached[1] if cached else None
         self._halts[ref] = (now, reason)
         return reason
+
+    def note_halt(self, name: str, version: str, reason: str) -> None:
+        """This replica halted the version: known here at once and for good (a pinned
+        request for it is refused from the next request on, not after ``alias_refresh_s``,
+        and a registry read made before the record is written does not undo it)."""
+        self._halted_here[f"{name}/{version}#halt"] = reason
 
     def record_halt(self, name: str, version: str, record: str) -> None:
         """Write a canary halt on its model version (blocking; run it in a thread)."""

@@ -329,16 +329,20 @@ def texts(answer: Any) -> list[str]:
     ]
 
 
-def supported(answer: Any, sources: list[dict[str, Any]]) -> bool | None:
-    """Whether every choice of a non-streaming answer with sources is supported by the
-    sources it cites (``loraplex.answers``: a JSON answer's ``answer``, or the text). A
-    choice cut by its own ``max_tokens`` is not judged (as for :func:`format_ok`). None:
-    no sources, nothing to judge."""
-    if not sources:
-        return None
+def judged_choices(answer: Any) -> list[dict[str, Any]] | None:
+    """A non-streaming answer's choices, or None when one was cut by the request's own
+    ``max_tokens`` (``finish_reason: length``): such an answer is not judged, or a client
+    could manufacture failures on a canary (asking for one token) and halt it."""
     data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
     choices = (data.get("choices") if isinstance(data, dict) else None) or []
-    if not choices or any(c.get("finish_reason") == "length" for c in choices):
+    return None if any(c.get("finish_reason") == "length" for c in choices) else choices
+
+
+def supported(answer: Any, sources: list[dict[str, Any]]) -> bool | None:
+    """Whether every choice of a non-streaming answer with sources is supported by the
+    sources it cites (``loraplex.answers``: a JSON answer's ``answer``, or the text; not
+    judged when cut: :func:`judged_choices`). None: no sources, nothing to judge."""
+    if not sources or not judged_choices(answer):
         return None
     verdicts = []
     for text in texts(answer):
@@ -354,15 +358,12 @@ def supported(answer: Any, sources: list[dict[str, Any]]) -> bool | None:
 
 
 def format_ok(answer: Any, structured: bool) -> bool | None:
-    """Whether every choice of a non-streaming answer is JSON, when JSON was asked for.
-    A choice cut by the request's own ``max_tokens`` (``finish_reason: length``) is not
-    judged: a client could otherwise manufacture format failures on a canary (asking
-    for one token) and halt it. None: nothing to judge."""
+    """Whether every choice of a non-streaming answer is JSON, when JSON was asked for
+    (not judged when cut: :func:`judged_choices`). None: nothing to judge."""
     if not structured:
         return None
-    data = answer.model_dump(mode="json") if hasattr(answer, "model_dump") else answer
-    choices = (data.get("choices") if isinstance(data, dict) else None) or []
-    if any(c.get("finish_reason") == "length" for c in choices):
+    choices = judged_choices(answer)
+    if choices is None:
         return None
     if not choices:
         return False

@@ -160,15 +160,17 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                     y2[rows, offset : offset + size] += out
                 offset += size
 
-    def _shrink_prefill(self, y, x, w_t_all, scale):
+    # add_shrink / add_expand (vLLM's own add_lora_linear, when it runs) and the
+    # embedding's expand: the same runs, prefill and decode alike
+    def _apply_shrink(self, y, x, w_t_all, scale):
         if not self._ours(x):
-            return super()._shrink_prefill(y, x, w_t_all, scale)
-        shrink(y, x, w_t_all, self.runs, scale)
+            return super()._apply_shrink(y, x, w_t_all, scale)
+        shrink(y.view(-1, y.shape[-1]), x, w_t_all, self.runs, scale)
 
-    def _shrink_decode(self, y, x, w_t_all, scale):
+    def _apply_expand(self, y, x, w_t_all, y_offset, y_slice_size, add_inputs=True):
         if not self._ours(x):
-            return super()._shrink_decode(y, x, w_t_all, scale)
-        shrink(y, x, w_t_all, self.runs, scale)
+            return super()._apply_expand(y, x, w_t_all, y_offset, y_slice_size, add_inputs)
+        expand(y, x, w_t_all, self.runs, y_offset, y_slice_size, add_inputs)
 
     def _expand_prefill(self, y, x, w_t_all, add_inputs):
         if not self._ours(x):
@@ -179,16 +181,6 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if not self._ours(x):
             return super()._expand_decode(y, x, w_t_all, add_inputs)
         expand(y, x, w_t_all, self.runs, 0, None, add_inputs)
-
-    def _expand_slice_prefill(self, y, x, w_t_all, y_offset, y_slice_size, add_inputs):
-        if not self._ours(x):
-            return super()._expand_slice_prefill(y, x, w_t_all, y_offset, y_slice_size, add_inputs)
-        expand(y, x, w_t_all, self.runs, y_offset, y_slice_size, add_inputs)
-
-    def _expand_slice_decode(self, y, x, w_t_all, y_offset, y_slice_size, add_inputs):
-        if not self._ours(x):
-            return super()._expand_slice_decode(y, x, w_t_all, y_offset, y_slice_size, add_inputs)
-        expand(y, x, w_t_all, self.runs, y_offset, y_slice_size, add_inputs)
 
 
 def register() -> None:

@@ -223,6 +223,7 @@ class RolloutMixin:
             watch.adapter,
             reason,
         )
+        self.resolver.note_halt(name, version, reason)
         record = halt_record(watch.adapter, reason, watch.stats())
 
         def write() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ IGNORE = -100
 
 @dataclass
 class Examples:
-    train: list[list[Message]]
-    eval: list[list[Message]]
+    train: list[list[Message]] | list[dict[str, Any]]  # conversations, or preference pairs
+    eval: list[list[Message]] | list[dict[str, Any]]
     fingerprint: dict[str, Any]
 
 
@@ -69,11 +70,15 @@ def split_and_sample(train: list, evals: list, data: DataConfig, seed: int) -> t
     return _sample(train, data.max_examples, seed), _sample(evals, data.max_eval_examples, seed + 1)
 
 
-def load_examples(data: DataConfig, seed: int = 0) -> Examples:
-    """Every conversation of the train (and eval) files; InputError names a bad line."""
+def load_examples(
+    data: DataConfig, seed: int = 0, read: Callable[[Path], list] | None = None
+) -> Examples:
+    """Every conversation (or, with ``read``, every row it reads: preference pairs) of the
+    train (and eval) files; InputError names a bad line."""
+    read = read or (lambda p: read_conversations(p, data.format))
     try:
-        train = [c for p in data.train for c in read_conversations(p, data.format)]
-        evals = [c for p in data.eval for c in read_conversations(p, data.format)]
+        train = [c for p in data.train for c in read(p)]
+        evals = [c for p in data.eval for c in read(p)]
     except ValueError as e:
         raise InputError(str(e)) from None
     train, evals = split_and_sample(train, evals, data, seed)

@@ -3,8 +3,9 @@
 Owns: reading the pair files (``data.format: preference``), each row checked with its
 file and line (a field missing or empty, chosen identical to rejected), the rows in TRL's
 conversational form (``prompt`` a list of messages, ``chosen``/``rejected`` one assistant
-message each), the eval split and sample as for supervised data, the fingerprint, and the
-check that every prompt fits ``data.max_length`` under the base model's chat template.
+message each; split, sample and fingerprint as for conversations, by
+``dataset.load_examples``), and the check that every prompt fits ``data.max_length``
+under the base model's chat template.
 A row's ``prompt`` is a string (one user turn) or a list of messages; ``chosen`` and
 ``rejected`` are strings or one assistant message (``[{"role": "assistant", ...}]``).
 Does not own: building pairs from an adapter's answers, or training on them.
@@ -12,23 +13,15 @@ Does not own: building pairs from an adapter's answers, or training on them.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex.data.formats import read_jsonl
 from loraplex.errors import InputError
 from loraplex.training.config import DataConfig
-from loraplex.training.dataset import dataset_sha256, split_and_sample
+from loraplex.training.dataset import Examples, load_examples
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class Pairs:
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    fingerprint: dict[str, Any]
 
 
 def _messages(value: Any, field: str) -> list[dict[str, str]]:
@@ -53,45 +46,25 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
 def read_pairs(path: Path) -> list[dict[str, Any]]:
     """A pair file's rows in conversational form; a bad row raises ValueError naming
     ``file:line``."""
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-            for key in ("prompt", "chosen", "rejected"):
-                if key not in row:
-                    raise ValueError(f"no {key!r} (a pair row has prompt, chosen and rejected)")
-            pair = {k: _messages(row[k], k) for k in ("prompt", "chosen", "rejected")}
-            if pair["chosen"][0]["content"].strip() == pair["rejected"][0]["content"].strip():
-                raise ValueError("chosen and rejected are the same answer")
-            pair["line"] = f"{path.name}:{n}"
-            rows.append(pair)
-        except (json.JSONDecodeError, ValueError) as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
-    if not rows:
-        raise ValueError(f"{path}: no pairs")
-    return rows
+
+    def parse(row: Any, n: int) -> dict[str, Any]:
+        if not isinstance(row, dict):
+            raise ValueError("not a JSON object")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise ValueError(f"no {key!r} (a pair row has prompt, chosen and rejected)")
+        pair = {k: _messages(row[k], k) for k in ("prompt", "chosen", "rejected")}
+        if pair["chosen"][0]["content"].strip() == pair["rejected"][0]["content"].strip():
+            raise ValueError("chosen and rejected are the same answer")
+        return {**pair, "line": f"{Path(path).name}:{n}"}
+
+    return read_jsonl(path, parse)
 
 
-def load_pairs(data: DataConfig, seed: int = 0) -> Pairs:
-    """Every pair of the train (and eval) files; InputError names a bad row."""
-    try:
-        train = [r for p in data.train for r in read_pairs(p)]
-        evals = [r for p in data.eval for r in read_pairs(p)]
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    train, evals = split_and_sample(train, evals, data, seed)
-    fingerprint = {
-        "sha256": dataset_sha256(data),
-        "train_rows": len(train),
-        "eval_rows": len(evals),
-        "format": "preference",
-        "files": [str(p) for p in [*data.train, *data.eval]],
-    }
-    return Pairs(train, evals, fingerprint)
+def load_pairs(data: DataConfig, seed: int = 0) -> Examples:
+    """Every pair of the train (and eval) files, split and sampled as conversations are;
+    InputError names a bad row."""
+    return load_examples(data, seed, read_pairs)
 
 
 def check_lengths(tokenizer, pairs: list[dict[str, Any]], max_length: int) -> None:
