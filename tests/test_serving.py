@@ -1786,6 +1786,10 @@ def test_pairs_from_the_adapters_own_answers_on_a_training_world(
     assert proc.returncode == 2 and "exists" in one_line_error(proc)
     assert out.read_bytes() == body
 
+    # DPO on the pairs the command built, from the version that answered: Ray Train +
+    # DeepSpeed ZeRO-2 with TRL's DPOTrainer, the reference being delta/1 itself
+    _dpo_on_built_pairs(served, out, result["sha256"], tmp_path)
+
     # the registry says delta/1 learned from another world: refused before any request
     client = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
     run_id = client.get_model_version("delta", "1").run_id
@@ -1796,6 +1800,67 @@ def test_pairs_from_the_adapters_own_answers_on_a_training_world(
         client.delete_tag(run_id, "loraplex.world_seeds")
     assert proc.returncode == 2 and "was not trained on" in one_line_error(proc)
     assert not (tmp_path / "p2.jsonl").exists()
+
+
+def _dpo_on_built_pairs(served: Served, pairs: Path, sha256: str, folder: Path) -> None:
+    """method: dpo starts from a registered version (its frozen copy the reference), logs
+    the preference loss and rewards per step, ends with chosen rewards above rejected, and
+    registers a version whose tags name its method, the version it started from and (in its
+    run) the pair file's sha256."""
+    import math
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from loraplex.config import load_model
+    from loraplex.training.config import TrainConfig
+    from loraplex.training.job import run_training
+
+    cfg = {
+        "name": "delta-dpo",
+        "base_model": str(served.model_dir),
+        "method": "dpo",
+        "preference": {"beta": 0.1, "start_from": "delta/1"},
+        "data": {"train": str(pairs), "format": "preference", "max_length": 512},
+        "deepspeed": {"stage": 2},
+        "ray": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1},
+        "train": {
+            "max_steps": 6,
+            "per_device_batch_size": 2,
+            "learning_rate": 0.005,
+            "logging_steps": 1,
+            "eval_steps": 100,
+            "save_steps": 6,
+        },
+        "mlflow": {"registered_model": "delta-dpo"},
+    }
+    path = folder / "dpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    home = served.settings.home
+    result = run_training(
+        load_model(TrainConfig, path).resolve_paths(folder, home), served.settings
+    )
+    client = MlflowClient(tracking_uri=served.settings.mlflow.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["loraplex.method"] == "dpo"
+    assert run.data.tags["loraplex.parent_version"] == "delta/1"
+    recorded = client.download_artifacts(run.info.run_id, "dataset_fingerprint.json", str(folder))
+    assert json.loads(Path(recorded).read_text())["file_sha256"][str(pairs)] == sha256
+    steps = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
+    }
+    assert all(sorted(v) == list(range(1, 7)) for v in steps.values()), steps
+    # at the first step the policy is the reference (delta/1): both rewards 0, loss log 2
+    assert steps["loss"][1] == pytest.approx(math.log(2), abs=1e-3)
+    assert steps["rewards/chosen"][1] == pytest.approx(0, abs=1e-4)
+    assert steps["rewards/chosen"][6] > steps["rewards/rejected"][6]
+    assert steps["rewards/margins"][6] > 0 and steps["loss"][6] < math.log(2)
+    version = client.get_model_version("delta-dpo", result.version)
+    assert version.tags["loraplex.method"] == "dpo"
+    assert version.tags["loraplex.parent_version"] == "delta/1"
+    assert float(version.tags["metric.rewards_margins"]) > 0
+    assert version.tags["loraplex.lora_rank"] == "8"  # delta/1's
 
 
 def test_evaluation_bad_input_and_interruption(served: Served, tmp_path: Path) -> None:

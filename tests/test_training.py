@@ -415,62 +415,6 @@ def write_pairs(path: Path, n: int = 16) -> Path:
     return path
 
 
-def test_dpo_starts_from_an_adapter_version_and_records_its_lineage(
-    tiny_base, settings, tmp_path, capsys
-):
-    """method: dpo through the same Ray Train + DeepSpeed job (TRL's DPOTrainer): it
-    starts from a registered version (its frozen copy the reference), logs the preference
-    loss and rewards per step, ends with chosen rewards above rejected, and registers a
-    version whose tags name its method and the version it started from."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from loraplex.training.job import run_training
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_base.model_dir)
-    start = tmp_path / "sft"
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    get_peft_model(base, lora).save_pretrained(start)
-    code, _, err = cli(capsys, "adapters", "register", str(start), "--name", "dpo-start")
-    assert code == 0, err
-    pairs = write_pairs(tmp_path / "pairs.jsonl")
-    cfg = load(
-        write_config(
-            tmp_path,
-            "dpo-tiny",
-            method="dpo",
-            preference={"beta": 0.1, "start_from": "dpo-start/1"},
-            data={"train": str(pairs), "format": "preference", "max_length": 256},
-            train__max_steps=6,
-            train__learning_rate=0.005,
-            train__eval_steps=100,
-        ),
-        settings.home,
-    )
-    result = run_training(cfg, settings)
-    client = mlflow.MlflowClient()
-    run = client.get_run(result.mlflow_run_id)
-    assert run.data.tags["loraplex.method"] == "dpo"
-    assert run.data.tags["loraplex.parent_version"] == "dpo-start/1"
-    steps = {
-        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
-    }
-    assert all(sorted(v) == list(range(1, 7)) for v in steps.values()), steps
-    # the reference is the starting adapter: at the first step the policy is that adapter,
-    # so both rewards are 0 and the loss is log 2
-    assert steps["loss"][1] == pytest.approx(math.log(2), abs=1e-3)
-    assert steps["rewards/chosen"][1] == pytest.approx(0, abs=1e-4)
-    last = 6
-    assert steps["rewards/chosen"][last] > steps["rewards/rejected"][last]
-    assert steps["rewards/margins"][last] > 0 and steps["loss"][last] < math.log(2)
-    version = client.get_model_version("dpo-tiny", result.version)
-    assert version.tags["loraplex.method"] == "dpo"
-    assert version.tags["loraplex.parent_version"] == "dpo-start/1"
-    assert float(version.tags["metric.rewards_margins"]) > 0
-    assert version.tags["loraplex.lora_rank"] == "4"  # the starting adapter's
-
-
 def test_max_examples_trains_on_a_seeded_sample(tmp_path) -> None:
     from loraplex.training.config import DataConfig
     from loraplex.training.dataset import dataset_sha256, load_examples

@@ -90,6 +90,10 @@ def load_examples(
         "max_examples": data.max_examples,
         "max_eval_examples": data.max_eval_examples,
         "files": [str(p) for p in [*data.train, *data.eval]],
+        # each file's own sha256: the one `loraplex pairs build` prints for its pair file
+        "file_sha256": {
+            str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in [*data.train, *data.eval]
+        },
     }
     return Examples(train, evals, fingerprint)
 
