@@ -142,3 +142,81 @@ def test_format_check(content: str, ok: bool) -> None:
     answer = {"choices": [{"message": {"content": content}}]}
     assert format_ok(answer, structured=True) is ok
     assert format_ok(answer, structured=False) is None
+
+
+def test_a_stream_is_judged_on_its_whole_answer_once_it_ends() -> None:
+    """A canary's support and format bounds hold for streams too: ``responses.stream``
+    hands its finish callback the answer assembled from the engine's chunks (per choice,
+    with its finish reason); a stream the client left hands none."""
+    import asyncio
+    import json
+    import time
+
+    from loraplex.serving import responses
+
+    sources = [
+        {"id": 1, "doc_id": "x200", "text": "The Velmo X200 comes in bronze."},
+        {"id": 2, "doc_id": "x300", "text": "The Velmo X300 comes in scarlet."},
+    ]
+
+    def chunks(pieces: list[str], finish: str) -> list[str]:
+        """Server-sent events shaped as vLLM streams a chat answer."""
+        out = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            choice = {
+                "index": 0,
+                "delta": {"content": piece},
+                "finish_reason": finish if last else None,
+            }
+            body = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "m",
+                "choices": [choice],
+                "usage": {"prompt_tokens": 5, "completion_tokens": i + 1},
+            }
+            out.append(f"data: {json.dumps(body)}\n\n")
+        return out
+
+    def run(pieces: list[str], finish: str = "stop", leave_after: int | None = None):
+        seen: list[tuple] = []
+
+        async def gen():
+            for event in chunks(pieces, finish)[1:]:
+                yield event
+
+        async def consume() -> None:
+            events = responses.stream(
+                chunks(pieces, finish)[0],
+                gen(),
+                sources,
+                {},
+                False,
+                time.monotonic() + 30,
+                lambda usage, answer, early: seen.append((usage, answer, early)),
+            )
+            n = 0
+            async for _ in events:
+                n += 1
+                if n == leave_after:
+                    await events.aclose()
+                    return
+
+        asyncio.run(consume())
+        assert len(seen) == 1
+        return seen[0]
+
+    usage, answer, early = run(['{"answer": "br', 'onze", "sour', 'ces": [1]}'])
+    assert not early and usage["completion_tokens"] == 3
+    assert answer["choices"][0]["text"] == '{"answer": "bronze", "sources": [1]}'
+    assert supported(answer, sources) is True and format_ok(answer, True) is True
+    _, answer, _ = run(['{"answer": "bronze", ', '"sources": [2]}'])
+    assert supported(answer, sources) is False  # cites the scarlet passage
+    _, answer, _ = run(['{"answer": "bron'])
+    assert format_ok(answer, True) is False  # ended (stop) as broken JSON
+    _, answer, _ = run(['{"answer": "bron'], finish="length")
+    assert format_ok(answer, True) is None and supported(answer, sources) is None
+    usage, answer, early = run(["bronze", " [1]", " and more"], leave_after=1)
+    assert early and answer is None  # the client left: charged, not judged

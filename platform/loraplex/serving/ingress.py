@@ -277,28 +277,24 @@ class LoraplexIngress(CatalogMixin, RolloutMixin, EngineMixin, AccountingMixin, 
         limiter = getattr(request.state, "limiter", None)
 
         def finish(
-            usage: dict[str, Any] | None,
-            fmt: bool | None = None,
-            early: bool = False,
-            backed: bool | None = None,
+            usage: dict[str, Any] | None, answer: dict[str, Any] | None, early: bool
         ) -> None:
             self._record(key, limiter, tags, usage, started, rid, client_rid, early)
-            if usage is not None and not early:
-                self._observe(pick, 200, time.perf_counter() - started, fmt, backed)
+            if usage is None or early:
+                return
+            fmt = backed = None
+            if pick.watch is not None and answer is not None:
+                # judged only where it can halt a canary (the check reads every answer);
+                # a stream is judged on its whole text once it has ended
+                fmt = format_ok(answer, pick.structured)
+                backed = supported(answer, grounded.sources)
+            self._observe(pick, 200, time.perf_counter() - started, fmt, backed)
 
         if not asked.stream:
-            answered = format_ok(first, pick.structured)
-            # judged only where it can halt a canary (the check reads every answer)
-            backed = supported(first, grounded.sources) if pick.watch else None
             if asked.pinned is None:
                 served_s = time.perf_counter() - started
                 self._maybe_shadow(t, pick, call, parsed, first, served_s, rid)
-            return responses.complete(
-                first,
-                grounded.sources,
-                extra,
-                lambda usage, *_: finish(usage, answered, backed=backed),
-            )
+            return responses.complete(first, grounded.sources, extra, finish)
         return StreamingResponse(
             responses.stream(
                 first, gen, grounded.sources, extra, asked.client_usage, deadline, finish

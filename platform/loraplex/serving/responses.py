@@ -5,7 +5,9 @@ choice ``citations`` added) and :func:`stream` (the server-sent events of a stre
 answer: a first chunk with ``choices: []`` and ``sources``, the engine's chunks, a
 last chunk with ``citations`` per choice, then ``[DONE]``; usage kept for accounting
 whether or not the client asked for it; a deadline that ends the stream with an error
-event). Both report the tokens used through a callback when the answer is complete.
+event). Both report the tokens used, and the whole answer (a stream's assembled from its chunks,
+per choice with its finish reason) for a canary's judgement, through a callback when the
+answer is complete.
 Does not own: the request (``ingress``) or the citations themselves (``grounding``).
 """
 
@@ -24,8 +26,8 @@ from loraplex.serving.citations import citations
 from loraplex.serving.errors import error_body
 from loraplex.serving.ray_llm import apply_openai_json_format
 
-# (usage or None, whether the format is right (None: not judged), whether it ended early)
-Finish = Callable[[dict[str, Any] | None, bool | None, bool], None]
+# (usage or None, the whole answer's choices (None: it ended early), whether it ended early)
+Finish = Callable[[dict[str, Any] | None, dict[str, Any] | None, bool], None]
 
 
 def complete(first: Any, sources: list, extra: dict, finish: Finish) -> JSONResponse:
@@ -35,7 +37,7 @@ def complete(first: Any, sources: list, extra: dict, finish: Finish) -> JSONResp
         choice["citations"] = citations(text, sources)
     data["sources"] = sources
     data.update(extra)
-    finish(data.get("usage") or {}, None, False)
+    finish(data.get("usage") or {}, data, False)
     return JSONResponse(data)
 
 
@@ -60,6 +62,7 @@ async def stream(
 ) -> AsyncGenerator[str, None]:
     """The SSE events of one answer; ``deadline`` is a ``time.monotonic()`` instant."""
     texts: dict[int, list[str]] = {}
+    reasons: dict[int, str | None] = {}
     usage: dict[str, Any] = {}
     chunk_id, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ""
     header_sent = False
@@ -118,7 +121,9 @@ async def stream(
                         chunk["usage"] = None
                 for c in chunk.get("choices") or []:
                     piece = (c.get("delta") or {}).get("content") or c.get("text") or ""
-                    texts.setdefault(int(c.get("index", 0)), []).append(piece)
+                    index = int(c.get("index", 0))
+                    texts.setdefault(index, []).append(piece)
+                    reasons[index] = c.get("finish_reason") or reasons.get(index)
                 out.append(sse(chunk))
             if out:
                 yield "".join(out)
@@ -136,7 +141,14 @@ async def stream(
             }
         )
         yield "data: [DONE]\n\n"
-        finish(usage, None, False)
+        # the answer as a whole, judged like a non-streaming one (a canary's bounds)
+        answer = {
+            "choices": [
+                {"index": i, "text": "".join(texts.get(i, [])), "finish_reason": reasons.get(i)}
+                for i in range(max(texts, default=-1) + 1)
+            ]
+        }
+        finish(usage, answer, False)
         finished = True
     finally:
         if not finished:  # the client left: charged for what it was sent
