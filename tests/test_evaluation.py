@@ -250,3 +250,55 @@ def test_pinned_versions_are_compared_on_the_same_questions() -> None:
     assert "| exact" not in table
     assert "| accuracy | adapter/1+rag -> adapter/2+rag | +50 |" in table
     assert "| faithfulness | adapter/1+rag -> adapter/2+rag | +25 |" in table
+    # the four-way's fifth column: the served version (adapter+rag) against its DPO one
+    summary["adapter+rag"] = summary.pop("adapter/1+rag")
+    table = "\n".join(report.differences(summary))
+    assert "| accuracy | adapter+rag -> adapter/2+rag | +50 |" in table
+
+
+def test_a_preference_tuned_version_of_the_served_one_is_the_fifth_column(
+    settings, tmp_path: Path
+) -> None:
+    """In a real MLflow registry: the newest DPO/ORPO version whose parent is the version
+    the endpoint's adapter serves now joins the four-way as ``adapter/N+rag``; a child of
+    another version, a supervised version, pinned configurations or no ``adapter+rag``
+    add nothing."""
+    from mlflow import MlflowClient
+
+    from loraplex import tracking
+    from loraplex.evaluation.provenance import preference_columns
+    from loraplex.models import tags
+
+    tracking.setup(settings)
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    name = "fifth-column"
+    client.create_registered_model(name)
+    lineage = [
+        {tags.METHOD: "sft"},  # 1
+        {tags.METHOD: "dpo", tags.PARENT_VERSION: f"{name}/1"},  # 2
+        {tags.METHOD: "sft"},  # 3
+        {tags.METHOD: "orpo", tags.PARENT_VERSION: f"{name}/1"},  # 4: 1's newest child
+        {tags.METHOD: "dpo", tags.PARENT_VERSION: f"{name}/3"},  # 5
+        {tags.METHOD: "sft", tags.PARENT_VERSION: f"{name}/3"},  # 6: not preference
+    ]
+    for n, version_tags in enumerate(lineage, 1):
+        (tmp_path / f"v{n}").mkdir()
+        client.create_model_version(name, str(tmp_path / f"v{n}"), tags=version_tags)
+    four = ["base", "base+rag", "adapter", "adapter+rag"]
+
+    def models(registry: str) -> list[dict]:
+        card = {"id": "tiny:ja", "metadata": {"kind": "adapter", "registry": registry}}
+        return [MODELS[0], card]
+
+    client.set_registered_model_alias(name, "production", "1")
+    assert preference_columns(settings, four, models(f"{name}@production"), None, "ja") == [
+        "adapter/4+rag"
+    ]
+    assert preference_columns(settings, four, models(f"{name}/3"), None, "ja") == ["adapter/5+rag"]
+    client.set_registered_model_alias(name, "production", "2")  # the DPO one is served
+    assert preference_columns(settings, four, models(f"{name}@production"), None, "ja") == []
+    assert preference_columns(settings, four, models(f"{name}/4"), None, "ja") == []
+    pinned = [*four, "adapter/1+rag"]
+    assert preference_columns(settings, pinned, models(f"{name}/1"), None, "ja") == []
+    assert preference_columns(settings, four[:3], models(f"{name}/1"), None, "ja") == []
+    assert preference_columns(settings, four, models("not-registered/1"), None, "ja") == []

@@ -144,6 +144,12 @@ def load_questions(
     return out[:limit] if limit else out
 
 
+def default_base(models: list[dict[str, Any]], base: str | None) -> str | None:
+    """``base``, or the endpoint's first base model."""
+    bases = [m["id"] for m in models if (m.get("metadata") or {}).get("kind", "base") == "base"]
+    return base or (bases[0] if bases else None)
+
+
 def resolve_configs(
     names: list[str],
     models: list[dict[str, Any]],
@@ -153,8 +159,7 @@ def resolve_configs(
 ) -> list[Configuration]:
     """Configuration names -> requests; unknown names are one error listing what exists."""
     by_id = {m["id"]: m for m in models}
-    bases = [m["id"] for m in models if (m.get("metadata") or {}).get("kind", "base") == "base"]
-    base = base or (bases[0] if bases else None)
+    base = default_base(models, base)
     adapter_id = f"{base}:{adapter}"
     out: list[Configuration] = []
     for name in names:

@@ -4,7 +4,9 @@ on that world.
 Owns: reading the world seeds a fine-tuning run was tagged with back for an adapter the
 endpoint serves (registry alias or version -> run -> ``world_seeds`` tag; the seeds of a
 file come from ``world.manifest``), and :func:`check_unseen`, which refuses an
-evaluation whose questions come from a world an evaluated adapter was trained on. Does
+evaluation whose questions come from a world an evaluated adapter was trained on; and the
+lineage the other way: :func:`preference_columns`, the preference-tuned version (DPO,
+ORPO) of the served adapter that the four-way evaluation adds as its fifth column. Does
 not own: running the evaluation.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 from loraplex import tracking
 from loraplex.config import LoraplexConfig
 from loraplex.errors import InputError, first_line
+from loraplex.evaluation.endpoint import default_base
 from loraplex.models import tags
 from loraplex.models.adapters import parse_registry_ref
 from loraplex.world.manifest import world_seed
@@ -75,3 +78,52 @@ def check_unseen(
                 "N`, N not in " + ", ".join(map(str, sorted(seeds))) + ")"
             )
     return out
+
+
+def preference_child(settings: LoraplexConfig, registry_ref: str) -> str | None:
+    """The newest version of the same registered adapter that a preference run (DPO,
+    ORPO) started from the version ``registry_ref`` points at now; None when there is none
+    or the registry cannot say."""
+    import mlflow  # heavy (seconds): imported when an evaluation reads the registry
+
+    try:
+        name, alias, version = parse_registry_ref(registry_ref)
+        tracking.setup(settings)
+        client = mlflow.MlflowClient()
+        current = client.get_model_version_by_alias(name, alias).version if alias else version
+        children = [
+            int(mv.version)
+            for mv in client.search_model_versions(f"name='{name}'")
+            if mv.tags.get(tags.METHOD) in ("dpo", "orpo")
+            and mv.tags.get(tags.PARENT_VERSION) == f"{name}/{current}"
+        ]
+    except Exception as e:  # not in this registry, registry unreachable
+        log.info("no preference lineage for %s (%s)", registry_ref, first_line(e, 120))
+        return None
+    return str(max(children)) if children else None
+
+
+def preference_columns(
+    settings: LoraplexConfig,
+    names: list[str],
+    models: list[dict[str, Any]],
+    base: str | None,
+    adapter: str,
+) -> list[str]:
+    """The four-way evaluation's fifth column: ``adapter/N+rag`` when the configurations
+    hold ``adapter+rag`` and pin no version, and the registry holds a preference-tuned
+    version N that started from the version the endpoint's adapter serves now (the
+    newest such); else nothing."""
+    if "adapter+rag" not in names or any("/" in n for n in names):
+        return []
+    card = {m["id"]: m for m in models}.get(f"{default_base(models, base)}:{adapter}") or {}
+    registry = (card.get("metadata") or {}).get("registry")
+    child = preference_child(settings, registry) if registry else None
+    if child is None:
+        return []
+    log.info(
+        "%s has a preference-tuned version %s started from the one served: evaluated beside it",
+        registry,
+        child,
+    )
+    return [f"adapter/{child}+rag"]

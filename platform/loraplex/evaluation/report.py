@@ -99,9 +99,12 @@ def points(d: float) -> str:
 
 def version_comparisons(summary: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     """Versions pinned side by side (``adapter/1+rag``, ``adapter/2+rag``: a supervised
-    adapter and its preference-tuned version): each later one against the first, on
-    exact match and faithfulness."""
+    adapter and its preference-tuned version; or ``adapter+rag`` and the fifth column
+    ``adapter/2+rag``): each later one against the first, on exact match and
+    faithfulness."""
     pinned = [n for n in summary if n.startswith("adapter") and "/" in n]
+    if len(pinned) == 1 and pinned[0].endswith("+rag") and "adapter+rag" in summary:
+        pinned.insert(0, "adapter+rag")  # the fifth column, against the version served
     return [
         (pinned[0], other, metric, "another version of the adapter")
         for other in pinned[1:]

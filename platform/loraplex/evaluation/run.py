@@ -77,6 +77,7 @@ def evaluate_endpoint(
     models = ep.models()
     collection = opts.collection or settings.retrieval.collection
     retrieval = {"collection": collection, "top_k": opts.top_k, "mode": opts.mode}
+    names += provenance.preference_columns(settings, names, models, opts.base_model, opts.adapter)
     configs = endpoint.resolve_configs(names, models, opts.base_model, opts.adapter, retrieval)
     trained_on = provenance.check_unseen(
         settings, opts.questions, models, {c.model for c in configs}
