@@ -6,9 +6,10 @@
 2. **Pairs**: that version served with retrieval on the training world's documents;
    ``build_pairs`` (what ``loraplex pairs build`` runs) samples ``--samples`` answers to
    ``--pair-questions`` training-world questions and keeps one pair per wrong answer.
-3. **DPO**: from that version on those pairs (Ray Train + DeepSpeed + PEFT, TRL's
-   DPOTrainer, the SFT version the reference), registered as the next version of the same
-   adapter under the alias ``preference`` (the demo's ``candidate`` is left alone).
+3. **DPO** (``--method orpo``: ORPO): from that version on those pairs (Ray Train +
+   DeepSpeed + PEFT, TRL's trainer, for DPO the SFT version the reference), registered
+   as the next version of the same adapter under the alias ``preference`` (the demo's
+   ``candidate`` is left alone).
 4. **Evaluation** on each ``--seeds`` world (never trained on): ``adapter/SFT+rag`` beside
    ``adapter/DPO+rag`` on the same questions (the report's paired intervals); pooled over
    the seeds: exact match, citation precision, compliance, faithfulness, and the paired
@@ -51,7 +52,7 @@ def serving_config(model: str, port: int):
 
 
 def dpo_config(args, model: str, registered: str, sft: str, pairs: Path, folder: Path) -> Path:
-    """A ``method: dpo`` training config starting from ``registered/sft``, written to
+    """A ``method: dpo`` (or ``orpo``) training config starting from ``registered/sft``, written to
     ``folder`` (the same workers and DeepSpeed stage as the supervised config)."""
     import yaml
 
@@ -60,9 +61,9 @@ def dpo_config(args, model: str, registered: str, sft: str, pairs: Path, folder:
     demo = DEMO_MODELS[model]
     sft_cfg = yaml.safe_load(demo.adapter_configs["json-answer"].read_text())
     cfg = {
-        "name": f"{registered}-dpo",
+        "name": f"{registered}-{args.method}",
         "base_model": demo.base_model,
-        "method": "dpo",
+        "method": args.method,
         "preference": {"start_from": f"{registered}/{sft}", "beta": args.beta},
         "data": {
             "train": str(pairs),
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--method", choices=["dpo", "orpo"], default="dpo")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
@@ -261,18 +263,20 @@ def markdown(results: dict[str, Any], args, sft: str, dpo: str) -> str:
     def f(v: Any) -> str:
         return "–" if v is None else f"{v:.2f}"
 
+    M = args.method.upper()
     p = results["pairs"]
     kinds = ", ".join(f"{k} {v}" for k, v in p["by_kind"].items())
     m = results["dpo"]["metrics"]
     lines = [
-        f"Model {args.model}; SFT version {sft}, DPO version {dpo} (β {args.beta}, lr "
-        f"{args.lr}, {args.epochs} epoch(s)). Pairs: {p['pairs']} from {p['answers']} answers "
-        f"to {p['questions']} training-world questions ({p['correct']} right; {kinds}). DPO "
-        f"final: "
+        f"Model {args.model}; SFT version {sft}, {args.method.upper()} version {dpo} "
+        f"(β {args.beta}, lr {args.lr}, {args.epochs} epoch(s)). Pairs: {p['pairs']} from "
+        f"{p['answers']} answers "
+        f"to {p['questions']} training-world questions ({p['correct']} right; {kinds}). "
+        f"{args.method.upper()} final: "
         + ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("rewards", "loss"))),
         "",
-        "| seed | EM SFT | EM DPO | cit. precision SFT | DPO | compliance SFT | DPO | "
-        "faithfulness SFT | DPO | p50 s SFT | DPO |",
+        f"| seed | EM SFT | EM {M} | cit. precision SFT | {M} | compliance SFT | {M} | "
+        f"faithfulness SFT | {M} | p50 s SFT | {M} |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["seeds"]:
@@ -287,7 +291,7 @@ def markdown(results: dict[str, Any], args, sft: str, dpo: str) -> str:
         d = results["pooled"][f"dpo-sft.{metric}"]
         if d is not None:
             lines.append(
-                f"\nDPO - SFT {metric}: {d[0] * 100:+.1f} points "
+                f"\n{M} - SFT {metric}: {d[0] * 100:+.1f} points "
                 f"[{d[1][0] * 100:+.1f}, {d[1][1] * 100:+.1f}] (paired, pooled over seeds)"
             )
     s = results["seconds"]
