@@ -189,8 +189,8 @@ def main() -> None:
         )
         serve.shutdown()  # the two cores go to training
         seconds["pairs"] = time.perf_counter() - t
-        results["pairs"] = {k: built[k] for k in ("questions", "answers", "correct", "pairs")}
-        results["pairs"] |= {"by_kind": built["by_kind"], "sha256": built["sha256"]}
+        kept = ("questions", "answers", "correct", "pairs", "by_kind", "sha256")
+        results["pairs"] = {k: built[k] for k in kept}
         if not built["pairs"]:
             raise SystemExit("the SFT adapter made no mistakes on the pair questions: no pairs")
 

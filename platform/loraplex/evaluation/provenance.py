@@ -27,20 +27,24 @@ from loraplex.world.manifest import world_seed
 log = logging.getLogger(__name__)
 
 
+def _registry_version(settings: LoraplexConfig, registry_ref: str):
+    """(client, the model version ``registry_ref`` (NAME@ALIAS or NAME/VERSION) points at
+    now); raises when the registry has no such version or cannot be reached."""
+    import mlflow  # heavy (seconds): imported when an evaluation reads the registry
+
+    name, alias, version = parse_registry_ref(registry_ref)
+    tracking.setup(settings)
+    client = mlflow.MlflowClient()
+    if alias:
+        return client, client.get_model_version_by_alias(name, alias)
+    return client, client.get_model_version(name, str(version))
+
+
 def adapter_seeds(settings: LoraplexConfig, registry_ref: str) -> set[int] | None:
     """The world seeds the version ``registry_ref`` (NAME@ALIAS or NAME/VERSION) points
     at now was trained on; None when the registry cannot say."""
-    import mlflow  # heavy (seconds): imported when an evaluation reads the registry
-
     try:
-        name, alias, version = parse_registry_ref(registry_ref)
-        tracking.setup(settings)
-        client = mlflow.MlflowClient()
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, str(version))
-        )
+        client, mv = _registry_version(settings, registry_ref)
         tag = client.get_run(mv.run_id).data.tags.get(tags.WORLD_SEEDS) if mv.run_id else None
     except Exception as e:  # not in this registry, registry unreachable, no run
         log.info("no training provenance for %s (%s)", registry_ref, first_line(e, 120))
@@ -84,19 +88,14 @@ def preference_child(settings: LoraplexConfig, registry_ref: str) -> str | None:
     """The newest version of the same registered adapter that a preference run (DPO,
     ORPO) started from the version ``registry_ref`` points at now; None when there is none
     or the registry cannot say."""
-    import mlflow  # heavy (seconds): imported when an evaluation reads the registry
-
     try:
-        name, alias, version = parse_registry_ref(registry_ref)
-        tracking.setup(settings)
-        client = mlflow.MlflowClient()
-        current = client.get_model_version_by_alias(name, alias).version if alias else version
-        children = [
-            int(mv.version)
-            for mv in client.search_model_versions(f"name='{name}'")
-            if mv.tags.get(tags.METHOD) in ("dpo", "orpo")
-            and mv.tags.get(tags.PARENT_VERSION) == f"{name}/{current}"
-        ]
+        client, current = _registry_version(settings, registry_ref)
+        parent = f"{current.name}/{current.version}"
+        # the registry filters on the tag: one page however many versions the name holds
+        found = client.search_model_versions(
+            f"name='{current.name}' and tags.`{tags.PARENT_VERSION}` = '{parent}'"
+        )
+        children = [int(mv.version) for mv in found if mv.tags.get(tags.METHOD) in ("dpo", "orpo")]
     except Exception as e:  # not in this registry, registry unreachable
         log.info("no preference lineage for %s (%s)", registry_ref, first_line(e, 120))
         return None
